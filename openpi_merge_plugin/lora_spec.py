@@ -1,0 +1,84 @@
+"""LoRA hyper-parameters as openpi defines them (`openpi.models.lora.LoRAConfig`), without importing openpi."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASpec:
+    """The fields of `openpi.models.lora.LoRAConfig` that the merge depends on."""
+
+    rank: int
+    alpha: float = 1.0
+    rslora: bool = False
+    axes: tuple[int, int] = (-2, -1)
+    label: str = "L"
+
+    @property
+    def scaling_value(self) -> float:
+        """Same formula as `LoRAConfig.scaling_value`."""
+        return self.alpha / math.sqrt(self.rank) if self.rslora else self.alpha / self.rank
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "rslora": self.rslora,
+            "axes": list(self.axes),
+            "label": self.label,
+            "scaling_value": self.scaling_value,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LoRASpec:
+        unknown = set(data) - {"rank", "alpha", "rslora", "axes", "label", "scaling_value", "scaling_applied_by_openpi"}
+        if unknown:
+            raise ValueError(f"unknown LoRA config keys {sorted(unknown)}")
+        return cls(
+            rank=int(data["rank"]),
+            alpha=float(data.get("alpha", 1.0)),
+            rslora=bool(data.get("rslora", False)),
+            axes=tuple(data.get("axes", (-2, -1))),  # type: ignore[arg-type]
+            label=str(data.get("label", "L")),
+        )
+
+    @classmethod
+    def from_openpi(cls, config: Any) -> LoRASpec:
+        """Converts a live `openpi.models.lora.LoRAConfig`."""
+        return cls(
+            rank=int(config.rank),
+            alpha=float(config.alpha),
+            rslora=bool(config.rslora),
+            axes=tuple(int(a) for a in config.axes),  # type: ignore[arg-type]
+            label=str(config.label),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertLoRA:
+    """LoRA configs of one gemma expert, keyed as in `gemma.Config.lora_configs` ("attn", "ffn")."""
+
+    variant: str
+    attn: LoRASpec | None = None
+    ffn: LoRASpec | None = None
+
+    def get(self, kind: str) -> LoRASpec | None:
+        return {"attn": self.attn, "ffn": self.ffn}[kind]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "variant": self.variant,
+            "attn": None if self.attn is None else self.attn.to_json(),
+            "ffn": None if self.ffn is None else self.ffn.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ExpertLoRA:
+        def spec(key: str) -> LoRASpec | None:
+            value = data.get(key)
+            return None if value is None else LoRASpec.from_json(value)
+
+        return cls(variant=str(data.get("variant", "custom")), attn=spec("attn"), ffn=spec("ffn"))
