@@ -1,0 +1,144 @@
+"""Merging an openpi step directory on disk: check input, plan, merge, write, manifest, commit."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import pathlib
+import shutil
+import time
+from typing import Any
+
+from openpi_merge_plugin import __version__
+from openpi_merge_plugin import adapters as _adapters
+from openpi_merge_plugin import engine
+from openpi_merge_plugin import lora_configs
+from openpi_merge_plugin import output as _output
+from openpi_merge_plugin import params_io
+from openpi_merge_plugin import sources
+from openpi_merge_plugin.errors import CheckpointError
+from openpi_merge_plugin.errors import ConfigError
+from openpi_merge_plugin.lora_configs import ResolvedLoRA
+from openpi_merge_plugin.report import MergeReport
+
+logger = logging.getLogger("openpi_merge_plugin")
+
+MANIFEST_FORMAT_VERSION = 1
+DEFAULT_OUTPUT_NAME = "merged"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASource:
+    """Where to take LoRA configs from (see `lora_configs`); at most one of these should be set."""
+
+    config: str | None = None
+    lora_config: pathlib.Path | None = None
+    alpha: float | None = None
+    rslora: bool = False
+
+
+@dataclasses.dataclass
+class CheckpointMergeResult:
+    output: pathlib.Path
+    report: MergeReport
+    manifest: dict[str, Any]
+
+
+def check_step_dir(step_dir: pathlib.Path) -> pathlib.Path:
+    """Returns the params item of an openpi step directory, or raises a CheckpointError saying what is wrong."""
+    if not step_dir.exists():
+        raise CheckpointError(f"checkpoint {step_dir} does not exist")
+    if not step_dir.is_dir():
+        raise CheckpointError(f"checkpoint {step_dir} is a file, not an openpi step directory")
+    params_dir = step_dir / "params"
+    if not params_dir.is_dir():
+        hint = ""
+        if any(p.name.isdigit() for p in step_dir.iterdir() if p.is_dir()):
+            steps = sorted(int(p.name) for p in step_dir.iterdir() if p.is_dir() and p.name.isdigit())
+            hint = f" (it holds steps {steps}: pass one of them, e.g. {step_dir / str(steps[-1])})"
+        raise CheckpointError(f"{step_dir} is not an openpi checkpoint step: it has no params/ directory{hint}")
+    return params_dir
+
+
+def resolve_lora(tree: dict[str, _adapters.ShapeDtype], how: LoRASource) -> ResolvedLoRA:
+    chosen = [n for n, v in (("--config", how.config), ("--lora-config", how.lora_config), ("--alpha", how.alpha)) if v]
+    if len(chosen) > 1:
+        raise ConfigError(f"give only one of {', '.join(chosen)}")
+    if how.config:
+        from openpi_merge_plugin import openpi_compat
+
+        return openpi_compat.lora_from_train_config(how.config)
+    if how.lora_config:
+        return lora_configs.from_file(how.lora_config)
+    if how.alpha is not None:
+        return lora_configs.uniform(tree, how.alpha, rslora=how.rslora)
+    return lora_configs.infer_shipped(tree)
+
+
+def merge_checkpoint(
+    step_dir: pathlib.Path | str,
+    *,
+    output: pathlib.Path | str | None = None,
+    lora: LoRASource | ResolvedLoRA | None = None,
+    options: engine.MergeOptions | None = None,
+    overwrite: bool = False,
+    progress: engine.ProgressFn | None = None,
+    on_plan: Any = None,
+) -> CheckpointMergeResult:
+    """Merges the LoRA checkpoint at `step_dir` into `<step_dir>/merged` (or `output`). Never modifies the input."""
+    start = time.perf_counter()
+    step_dir = pathlib.Path(step_dir).resolve()
+    options = options or engine.MergeOptions()
+    params_dir = check_step_dir(step_dir)
+    out = pathlib.Path(output).resolve() if output is not None else step_dir / DEFAULT_OUTPUT_NAME
+    _output.check_output(out, overwrite=overwrite)
+    source = sources.OrbaxSource(params_dir)
+    resolved = lora if isinstance(lora, ResolvedLoRA) else resolve_lora(source.tree, lora or LoRASource())
+    adapters = engine.plan(source.tree, resolved)
+    if on_plan is not None:
+        on_plan(adapters)
+
+    report = MergeReport()
+    with _output.staged_directory(out, overwrite=overwrite) as tmp:
+        flat = dict(engine.iter_merged(source, adapters, options, report, progress))
+        write_start = time.perf_counter()
+        params_io.save_params(tmp / "params", flat)
+        del flat
+        if (step_dir / "assets").is_dir():
+            shutil.copytree(step_dir / "assets", tmp / "assets")
+        report.timings["write"] = time.perf_counter() - write_start
+        report.timings["total"] = time.perf_counter() - start
+        manifest = build_manifest(step_dir, out, resolved, options, report)
+        _output.write_manifest(tmp, manifest)
+    logger.info("merged %d adapted weights of %s into %s", len(adapters), step_dir, out)
+    return CheckpointMergeResult(output=out, report=report, manifest=manifest)
+
+
+def build_manifest(
+    step_dir: pathlib.Path,
+    out: pathlib.Path,
+    resolved: ResolvedLoRA,
+    options: engine.MergeOptions,
+    report: MergeReport,
+) -> dict[str, Any]:
+    return {
+        "format_version": MANIFEST_FORMAT_VERSION,
+        "plugin": "openpi-merge-plugin",
+        "plugin_version": __version__,
+        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "source": {"step_dir": str(step_dir), "step": _step_number(step_dir), "params": str(step_dir / "params")},
+        "output": str(out),
+        "serving_config": resolved.serving_config,
+        "lora_config": resolved.to_json(),
+        "options": dataclasses.asdict(options),
+        "dtype_policy": {
+            "merged_weights": options.output_dtype,
+            "other_leaves": "unchanged (bitwise, same dtype)",
+        },
+        **report.to_json(),
+    }
+
+
+def _step_number(step_dir: pathlib.Path) -> int | None:
+    return int(step_dir.name) if step_dir.name.isdigit() else None

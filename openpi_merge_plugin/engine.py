@@ -1,0 +1,204 @@
+"""The merge engine: for each adapter, merge it into its base weight slice by slice on device, stream to host.
+
+    tree in -> find adapters -> per layer slice: delta from openpi's LoRA equations, merge, verify -> leaves out
+
+Leaves that carry no adapter pass through untouched (same object, same dtype); LoRA leaves are dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Mapping
+from collections.abc import Sequence
+import dataclasses
+import logging
+import time
+import zlib
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from openpi_merge_plugin import adapters as _adapters
+from openpi_merge_plugin import equations as eq
+from openpi_merge_plugin import slice_ops
+from openpi_merge_plugin import sources as _sources
+from openpi_merge_plugin.errors import AdapterError
+from openpi_merge_plugin.errors import NonFiniteError
+from openpi_merge_plugin.errors import VerificationError
+from openpi_merge_plugin.lora_configs import ResolvedLoRA
+from openpi_merge_plugin.report import MergeReport
+from openpi_merge_plugin.report import WeightReport
+
+logger = logging.getLogger("openpi_merge_plugin")
+
+OutputDtype = Literal["float32", "bfloat16", "preserve"]
+# Leaves without adapters are read in groups of about this size (one Orbax restore each).
+PASSTHROUGH_BATCH_BYTES = 256 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeOptions:
+    """How to merge. The defaults are what a serving checkpoint should get."""
+
+    # dtype of merged weights: float32 keeps the whole adapter contribution; "preserve" keeps the base dtype.
+    output_dtype: OutputDtype = "float32"
+    # Multiplier on the LoRA term (1.0 reproduces training exactly).
+    strength: float = 1.0
+    # Check every merged layer against openpi's LoRA forward on random probes.
+    verify: bool = True
+    # Largest allowed max|merged - lora| / max|lora| of any probe output (float32 merged weights).
+    tolerance: float = 1e-4
+    # Merge even if adapters or results hold NaN/Inf (they are reported either way).
+    allow_nonfinite: bool = False
+    # Seed of the verification probes.
+    seed: int = 0
+
+    def dtype_for(self, base_dtype: str) -> str:
+        return base_dtype if self.output_dtype == "preserve" else self.output_dtype
+
+
+@dataclasses.dataclass
+class MergeResult:
+    params: dict[str, Any]  # nested, as openpi's restore_params returns it
+    report: MergeReport
+
+
+ProgressFn = Callable[[str, int], None]  # (adapter path, slices done in this call)
+
+
+def plan(tree: Mapping[str, _adapters.ShapeDtype], lora: ResolvedLoRA) -> list[_adapters.Adapter]:
+    """Finds every adapter; refuses a tree without any."""
+    adapters = _adapters.find_adapters(tree, lora.experts)
+    if not adapters:
+        raise AdapterError("no LoRA adapters found: nothing to merge (is this a LoRA checkpoint?)")
+    return adapters
+
+
+def iter_merged(
+    source: _sources.ParamSource,
+    adapters: Sequence[_adapters.Adapter],
+    options: MergeOptions,
+    report: MergeReport,
+    progress: ProgressFn | None = None,
+) -> Iterator[tuple[str, Any]]:
+    """Yields (path, leaf) of the merged tree, one weight at a time, reading each from `source` when needed.
+
+    Merged weights come back as host numpy arrays, or as jax.Arrays with the base weight's sharding if the base was
+    a jax.Array. Non-adapted leaves are yielded exactly as the source returns them.
+    """
+    start = time.perf_counter()
+    by_base = {a.base_path: a for a in adapters}
+    drop = {p for a in adapters for p in (a.a_path, a.b_path)}
+    report.verified = options.verify
+    report.tolerance = options.tolerance if options.verify else None
+    report.removed_leaves = sorted(drop)
+    pending: list[str] = []  # passthrough leaves read together, up to PASSTHROUGH_BATCH_BYTES at a time
+    for path in [*source.tree, None]:
+        if path is not None and path not in drop and path not in by_base:
+            pending.append(path)
+            if sum(_nbytes(source.tree[p]) for p in pending) < PASSTHROUGH_BATCH_BYTES:
+                continue
+        if pending:
+            report.passthrough_leaves += len(pending)
+            yield from source.read(pending).items()
+            pending = []
+        if path in by_base:
+            yield path, _merge_weight(source, by_base[path], options, report, progress)
+    report.timings["merge"] = time.perf_counter() - start
+
+
+def merge_params(
+    params: Mapping[str, Any],
+    lora: ResolvedLoRA,
+    options: MergeOptions | None = None,
+    progress: ProgressFn | None = None,
+) -> MergeResult:
+    """Merges the LoRA adapters of an in-memory params tree (nested dict, as `restore_params` returns it)."""
+    options = options or MergeOptions()
+    source = _sources.InMemorySource(params)
+    adapters = plan(source.tree, lora)
+    report = MergeReport()
+    flat = dict(iter_merged(source, adapters, options, report, progress))
+    return MergeResult(params=_sources.unflatten(flat), report=report)
+
+
+def _merge_weight(
+    source: _sources.ParamSource,
+    adapter: _adapters.Adapter,
+    options: MergeOptions,
+    report: MergeReport,
+    progress: ProgressFn | None,
+) -> Any:
+    start = time.perf_counter()
+    arrays = source.read([adapter.base_path, adapter.a_path, adapter.b_path])
+    w, a, b = arrays[adapter.base_path], arrays[adapter.a_path], arrays[adapter.b_path]
+    base_dtype = np.dtype(w.dtype).name
+    out_dtype = np.dtype(options.dtype_for(base_dtype))
+    weight_report = WeightReport(
+        path=adapter.base_path,
+        module=adapter.module,
+        expert=adapter.expert,
+        kind=adapter.kind,
+        rank=adapter.rank,
+        alpha=adapter.spec.alpha,
+        rslora=adapter.spec.rslora,
+        scale=adapter.scale,
+        strength=options.strength,
+        shape=tuple(w.shape),
+        input_dtype=base_dtype,
+        output_dtype=out_dtype.name,
+    )
+    layer_eqns = eq.to_letters(adapter.delta.layer_equation, *adapter.delta.lora_equations)
+    factor = jnp.float32(adapter.scale * options.strength)
+    base_key = jax.random.fold_in(jax.random.key(options.seed), _stable_hash(adapter.base_path))
+    out = np.empty(w.shape, out_dtype)
+    n_lead = len(adapter.lead_shape)
+    for flat_index, index in enumerate(np.ndindex(*adapter.lead_shape)):
+        merged, stats = slice_ops.merge_slice(
+            _slice(w, index, n_lead),
+            _slice(a, index, n_lead),
+            _slice(b, index, n_lead),
+            factor,
+            jax.random.fold_in(base_key, flat_index),
+            delta_eqn=adapter.delta.equation,
+            layer_eqns=layer_eqns,
+            out_dtype=out_dtype,
+            verify=options.verify,
+        )
+        stats = {k: float(v) for k, v in stats.items()}
+        where = f"{adapter.base_path}" + (f" (layer {index[0] if n_lead == 1 else index})" if n_lead else "")
+        if not options.allow_nonfinite:
+            if not stats["adapters_finite"]:
+                raise NonFiniteError(f"non-finite values (NaN/Inf) in adapter {adapter.a_path} / {adapter.b_path} at {where}")
+            if not stats["merged_finite"]:
+                raise NonFiniteError(f"merged weight {where} has non-finite values (NaN/Inf)")
+        weight_report.add_slice(stats)
+        if options.verify and not stats["rel_err"] <= options.tolerance:
+            raise VerificationError(
+                f"merged weight {where} does not reproduce the LoRA forward: max relative error "
+                f"{stats['rel_err']:.3e} > tolerance {options.tolerance:.1e}"
+            )
+        out[index] = np.asarray(merged)
+        if progress is not None:
+            progress(adapter.base_path, 1)
+    weight_report.seconds = time.perf_counter() - start
+    report.weights.append(weight_report)
+    logger.debug("merged %s in %.3fs", adapter.base_path, weight_report.seconds)
+    if isinstance(w, jax.Array):
+        return jax.device_put(out, w.sharding)
+    return out
+
+
+def _slice(x: Any, index: tuple[int, ...], n_lead: int) -> Any:
+    return x[index] if n_lead else x
+
+
+def _nbytes(sd: _adapters.ShapeDtype) -> int:
+    return int(np.prod(sd.shape, dtype=np.int64)) * np.dtype(sd.dtype).itemsize
+
+
+def _stable_hash(text: str) -> int:
+    return zlib.crc32(text.encode()) % (2**31)

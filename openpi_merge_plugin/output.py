@@ -1,0 +1,99 @@
+"""Committing a merged checkpoint: write into a temporary sibling, manifest last, then one atomic rename."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import contextlib
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import uuid
+
+from openpi_merge_plugin.errors import MergeError
+from openpi_merge_plugin.errors import OutputExistsError
+
+MANIFEST = "manifest.json"
+_TMP_MARK = ".tmp-"
+
+
+def check_output(output: pathlib.Path, *, overwrite: bool) -> None:
+    """Fails early, before any work, if `output` cannot be written."""
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"output {output} already exists (pass --overwrite to replace it)")
+    parent = output.parent
+    if not parent.is_dir():
+        raise MergeError(f"cannot write {output}: parent directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MergeError(f"cannot write {output}: parent directory {parent} is not writable")
+
+
+def leftovers(output: pathlib.Path) -> list[pathlib.Path]:
+    """Temporary directories of earlier merges into `output` that did not finish."""
+    return sorted(output.parent.glob(f".{output.name}{_TMP_MARK}*"))
+
+
+@contextlib.contextmanager
+def staged_directory(output: pathlib.Path, *, overwrite: bool) -> Iterator[pathlib.Path]:
+    """Yields a fresh temporary sibling of `output`; on clean exit renames it to `output` atomically.
+
+    On any error the temporary directory is removed and `output` is left as it was.
+    """
+    for stale in leftovers(output):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = output.parent / f".{output.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _commit(tmp, output, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _commit(tmp: pathlib.Path, output: pathlib.Path, *, overwrite: bool) -> None:
+    _fsync_tree(tmp)
+    if output.exists():
+        if not overwrite:
+            raise OutputExistsError(f"output {output} appeared while merging (another merge?); nothing was replaced")
+        trash = output.parent / f".{output.name}{_TMP_MARK}old-{uuid.uuid4().hex[:12]}"
+        output.rename(trash)
+        tmp.rename(output)
+        shutil.rmtree(trash, ignore_errors=True)
+        return
+    try:
+        tmp.rename(output)  # atomic; fails if another merge committed `output` in the meantime
+    except OSError as e:
+        raise OutputExistsError(f"output {output} appeared while merging (another merge?); nothing was replaced") from e
+
+
+def _fsync_tree(root: pathlib.Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_checksums(root: pathlib.Path) -> dict[str, dict[str, int | str]]:
+    """sha256 and size of every file under `root` except the manifest, keyed by relative path."""
+    out: dict[str, dict[str, int | str]] = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            out[path.relative_to(root).as_posix()] = {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+    return out
+
+
+def write_manifest(root: pathlib.Path, manifest: dict) -> None:
+    """Adds the checksums of everything already in `root` and writes manifest.json (the last file written)."""
+    manifest = {**manifest, "files": file_checksums(root)}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")

@@ -1,0 +1,29 @@
+"""Writing a params item in the layout openpi's `restore_params` reads (as in openpi's released checkpoints)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+
+from openpi_merge_plugin import sources as _sources
+
+
+def save_params(params_dir: pathlib.Path, flat: Mapping[str, Any]) -> None:
+    """Saves `{"params": tree}` with Orbax's PyTreeCheckpointer, as openpi's released `params` checkpoints are."""
+    import orbax.checkpoint as ocp
+
+    cpu = jax.devices("cpu")[0]
+    tree = _sources.unflatten({p: _as_jax(v, cpu) for p, v in flat.items()})
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(pathlib.Path(params_dir).resolve(), {"params": tree})
+
+
+def _as_jax(x: Any, device: jax.Device) -> jax.Array:
+    # openpi writes jax.Arrays; saving the same type keeps the on-disk metadata identical.
+    if isinstance(x, jax.Array):
+        return x
+    return jax.device_put(np.asarray(x), device)

@@ -1,0 +1,71 @@
+"""Per-layer-slice device kernels: merge one slice, and check it against openpi's LoRA forward.
+
+Everything is float32 on the JAX default device. One jit per (adapter shape, equation); the slice is the unit of
+device memory, so a full-size gemma_2b MLP weight costs one [2, 2048, 16384] slice at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from openpi_merge_plugin import equations as eq
+
+_PROBE_BATCH = 2  # size of every input label the weight does not have (batch, tokens)
+# float32 all the way: without this, GPUs run float32 matmuls in TF32 and lose ~3 digits.
+_einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+
+
+def _probe_shape(layer_eqn: str, w_shape: tuple[int, ...]) -> tuple[int, ...]:
+    x_labels, w_labels, _ = eq.split_equation(layer_eqn)
+    sizes = dict(zip(w_labels, w_shape, strict=True))
+    return tuple(sizes.get(c, _PROBE_BATCH + i) for i, c in enumerate(x_labels))
+
+
+def _rel_err(got: jax.Array, want: jax.Array) -> jax.Array:
+    return jnp.max(jnp.abs(got - want)) / jnp.maximum(jnp.max(jnp.abs(want)), jnp.finfo(jnp.float32).tiny)
+
+
+@functools.partial(jax.jit, static_argnames=("delta_eqn", "layer_eqns", "out_dtype", "verify"))
+def merge_slice(
+    w: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    factor: jax.Array,
+    key: jax.Array,
+    *,
+    delta_eqn: str,
+    layer_eqns: tuple[str, str, str],
+    out_dtype: jnp.dtype,
+    verify: bool,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Returns `w + factor * delta(a, b)` in `out_dtype`, and float32 statistics of this slice.
+
+    `layer_eqns` are the layer equation and openpi's two LoRA equations, in letters. With `verify`, a random probe
+    goes through openpi's LoRA forward (base einsum + scaled two-step LoRA einsum, all float32) and through the
+    plain einsum with the merged weight; `rel_err` is max|difference| / max|LoRA output|.
+    """
+    f32 = jnp.float32
+    w32, a32, b32 = w.astype(f32), a.astype(f32), b.astype(f32)
+    delta = _einsum(delta_eqn, a32, b32) * factor
+    merged = w32 + delta
+    stored = merged.astype(out_dtype)
+    stored32 = stored.astype(f32)
+    # A bf16 output keeps (bf16(w + d) - w) of the delta d; the base itself is exactly representable when stored bf16.
+    bf16_kept = merged.astype(jnp.bfloat16).astype(f32) - w32
+    stats = {
+        "delta_norm": jnp.linalg.norm(delta.ravel()),
+        "base_norm": jnp.linalg.norm(w32.ravel()),
+        "bf16_lost_norm": jnp.linalg.norm((bf16_kept - delta).ravel()),
+        "adapters_finite": jnp.all(jnp.isfinite(a32)) & jnp.all(jnp.isfinite(b32)),
+        "merged_finite": jnp.all(jnp.isfinite(merged)),
+    }
+    if verify:
+        eqn, eqn_a, eqn_b = layer_eqns
+        x = jax.random.normal(key, _probe_shape(eqn, w.shape), f32)
+        want = _einsum(eqn, x, w32) + _einsum(eqn_b, _einsum(eqn_a, x, a32), b32) * factor
+        stats["rel_err"] = _rel_err(_einsum(eqn, x, merged), want)
+        stats["rel_err_stored"] = _rel_err(_einsum(eqn, x, stored32), want)
+    return stored, stats
