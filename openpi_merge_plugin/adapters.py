@@ -122,15 +122,18 @@ def adapter_ranks(tree: Mapping[str, ShapeDtype]) -> dict[tuple[int, str], set[i
     """Ranks found in the checkpoint per (expert, kind), read off `lora_b` shapes."""
     ranks: dict[tuple[int, str], set[int]] = {}
     for cand in _candidates(tree):
-        if cand.b_path is None:
-            continue
-        b_shape = tree[cand.b_path].shape
-        rank = b_shape[-2]  # axes[0] = -2 for every shipped module; checked against the config later
-        ranks.setdefault((cand.expert, cand.kind), set()).add(rank)
+        # Shipped modules use axes (-2, -1); find_adapters checks shapes against the real axes later.
+        found = ranks.setdefault((cand.expert, cand.kind), set())
+        if cand.a_path is not None:
+            found.add(tree[cand.a_path].shape[-1])
+        if cand.b_path is not None:
+            found.add(tree[cand.b_path].shape[-2])
     return ranks
 
 
-def find_adapters(tree: Mapping[str, ShapeDtype], experts: Sequence[ExpertLoRA] | Mapping[int, ExpertLoRA]) -> list[Adapter]:
+def find_adapters(
+    tree: Mapping[str, ShapeDtype], experts: Sequence[ExpertLoRA] | Mapping[int, ExpertLoRA]
+) -> list[Adapter]:
     """Finds and checks every adapter of `tree`. Anything LoRA-like that does not fit raises, naming its path."""
     expert_map = dict(enumerate(experts)) if isinstance(experts, Sequence) else dict(experts)
     adapters = []
@@ -139,7 +142,8 @@ def find_adapters(tree: Mapping[str, ShapeDtype], experts: Sequence[ExpertLoRA] 
         if missing:
             present = cand.a_path or cand.b_path
             raise AdapterError(f"adapter {present}: its partner {missing[0]} is missing")
-        assert cand.a_path is not None and cand.b_path is not None
+        assert cand.a_path is not None
+        assert cand.b_path is not None
         if cand.base_path not in tree:
             raise AdapterError(f"adapter {cand.a_path}: base weight {cand.base_path} is missing")
         if cand.expert not in expert_map:
@@ -158,7 +162,8 @@ def find_adapters(tree: Mapping[str, ShapeDtype], experts: Sequence[ExpertLoRA] 
 
 
 def _check_adapter(tree: Mapping[str, ShapeDtype], cand: _Candidate, spec: LoRASpec) -> Adapter:
-    assert cand.a_path is not None and cand.b_path is not None
+    assert cand.a_path is not None
+    assert cand.b_path is not None
     layer_eqn = eq.MODULE_EQUATIONS[cand.weight_name]
     # lora.FeedForward ignores LoRAConfig.axes/label and never scales; lora.Einsum honours both.
     axes, label, scale = (spec.axes, spec.label, spec.scaling_value) if cand.kind == "attn" else ((-2, -1), "L", 1.0)

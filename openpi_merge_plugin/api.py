@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime
+import datetime as dt
 import logging
 import pathlib
 import shutil
@@ -109,8 +109,7 @@ def merge_checkpoint(
             shutil.copytree(step_dir / "assets", tmp / "assets")
         report.timings["write"] = time.perf_counter() - write_start
         report.timings["total"] = time.perf_counter() - start
-        manifest = build_manifest(step_dir, out, resolved, options, report)
-        _output.write_manifest(tmp, manifest)
+        manifest = _output.write_manifest(tmp, build_manifest(step_dir, out, resolved, options, report))
     logger.info("merged %d adapted weights of %s into %s", len(adapters), step_dir, out)
     return CheckpointMergeResult(output=out, report=report, manifest=manifest)
 
@@ -126,7 +125,7 @@ def build_manifest(
         "format_version": MANIFEST_FORMAT_VERSION,
         "plugin": "openpi-merge-plugin",
         "plugin_version": __version__,
-        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "source": {"step_dir": str(step_dir), "step": _step_number(step_dir), "params": str(step_dir / "params")},
         "output": str(out),
         "serving_config": resolved.serving_config,

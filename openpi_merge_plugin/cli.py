@@ -110,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
             footer=[
                 f"LoRA config: {result.manifest['lora_config']['source']}",
                 f"output: {result.output}"
-                + (f"  (serve with config {result.manifest['serving_config']})" if result.manifest["serving_config"] else ""),
+                + (
+                    f"  (serve with config {result.manifest['serving_config']})"
+                    if result.manifest["serving_config"]
+                    else ""
+                ),
             ],
         )
     return 0

@@ -7,15 +7,12 @@ Leaves that carry no adapter pass through untouched (same object, same dtype); L
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from collections.abc import Iterator
-from collections.abc import Mapping
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import dataclasses
 import logging
 import time
-import zlib
 from typing import Any, Literal
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -172,7 +169,9 @@ def _merge_weight(
         where = f"{adapter.base_path}" + (f" (layer {index[0] if n_lead == 1 else index})" if n_lead else "")
         if not options.allow_nonfinite:
             if not stats["adapters_finite"]:
-                raise NonFiniteError(f"non-finite values (NaN/Inf) in adapter {adapter.a_path} / {adapter.b_path} at {where}")
+                raise NonFiniteError(
+                    f"non-finite values (NaN/Inf) in adapter {adapter.a_path} / {adapter.b_path} at {where}"
+                )
             if not stats["merged_finite"]:
                 raise NonFiniteError(f"merged weight {where} has non-finite values (NaN/Inf)")
         weight_report.add_slice(stats)

@@ -72,7 +72,8 @@ def delta_equation(eqn: str, axes: tuple[int, int] = (-2, -1), label: str = "L")
     x_labels, w_labels, out_labels = split_equation(eqn)
     _, a_labels, mid_labels = split_equation(eqn_a)
     mid_check, b_labels, out_b = split_equation(eqn_b)
-    assert mid_check == mid_labels and out_b == out_labels
+    assert mid_check == mid_labels
+    assert out_b == out_labels
     for labels in (x_labels, w_labels, out_labels):
         if len(set(labels)) != len(labels):
             raise EquationError(f"repeated label in {eqn}: not supported")
@@ -95,8 +96,8 @@ def delta_equation(eqn: str, axes: tuple[int, int] = (-2, -1), label: str = "L")
     for c in set(a_final) & set(x_labels):
         if c not in w_labels:
             raise EquationError(f"LoRA term of {eqn} contracts input label {c!r} the weight does not have")
-    for c in mid_labels:
-        if c in x_labels and c not in out_labels and c not in a_labels:
+    for c in x_labels:
+        if c not in mid_labels and c not in a_labels:
             raise EquationError(f"LoRA term of {eqn} sums input label {c!r} without a weight")
 
     # jnp.einsum wants letters; openpi uses digits ("2KDH") as labels.

@@ -74,7 +74,9 @@ def uniform(tree: Mapping[str, _adapters.ShapeDtype], alpha: float, *, rslora: b
     experts: dict[int, dict[str, LoRASpec]] = {}
     for (expert, kind), ranks in _adapters.adapter_ranks(tree).items():
         if len(ranks) != 1:
-            raise ConfigError(f"expert {expert} has {kind} adapters of several ranks {sorted(ranks)}; pass a config file")
+            raise ConfigError(
+                f"expert {expert} has {kind} adapters of several ranks {sorted(ranks)}; pass a config file"
+            )
         experts.setdefault(expert, {})[kind] = LoRASpec(rank=ranks.pop(), alpha=alpha, rslora=rslora)
     return ResolvedLoRA(
         experts={i: ExpertLoRA("custom", **kinds) for i, kinds in experts.items()},
@@ -89,9 +91,11 @@ def infer_shipped(tree: Mapping[str, _adapters.ShapeDtype]) -> ResolvedLoRA:
     experts = {}
     for expert in sorted({e for e, _ in ranks}):
         width = widths.get(expert)
-        for name, (variant_width, lora) in SHIPPED_VARIANTS.items():
+        for variant_width, lora in SHIPPED_VARIANTS.values():
             if width == variant_width and all(
-                (spec := lora.get(kind)) is not None and r == {spec.rank} for (e, kind), r in ranks.items() if e == expert
+                (spec := lora.get(kind)) is not None and r == {spec.rank}
+                for (e, kind), r in ranks.items()
+                if e == expert
             ):
                 experts[expert] = lora
                 break

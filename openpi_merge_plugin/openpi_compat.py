@@ -29,7 +29,9 @@ def model_variants(model: Any) -> tuple[list[str], Any]:
         from openpi.models import gemma_fast
 
         return [model.paligemma_variant], gemma_fast.get_config
-    raise ConfigError(f"model config {type(model).__name__} has no gemma variants; the merge supports pi0/pi0.5/pi0-FAST")
+    raise ConfigError(
+        f"model config {type(model).__name__} has no gemma variants; the merge supports pi0/pi0.5/pi0-FAST"
+    )
 
 
 def lora_from_model(model: Any, *, config_name: str | None = None) -> ResolvedLoRA:

@@ -93,7 +93,8 @@ def file_checksums(root: pathlib.Path) -> dict[str, dict[str, int | str]]:
     return out
 
 
-def write_manifest(root: pathlib.Path, manifest: dict) -> None:
+def write_manifest(root: pathlib.Path, manifest: dict) -> dict:
     """Adds the checksums of everything already in `root` and writes manifest.json (the last file written)."""
     manifest = {**manifest, "files": file_checksums(root)}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return manifest

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import MutableMapping
 import pathlib
 from typing import Any
 
@@ -12,12 +12,20 @@ import numpy as np
 from openpi_merge_plugin import sources as _sources
 
 
-def save_params(params_dir: pathlib.Path, flat: Mapping[str, Any]) -> None:
-    """Saves `{"params": tree}` with Orbax's PyTreeCheckpointer, as openpi's released `params` checkpoints are."""
+def save_params(params_dir: pathlib.Path, flat: MutableMapping[str, Any]) -> None:
+    """Saves `{"params": tree}` with Orbax's PyTreeCheckpointer, as openpi's released `params` checkpoints are.
+
+    Consumes `flat`: each host array is released as soon as its jax.Array copy exists, so at most one leaf is held
+    twice.
+    """
     import orbax.checkpoint as ocp
 
     cpu = jax.devices("cpu")[0]
-    tree = _sources.unflatten({p: _as_jax(v, cpu) for p, v in flat.items()})
+    converted = {}
+    for path in list(flat):
+        converted[path] = _as_jax(flat.pop(path), cpu)
+    tree = _sources.unflatten(converted)
+    del converted
     with ocp.PyTreeCheckpointer() as ckptr:
         ckptr.save(pathlib.Path(params_dir).resolve(), {"params": tree})
 

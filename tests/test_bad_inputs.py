@@ -1,0 +1,220 @@
+"""Each bad input: a clear error naming the problem, exit code 1, nothing written, input untouched."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from helpers import FIXTURE_LORA_CONFIG
+from helpers import FIXTURE_STEP
+from helpers import REPO
+from helpers import tree_digest
+from helpers import write_step
+import numpy as np
+import pytest
+
+from openpi_merge_plugin import cli
+from openpi_merge_plugin import openpi_compat
+
+QA = "PaliGemma/llm/layers/attn/q_einsum/lora_a"
+QB = "PaliGemma/llm/layers/attn/q_einsum/lora_b"
+
+
+def _run(capsys, *argv) -> str:
+    code = cli.main([*map(str, argv), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    return err
+
+
+def _assert_nothing_written(root: pathlib.Path, before: dict[str, str]) -> None:
+    assert tree_digest(root) == before
+    assert not [p for p in root.rglob("*") if "merged" in p.name]
+
+
+@pytest.fixture
+def bad_step(tmp_path, fixture_params):
+    def make(edit) -> pathlib.Path:
+        flat = dict(fixture_params)
+        edit(flat)
+        return write_step(tmp_path / "bad" / "7", flat)
+
+    return make
+
+
+def test_missing_path(tmp_path, capsys):
+    err = _run(capsys, tmp_path / "nope" / "2", "--lora-config", FIXTURE_LORA_CONFIG)
+    assert f"error: checkpoint {tmp_path / 'nope' / '2'} does not exist" in err
+    assert not (tmp_path / "nope").exists()
+
+
+def test_path_is_a_file(tmp_path, capsys):
+    f = tmp_path / "params.npz"
+    f.write_bytes(b"x")
+    err = _run(capsys, f, "--lora-config", FIXTURE_LORA_CONFIG)
+    assert f"error: checkpoint {f} is a file, not an openpi step directory" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.npz"]
+
+
+def test_directory_without_params(tmp_path, capsys):
+    (tmp_path / "5").mkdir()
+    err = _run(capsys, tmp_path / "5", "--lora-config", FIXTURE_LORA_CONFIG)
+    assert "is not an openpi checkpoint step: it has no params/ directory" in err
+    assert list((tmp_path / "5").iterdir()) == []
+
+
+def test_checkpoint_root_instead_of_step_names_the_steps(step_dir, capsys):
+    err = _run(capsys, step_dir.parent, "--lora-config", FIXTURE_LORA_CONFIG)
+    assert f"(it holds steps [2]: pass one of them, e.g. {step_dir})" in err
+
+
+def test_params_that_are_not_an_orbax_checkpoint(tmp_path, capsys):
+    (tmp_path / "3" / "params").mkdir(parents=True)
+    (tmp_path / "3" / "params" / "weights.bin").write_bytes(b"\0" * 64)
+    before = tree_digest(tmp_path)
+    err = _run(capsys, tmp_path / "3", "--lora-config", FIXTURE_LORA_CONFIG)
+    assert f"error: {tmp_path / '3' / 'params'} is not an Orbax params checkpoint readable by openpi" in err
+    _assert_nothing_written(tmp_path, before)
+
+
+def test_checkpoint_without_adapters(bad_step, capsys):
+    step = bad_step(lambda flat: [flat.pop(p) for p in [p for p in flat if "lora" in p]])
+    before = tree_digest(step.parent)
+    err = _run(capsys, step, "--lora-config", FIXTURE_LORA_CONFIG)
+    assert "error: no LoRA adapters found: nothing to merge (is this a LoRA checkpoint?)" in err
+    _assert_nothing_written(step.parent, before)
+
+
+def test_lora_a_without_lora_b(bad_step, capsys):
+    step = bad_step(lambda flat: flat.pop(QB))
+    before = tree_digest(step.parent)
+    err = _run(capsys, step, "--lora-config", FIXTURE_LORA_CONFIG)
+    assert f"error: adapter {QA}: its partner lora_b is missing" in err
+    _assert_nothing_written(step.parent, before)
+
+
+def test_rank_mismatch_between_a_and_b(bad_step, capsys):
+    step = bad_step(lambda flat: flat.update({QB: np.zeros((3, 4, 3, 16), np.float32)}))
+    err = _run(capsys, step, "--lora-config", FIXTURE_LORA_CONFIG)
+    assert (
+        f"error: adapter {QB}: shape [3, 4, 3, 16] does not fit lora_a [3, 4, 64, 4] and base [3, 4, 64, 16] "
+        "(expected [3, 4, 4, 16]: rank 4)" in err
+    )
+    assert not (step / "merged").exists()
+
+
+def test_adapter_shape_not_matching_its_base_weight(bad_step, capsys):
+    step = bad_step(lambda flat: flat.update({QA: np.zeros((3, 4, 32, 4), np.float32)}))
+    err = _run(capsys, step, "--lora-config", FIXTURE_LORA_CONFIG)
+    assert (
+        f"error: adapter {QA}: shape [3, 4, 32, 4] does not match base weight PaliGemma/llm/layers/attn/q_einsum/w "
+        "[3, 4, 64, 16] (expected [3, 4, 64, 4])" in err
+    )
+    assert not (step / "merged").exists()
+
+
+def test_unknown_lora_leaf_is_an_error_not_skipped(bad_step, capsys):
+    step = bad_step(lambda flat: flat.update({"PaliGemma/llm/layers/attn/o_proj/lora_a": np.zeros((3, 2), np.float32)}))
+    err = _run(capsys, step, "--lora-config", FIXTURE_LORA_CONFIG)
+    assert "error: adapter PaliGemma/llm/layers/attn/o_proj/lora_a: module 'o_proj' is not one of openpi's LoRA" in err
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nonfinite_adapter(bad_step, capsys, bad):
+    def poison(flat):
+        b = flat[QB].copy()
+        b[1, 0, 0, 0] = bad
+        flat[QB] = b
+
+    step = bad_step(poison)
+    before = tree_digest(step.parent)
+    err = _run(capsys, step, "--lora-config", FIXTURE_LORA_CONFIG)
+    assert (
+        f"error: non-finite values (NaN/Inf) in adapter {QA} / {QB} at PaliGemma/llm/layers/attn/q_einsum/w (layer 1)"
+        in err
+    )
+    _assert_nothing_written(step.parent, before)
+    # Forcing it through is possible and says so in the manifest.
+    assert cli.main([str(step), "--lora-config", str(FIXTURE_LORA_CONFIG), "--allow-nonfinite", "--no-verify"]) == 0
+    assert json.loads((step / "merged" / "manifest.json").read_text())["options"]["allow_nonfinite"] is True
+
+
+def test_output_exists(step_dir, capsys):
+    (step_dir / "merged").mkdir()
+    (step_dir / "merged" / "keep.txt").write_text("mine")
+    before = tree_digest(step_dir)
+    err = _run(capsys, step_dir, "--lora-config", FIXTURE_LORA_CONFIG)
+    assert f"error: output {step_dir / 'merged'} already exists (pass --overwrite to replace it)" in err
+    assert tree_digest(step_dir) == before
+
+
+def test_output_parent_not_writable(tmp_path):
+    # Root ignores permissions, so when the tests run as root (as CI does) the merge runs as `nobody`.
+    work = pathlib.Path(tempfile.mkdtemp(prefix="merge-ro-"))
+    try:
+        shutil.copytree(FIXTURE_STEP, work / "2")
+        ro = work / "ro"
+        ro.mkdir(mode=0o555)
+        work.chmod(0o755)
+        cmd = [
+            sys.executable,
+            "-m",
+            "openpi_merge_plugin.cli",
+            str(work / "2"),
+            "--lora-config",
+            str(FIXTURE_LORA_CONFIG),
+        ]
+        cmd += ["--output", str(ro / "out"), "--no-progress"]
+        shutil.copytree(REPO / "openpi_merge_plugin", work / "src" / "openpi_merge_plugin")
+        env = {**os.environ, "PYTHONPATH": str(work / "src"), "HOME": str(work)}
+        if os.geteuid() == 0:
+            drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            probe = [*drop, sys.executable, "-c", "import openpi_merge_plugin.cli"]
+            if not shutil.which("setpriv") or subprocess.run(probe, env=env, check=False).returncode != 0:
+                pytest.skip("running as root and cannot run this Python as an unprivileged user")
+            cmd = [*drop, *cmd]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=300)
+        assert proc.returncode == 1, proc.stderr
+        assert f"error: cannot write {ro / 'out'}: parent directory {ro} is not writable" in proc.stderr
+        assert list(ro.iterdir()) == []
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_config_whose_lora_does_not_match_the_checkpoint(step_dir, tmp_path, capsys):
+    cfg = json.loads(FIXTURE_LORA_CONFIG.read_text())
+    cfg["experts"][0]["attn"]["rank"] = 8
+    path = tmp_path / "wrong.json"
+    path.write_text(json.dumps(cfg))
+    err = _run(capsys, step_dir, "--lora-config", path)
+    assert "checkpoint has rank 4, the LoRA config of expert 0 says rank 8" in err
+    assert not (step_dir / "merged").exists()
+
+
+def test_config_without_lora_for_an_adapted_expert(step_dir, tmp_path, capsys):
+    cfg = json.loads(FIXTURE_LORA_CONFIG.read_text())
+    cfg["experts"][1]["ffn"] = None
+    path = tmp_path / "no_ffn.json"
+    path.write_text(json.dumps(cfg))
+    err = _run(capsys, step_dir, "--lora-config", path)
+    assert "the LoRA config of expert 1 (fx_lora_b) has no 'ffn' LoRA, but the checkpoint has adapters" in err
+
+
+def test_unknown_variant_without_config_is_not_guessed(step_dir, capsys):
+    err = _run(capsys, step_dir)
+    assert "error: cannot tell the LoRA alpha of expert 0 (width 64, ranks {'attn': [4], 'ffn': [4]})" in err
+    assert not (step_dir / "merged").exists()
+
+
+@pytest.mark.skipif(openpi_compat.openpi_available(), reason="checks the message shown when openpi is absent")
+def test_config_name_without_openpi(step_dir, capsys):
+    err = _run(capsys, step_dir, "--config", "pi0_libero_low_mem_finetune")
+    assert "error: --config pi0_libero_low_mem_finetune needs openpi importable in this environment" in err
+
+
+def test_two_config_sources_are_refused(step_dir, capsys):
+    err = _run(capsys, step_dir, "--lora-config", FIXTURE_LORA_CONFIG, "--alpha", "8")
+    assert "error: give only one of --lora-config, --alpha" in err
