@@ -21,16 +21,10 @@ class ParamSource(Protocol):
     def read(self, paths: Iterable[str]) -> dict[str, Any]: ...
 
 
-def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(params: Mapping[str, Any]) -> dict[str, Any]:
     """Nested dict -> {'a/b/c': leaf}. Drops the trailing 'value' that nnx.State leaves add, as openpi does."""
-    flat: dict[str, Any] = {}
-    for key, value in params.items():
-        path = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, path))
-        else:
-            flat[path] = value
-    if prefix == "" and flat and all(p.endswith("/value") for p in flat):
+    flat = {"/".join(map(str, k)): v for k, v in flatten_keys(params).items()}
+    if flat and all(p.endswith("/value") for p in flat):
         flat = {p[: -len("/value")]: v for p, v in flat.items()}
     return flat
 
