@@ -3,13 +3,12 @@
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 
 from helpers import FIXTURE_LORA_CONFIG
-from helpers import FIXTURE_STEP
 from helpers import REPO
 from helpers import tree_digest
 from helpers import write_step
@@ -151,37 +150,25 @@ def test_output_exists(step_dir, capsys):
     assert tree_digest(step_dir) == before
 
 
-def test_output_parent_not_writable(tmp_path):
-    # Root ignores permissions, so when the tests run as root (as CI does) the merge runs as `nobody`.
-    work = pathlib.Path(tempfile.mkdtemp(prefix="merge-ro-"))
-    try:
-        shutil.copytree(FIXTURE_STEP, work / "2")
-        ro = work / "ro"
-        ro.mkdir(mode=0o555)
-        work.chmod(0o755)
-        cmd = [
-            sys.executable,
-            "-m",
-            "openpi_merge_plugin.cli",
-            str(work / "2"),
-            "--lora-config",
-            str(FIXTURE_LORA_CONFIG),
-        ]
-        cmd += ["--output", str(ro / "out"), "--no-progress"]
-        shutil.copytree(REPO / "openpi_merge_plugin", work / "src" / "openpi_merge_plugin")
-        env = {**os.environ, "PYTHONPATH": str(work / "src"), "HOME": str(work)}
-        if os.geteuid() == 0:
-            drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-            probe = [*drop, sys.executable, "-c", "import openpi_merge_plugin.cli"]
-            if not shutil.which("setpriv") or subprocess.run(probe, env=env, check=False).returncode != 0:
-                pytest.skip("running as root and cannot run this Python as an unprivileged user")
-            cmd = [*drop, *cmd]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=300)
-        assert proc.returncode == 1, proc.stderr
-        assert f"error: cannot write {ro / 'out'}: parent directory {ro} is not writable" in proc.stderr
-        assert list(ro.iterdir()) == []
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+def test_output_parent_not_writable(step_dir, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    cmd = [sys.executable, "-m", "openpi_merge_plugin.cli", str(step_dir), "--lora-config", str(FIXTURE_LORA_CONFIG)]
+    cmd += ["--output", str(ro / "out"), "--no-progress"]
+    if os.geteuid() == 0:
+        # Root ignores permission bits: make the directory read-only with a bind mount in a private namespace.
+        remount = f"mount --bind {ro} {ro} && mount -o remount,ro,bind {ro}"
+        if (
+            not shutil.which("unshare")
+            or subprocess.run(["unshare", "-m", "sh", "-c", remount], check=False).returncode
+        ):
+            pytest.skip("running as root and cannot make a read-only directory (no mount namespace)")
+        cmd = ["unshare", "-m", "sh", "-c", f"{remount} && exec {shlex.join(cmd)}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert f"error: cannot write {ro / 'out'}: parent directory {ro} is not writable" in proc.stderr
+    assert list(ro.iterdir()) == []
 
 
 def test_config_whose_lora_does_not_match_the_checkpoint(step_dir, tmp_path, capsys):
