@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import datetime as dt
 import logging
@@ -84,7 +85,7 @@ def merge_checkpoint(
     options: engine.MergeOptions | None = None,
     overwrite: bool = False,
     progress: engine.ProgressFn | None = None,
-    on_plan: Any = None,
+    on_plan: Callable[[list[_adapters.Adapter]], None] | None = None,
 ) -> CheckpointMergeResult:
     """Merges the LoRA checkpoint at `step_dir` into `<step_dir>/merged` (or `output`). Never modifies the input."""
     start = time.perf_counter()

@@ -93,15 +93,17 @@ def iter_merged(
     report.tolerance = options.tolerance if options.verify else None
     report.removed_leaves = sorted(drop)
     pending: list[str] = []  # passthrough leaves read together, up to PASSTHROUGH_BATCH_BYTES at a time
+    pending_bytes = 0
     for path in [*source.tree, None]:
         if path is not None and path not in drop and path not in by_base:
             pending.append(path)
-            if sum(_nbytes(source.tree[p]) for p in pending) < PASSTHROUGH_BATCH_BYTES:
+            pending_bytes += _nbytes(source.tree[path])
+            if pending_bytes < PASSTHROUGH_BATCH_BYTES:
                 continue
         if pending:
             report.passthrough_leaves += len(pending)
             yield from source.read(pending).items()
-            pending = []
+            pending, pending_bytes = [], 0
         if path in by_base:
             yield path, _merge_weight(source, by_base[path], options, report, progress)
     report.timings["merge"] = time.perf_counter() - start

@@ -95,23 +95,33 @@ def test_lora_a_without_lora_b(bad_step, capsys):
     _assert_nothing_written(step.parent, before)
 
 
-def test_rank_mismatch_between_a_and_b(bad_step, capsys):
-    step = bad_step(lambda flat: flat.update({QB: np.zeros((3, 4, 3, 16), np.float32)}))
+@pytest.mark.parametrize(
+    ("path", "shape", "message"),
+    [
+        # rank of lora_b differs from lora_a's
+        (
+            QB,
+            (3, 4, 3, 16),
+            (
+                f"error: adapter {QB}: shape [3, 4, 3, 16] does not fit lora_a [3, 4, 64, 4] and base [3, 4, 64, 16] "
+                "(expected [3, 4, 4, 16]: rank 4)"
+            ),
+        ),
+        # lora_a does not match its base weight
+        (
+            QA,
+            (3, 4, 32, 4),
+            (
+                f"error: adapter {QA}: shape [3, 4, 32, 4] does not match base weight "
+                "PaliGemma/llm/layers/attn/q_einsum/w [3, 4, 64, 16] (expected [3, 4, 64, 4])"
+            ),
+        ),
+    ],
+)
+def test_misshaped_adapter(bad_step, capsys, path, shape, message):
+    step = bad_step(lambda flat: flat.update({path: np.zeros(shape, np.float32)}))
     err = _run(capsys, step, "--lora-config", FIXTURE_LORA_CONFIG)
-    assert (
-        f"error: adapter {QB}: shape [3, 4, 3, 16] does not fit lora_a [3, 4, 64, 4] and base [3, 4, 64, 16] "
-        "(expected [3, 4, 4, 16]: rank 4)" in err
-    )
-    assert not (step / "merged").exists()
-
-
-def test_adapter_shape_not_matching_its_base_weight(bad_step, capsys):
-    step = bad_step(lambda flat: flat.update({QA: np.zeros((3, 4, 32, 4), np.float32)}))
-    err = _run(capsys, step, "--lora-config", FIXTURE_LORA_CONFIG)
-    assert (
-        f"error: adapter {QA}: shape [3, 4, 32, 4] does not match base weight PaliGemma/llm/layers/attn/q_einsum/w "
-        "[3, 4, 64, 16] (expected [3, 4, 64, 4])" in err
-    )
+    assert message in err
     assert not (step / "merged").exists()
 
 
