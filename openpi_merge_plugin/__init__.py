@@ -1,16 +1,25 @@
-"""Merge openpi LoRA adapters into serving-ready checkpoints, with openpi's exact runtime semantics."""
+"""Merge openpi LoRA adapters into serving-ready checkpoints, with openpi's exact runtime semantics.
+
+The public names are imported lazily, so that importing the package (as openpi's startup hook does) stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from openpi_merge_plugin.api import LoRASource
-from openpi_merge_plugin.api import merge_checkpoint
-from openpi_merge_plugin.engine import MergeOptions
-from openpi_merge_plugin.engine import merge_params
-from openpi_merge_plugin.errors import MergeError
-from openpi_merge_plugin.lora_configs import ResolvedLoRA
-from openpi_merge_plugin.lora_spec import ExpertLoRA
-from openpi_merge_plugin.lora_spec import LoRASpec
-
+_EXPORTS = {
+    "ExpertLoRA": "openpi_merge_plugin.lora_spec",
+    "LoRASource": "openpi_merge_plugin.api",
+    "LoRASpec": "openpi_merge_plugin.lora_spec",
+    "MergeError": "openpi_merge_plugin.errors",
+    "MergeOptions": "openpi_merge_plugin.engine",
+    "ResolvedLoRA": "openpi_merge_plugin.lora_configs",
+    "merge_checkpoint": "openpi_merge_plugin.api",
+    "merge_params": "openpi_merge_plugin.engine",
+}
 __all__ = [
     "ExpertLoRA",
     "LoRASource",
@@ -21,3 +30,9 @@ __all__ = [
     "merge_checkpoint",
     "merge_params",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'openpi_merge_plugin' has no attribute {name!r}")

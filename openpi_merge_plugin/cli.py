@@ -1,123 +1,57 @@
-"""`openpi-merge-lora STEP_DIR`: merge an openpi LoRA checkpoint into a serving-ready one."""
+"""`openpi-merge-lora`: merge (default), verify and inspect openpi LoRA checkpoints.
+
+openpi-merge-lora [merge] STEP_DIR ...    merge a LoRA step into STEP_DIR/merged
+openpi-merge-lora verify MERGED_DIR ...   re-check a merged checkpoint against its manifest
+openpi-merge-lora inspect DIR ...         show what a LoRA step or merged checkpoint holds
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import importlib
 import logging
-import pathlib
 import sys
-from typing import Literal
 
 import tyro
 
-from openpi_merge_plugin import api
-from openpi_merge_plugin import engine
-from openpi_merge_plugin import summary
 from openpi_merge_plugin.errors import MergeError
 
-
-@dataclasses.dataclass
-class Args:
-    """Merge the LoRA adapters of an openpi checkpoint step into a plain checkpoint (default: STEP_DIR/merged)."""
-
-    # openpi step directory, as written by scripts/train.py: <checkpoint_dir>/<step>/ (holds params/, assets/).
-    step_dir: tyro.conf.Positional[pathlib.Path]
-    # Registered openpi TrainConfig the checkpoint was trained with (needs openpi installed).
-    config: str | None = None
-    # JSON file with the LoRA config of each expert (see configs/), when openpi is not installed.
-    lora_config: pathlib.Path | None = None
-    # One LoRA alpha for every adapter (ranks are read from the checkpoint).
-    alpha: float | None = None
-    # With --alpha: the adapters were trained with rsLoRA (scale alpha/sqrt(rank)).
-    rslora: bool = False
-    # Where to write the merged checkpoint (default: STEP_DIR/merged).
-    output: pathlib.Path | None = None
-    # dtype of merged weights; other leaves always keep theirs.
-    output_dtype: Literal["float32", "bfloat16", "preserve"] = "float32"
-    # Multiplier on the LoRA term (1.0 reproduces the trained model).
-    strength: float = 1.0
-    # Check every merged layer against openpi's LoRA forward.
-    verify: bool = True
-    # Largest allowed relative error of the verification.
-    tolerance: float = 1e-4
-    # Merge even if adapters or merged weights contain NaN/Inf.
-    allow_nonfinite: bool = False
-    # Replace an existing output.
-    overwrite: bool = False
-    # Print the manifest as JSON instead of the table.
-    json: bool = False
-    # Show a progress bar.
-    progress: bool = True
-
-
-def run(args: Args) -> api.CheckpointMergeResult:
-    options = engine.MergeOptions(
-        output_dtype=args.output_dtype,
-        strength=args.strength,
-        verify=args.verify,
-        tolerance=args.tolerance,
-        allow_nonfinite=args.allow_nonfinite,
-    )
-    lora = api.LoRASource(config=args.config, lora_config=args.lora_config, alpha=args.alpha, rslora=args.rslora)
-    bar = None
-
-    def on_plan(adapters):
-        nonlocal bar
-        if args.progress:
-            import tqdm
-
-            bar = tqdm.tqdm(total=sum(a.num_slices for a in adapters), unit="slice", desc="merging", file=sys.stderr)
-
-    def progress(path: str, n: int) -> None:
-        if bar is not None:
-            bar.set_postfix_str(path.rsplit("/", 2)[-2], refresh=False)
-            bar.update(n)
-
-    try:
-        return api.merge_checkpoint(
-            args.step_dir,
-            output=args.output,
-            lora=lora,
-            options=options,
-            overwrite=args.overwrite,
-            progress=progress,
-            on_plan=on_plan,
-        )
-    finally:
-        if bar is not None:
-            bar.close()
+# name -> (module, one-line help); the module defines `Args` and `run(args) -> int`.
+SUBCOMMANDS = {
+    "merge": ("openpi_merge_plugin.commands.merge", "merge the LoRA adapters of a step into a serving checkpoint"),
+}
+DEFAULT_SUBCOMMAND = "merge"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one subcommand; `openpi-merge-lora STEP_DIR ...` (no subcommand) means `merge`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(_overview())
+        return 0
+    name = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else DEFAULT_SUBCOMMAND
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    _quiet_logging()
+    args = tyro.cli(module.Args, args=argv, prog=f"openpi-merge-lora {name}")
+    try:
+        return module.run(args)
+    except MergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _overview() -> str:
+    lines = ["usage: openpi-merge-lora [SUBCOMMAND] ARGS ...  (default subcommand: merge)", "", "subcommands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "`openpi-merge-lora SUBCOMMAND --help` shows the options of each."]
+    return "\n".join(lines)
+
+
+def _quiet_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     # orbax logs every restore at INFO and warns about the partial-restore API we read single weights with.
     logging.getLogger("absl").setLevel(logging.ERROR)
     logging.getLogger("jax").setLevel(logging.WARNING)
     logging.getLogger("root").setLevel(logging.WARNING)
-    args = tyro.cli(Args, args=argv)
-    try:
-        result = run(args)
-    except MergeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(result.manifest, indent=2))
-    else:
-        summary.render(
-            result.report,
-            title=f"merged {args.step_dir}",
-            footer=[
-                f"LoRA config: {result.manifest['lora_config']['source']}",
-                f"output: {result.output}"
-                + (
-                    f"  (serve with config {result.manifest['serving_config']})"
-                    if result.manifest["serving_config"]
-                    else ""
-                ),
-            ],
-        )
-    return 0
 
 
 def entrypoint() -> None:

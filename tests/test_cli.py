@@ -26,13 +26,16 @@ def test_cli_merges_prints_a_summary_and_refuses_a_second_run(step_dir, capsys):
     assert json.loads((step_dir / "merged" / "manifest.json").read_text()) == printed
 
 
+def _script_help(*argv: str) -> str:
+    cmd = [sys.executable, str(REPO / "scripts" / "merge_lora.py"), *argv, "--help"]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO).stdout
+
+
 def test_script_has_the_same_interface():
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "merge_lora.py"), "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=REPO,
-    )
+    overview = _script_help()
+    assert "default subcommand: merge" in overview
+    for name in cli.SUBCOMMANDS:
+        assert f"  {name} " in overview
+    proc_stdout = _script_help("merge")
     for flag in ("--config", "--lora-config", "--output", "--output-dtype", "--strength", "--no-verify", "--overwrite"):
-        assert flag in proc.stdout
+        assert flag in proc_stdout
