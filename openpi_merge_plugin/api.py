@@ -15,8 +15,8 @@ from openpi_merge_plugin import __version__
 from openpi_merge_plugin import adapters as _adapters
 from openpi_merge_plugin import engine
 from openpi_merge_plugin import lora_configs
+from openpi_merge_plugin import orbax_stream
 from openpi_merge_plugin import output as _output
-from openpi_merge_plugin import params_io
 from openpi_merge_plugin import sources
 from openpi_merge_plugin.errors import CheckpointError
 from openpi_merge_plugin.errors import ConfigError
@@ -102,14 +102,12 @@ def merge_checkpoint(
 
     report = MergeReport()
     with _output.staged_directory(out, overwrite=overwrite) as tmp:
-        flat = dict(engine.iter_merged(source, adapters, options, report, progress))
-        write_start = time.perf_counter()
-        params_io.save_params(tmp / "params", flat)
-        del flat
+        # Each merged slice is written before the next is computed: memory does not grow with the model.
+        orbax_stream.save(tmp / "params", *engine.write_stream(source, adapters, options, report, progress))
         if (step_dir / "assets").is_dir():
             shutil.copytree(step_dir / "assets", tmp / "assets")
-        report.timings["write"] = time.perf_counter() - write_start
         report.timings["total"] = time.perf_counter() - start
+        report.timings["read_write"] = report.timings["total"] - report.timings.get("merge", 0.0)
         manifest = _output.write_manifest(tmp, build_manifest(step_dir, out, resolved, options, report))
     logger.info("merged %d adapted weights of %s into %s", len(adapters), step_dir, out)
     return CheckpointMergeResult(output=out, report=report, manifest=manifest)

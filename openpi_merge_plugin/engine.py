@@ -2,7 +2,9 @@
 
     tree in -> find adapters -> per layer slice: delta from openpi's LoRA equations, merge, verify -> leaves out
 
-Leaves that carry no adapter pass through untouched (same object, same dtype); LoRA leaves are dropped.
+Leaves that carry no adapter pass through untouched (same object, same dtype); LoRA leaves are dropped. A merged
+weight comes out as a `MergedWeight` that computes its layer slices when iterated, so a writer can store each slice
+before the next one exists (`params_io.StreamingWriter`), or `materialize` it whole (`merge_params`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 
 from openpi_merge_plugin import adapters as _adapters
 from openpi_merge_plugin import equations as eq
+from openpi_merge_plugin import orbax_stream
 from openpi_merge_plugin import slice_ops
 from openpi_merge_plugin import sources as _sources
 from openpi_merge_plugin.errors import AdapterError
@@ -58,6 +61,40 @@ class MergeOptions:
 
 
 @dataclasses.dataclass
+class MergedWeight:
+    """A merged weight, computed one layer slice at a time when `slices()` is iterated (once)."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    # Number of leading axes iterated slice by slice (the scanned-layer axis); slices are `weight[index]`.
+    lead_ndim: int
+    # The base weight's sharding when it was a jax.Array (merge on live training params), else None.
+    sharding: jax.sharding.Sharding | None
+    _slices: Callable[[], Iterator[tuple[tuple[int, ...], np.ndarray]]] = dataclasses.field(repr=False)
+
+    @property
+    def slice_shape(self) -> tuple[int, ...]:
+        return self.shape[self.lead_ndim :]
+
+    def slices(self) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+        """Yields (index into the leading axes, merged slice as a host array), in order."""
+        return self._slices()
+
+    def materialize(self) -> Any:
+        """The whole merged weight: a host array, or a jax.Array with the base's sharding."""
+        out = np.empty(self.shape, self.dtype)
+        for index, value in self.slices():
+            out[index] = value
+        return out if self.sharding is None else jax.device_put(out, self.sharding)
+
+
+def materialize(leaf: Any) -> Any:
+    """A leaf of `iter_merged` as an array."""
+    return leaf.materialize() if isinstance(leaf, MergedWeight) else leaf
+
+
+@dataclasses.dataclass
 class MergeResult:
     params: dict[str, Any]  # nested, as openpi's restore_params returns it
     report: MergeReport
@@ -81,12 +118,12 @@ def iter_merged(
     report: MergeReport,
     progress: ProgressFn | None = None,
 ) -> Iterator[tuple[str, Any]]:
-    """Yields (path, leaf) of the merged tree, one weight at a time, reading each from `source` when needed.
+    """Yields (path, leaf) of the merged tree in the source's order, reading each weight from `source` when needed.
 
-    Merged weights come back as host numpy arrays, or as jax.Arrays with the base weight's sharding if the base was
-    a jax.Array. Non-adapted leaves are yielded exactly as the source returns them.
+    Adapted weights come as `MergedWeight`s (nothing is read or computed until their slices are iterated; iterate
+    each before asking for the next item); other leaves exactly as the source returns them. `report` is complete
+    once the iterator and every MergedWeight are exhausted.
     """
-    start = time.perf_counter()
     by_base = {a.base_path: a for a in adapters}
     drop = {p for a in adapters for p in (a.a_path, a.b_path)}
     report.verified = options.verify
@@ -105,8 +142,29 @@ def iter_merged(
             yield from source.read(pending).items()
             pending, pending_bytes = [], 0
         if path in by_base:
-            yield path, _merge_weight(source, by_base[path], options, report, progress)
-    report.timings["merge"] = time.perf_counter() - start
+            yield path, _merged_weight(source, by_base[path], options, report, progress)
+
+
+def write_stream(
+    source: _sources.ParamSource,
+    adapters: Sequence[_adapters.Adapter],
+    options: MergeOptions,
+    report: MergeReport,
+    progress: ProgressFn | None = None,
+) -> tuple[dict[str, _adapters.ShapeDtype], Callable[[], Iterator[orbax_stream.LeafWrite]]]:
+    """The merged tree's structure, and a stream of its leaves for `orbax_stream.save` (slices of merged weights)."""
+    structure = _adapters.merged_structure(
+        source.tree, adapters, lambda a: options.dtype_for(source.tree[a.base_path].dtype)
+    )
+
+    def stream() -> Iterator[orbax_stream.LeafWrite]:
+        for path, leaf in iter_merged(source, adapters, options, report, progress):
+            if isinstance(leaf, MergedWeight):
+                yield orbax_stream.LeafWrite(path, leaf.slices(), leaf.lead_ndim)
+            else:
+                yield orbax_stream.whole(path, leaf)
+
+    return structure, stream
 
 
 def merge_params(
@@ -120,22 +178,43 @@ def merge_params(
     source = _sources.InMemorySource(params)
     adapters = plan(source.tree, lora)
     report = MergeReport()
-    flat = dict(iter_merged(source, adapters, options, report, progress))
+    flat = {path: materialize(leaf) for path, leaf in iter_merged(source, adapters, options, report, progress)}
     return MergeResult(params=_sources.unflatten(flat), report=report)
 
 
-def _merge_weight(
+def _merged_weight(
     source: _sources.ParamSource,
     adapter: _adapters.Adapter,
     options: MergeOptions,
     report: MergeReport,
     progress: ProgressFn | None,
-) -> Any:
+) -> MergedWeight:
+    base = source.tree[adapter.base_path]
+    out_dtype = np.dtype(options.dtype_for(base.dtype))
+    return MergedWeight(
+        path=adapter.base_path,
+        shape=tuple(base.shape),
+        dtype=out_dtype,
+        lead_ndim=len(adapter.lead_shape),
+        sharding=source.sharding(adapter.base_path),
+        _slices=lambda: _merge_slices(source, adapter, out_dtype, options, report, progress),
+    )
+
+
+def _merge_slices(
+    source: _sources.ParamSource,
+    adapter: _adapters.Adapter,
+    out_dtype: np.dtype,
+    options: MergeOptions,
+    report: MergeReport,
+    progress: ProgressFn | None,
+) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+    busy = 0.0  # time spent here, not in the consumer between slices
     start = time.perf_counter()
     arrays = source.read([adapter.base_path, adapter.a_path, adapter.b_path])
     w, a, b = arrays[adapter.base_path], arrays[adapter.a_path], arrays[adapter.b_path]
+    del arrays
     base_dtype = np.dtype(w.dtype).name
-    out_dtype = np.dtype(options.dtype_for(base_dtype))
     weight_report = WeightReport(
         path=adapter.base_path,
         module=adapter.module,
@@ -153,7 +232,6 @@ def _merge_weight(
     layer_eqns = eq.to_letters(adapter.delta.layer_equation, *adapter.delta.lora_equations)
     factor = jnp.float32(adapter.scale * options.strength)
     base_key = jax.random.fold_in(jax.random.key(options.seed), _stable_hash(adapter.base_path))
-    out = np.empty(w.shape, out_dtype)
     n_lead = len(adapter.lead_shape)
     for flat_index, index in enumerate(np.ndindex(*adapter.lead_shape)):
         merged, stats = slice_ops.merge_slice(
@@ -182,15 +260,17 @@ def _merge_weight(
                 f"merged weight {where} does not reproduce the LoRA forward: max relative error "
                 f"{stats['rel_err']:.3e} > tolerance {options.tolerance:.1e}"
             )
-        out[index] = np.asarray(merged)
+        host = np.asarray(merged)
+        del merged
         if progress is not None:
             progress(adapter.base_path, 1)
-    weight_report.seconds = time.perf_counter() - start
+        busy += time.perf_counter() - start
+        yield index, host
+        start = time.perf_counter()
+    weight_report.seconds = busy + time.perf_counter() - start
     report.weights.append(weight_report)
+    report.timings["merge"] = report.timings.get("merge", 0.0) + weight_report.seconds
     logger.debug("merged %s in %.3fs", adapter.base_path, weight_report.seconds)
-    if isinstance(w, jax.Array):
-        return jax.device_put(out, w.sharding)
-    return out
 
 
 def _slice(x: Any, index: tuple[int, ...], n_lead: int) -> Any:

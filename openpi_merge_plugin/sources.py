@@ -20,6 +20,10 @@ class ParamSource(Protocol):
 
     def read(self, paths: Iterable[str]) -> dict[str, Any]: ...
 
+    def sharding(self, path: str) -> jax.sharding.Sharding | None:
+        """Where the leaf lives when it is a jax.Array (merged weights go back there), else None."""
+        ...
+
 
 def flatten(params: Mapping[str, Any]) -> dict[str, Any]:
     """Nested dict -> {'a/b/c': leaf}. Drops the trailing 'value' that nnx.State leaves add, as openpi does."""
@@ -52,6 +56,10 @@ class InMemorySource:
     def read(self, paths: Iterable[str]) -> dict[str, Any]:
         return {p: self.arrays[p] for p in paths}
 
+    def sharding(self, path: str) -> jax.sharding.Sharding | None:
+        leaf = self.arrays[path]
+        return leaf.sharding if isinstance(leaf, jax.Array) else None
+
 
 class OrbaxSource:
     """An openpi `params` item (`{"params": tree}`, leaves maybe ending in `value`), read lazily."""
@@ -73,6 +81,9 @@ class OrbaxSource:
         self._keys = {"/".join(k[:-1] if self._value_suffix else k): k for k in leaves}
         self._metadata = {p: leaves[k] for p, k in self._keys.items()}
         self.tree = {p: ShapeDtype(tuple(m.shape), np.dtype(m.dtype).name) for p, m in self._metadata.items()}
+
+    def sharding(self, path: str) -> None:
+        return None
 
     def read(self, paths: Iterable[str]) -> dict[str, np.ndarray]:
         paths = list(paths)

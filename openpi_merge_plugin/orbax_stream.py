@@ -1,0 +1,180 @@
+"""Writing an Orbax PyTree checkpoint one leaf slice at a time, so memory does not grow with the model.
+
+Orbax's `PyTreeCheckpointer.save` needs the whole tree in memory and copies every array to host before writing
+(and, with OCDBT, keeps the written data in one transaction until all of it is committed), so saving a 7 GB tree
+costs about twice that. Its public API has no incremental save, but it has the supported extension point for
+exactly this: a `TypeHandler` for a custom leaf type, given to `PyTreeCheckpointHandler` in its own registry.
+
+`StreamingArrayHandler` is that handler. Every leaf of the tree is a `PendingLeaf` placeholder (path, shape,
+dtype); Orbax plans the save as usual (parameter names, OCDBT layout, `_METADATA`, `_CHECKPOINT_METADATA`, the
+final OCDBT merge, the atomic rename) and hands all placeholders to `serialize`, which pulls the real values from
+a stream and writes each one, slice by slice, before pulling the next.
+
+Why the result is an ordinary checkpoint: each array is written by the same code path as Orbax's own `ArrayHandler`
+(the same TensorStore spec builder, the same zarr metadata and OCDBT kvstore, the same sharding and ArrayMetadata
+records, typestr `jax.Array`). The only difference is the write shape: a weight with scanned layers is written
+as if it were sharded along its layer axis (one chunk row per layer), which is how Orbax writes an FSDP-sharded
+array. Readers (`restore_params`, `PyTreeCheckpointer.restore`, `metadata`) do not depend on the write shape.
+This module uses Orbax internals below its public API; the project pins orbax-checkpoint <0.12 for that reason
+and the tests compare its output with `PyTreeCheckpointer.save` leaf by leaf, bitwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator, Mapping, Sequence
+import contextlib
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+from orbax.checkpoint import multihost
+from orbax.checkpoint._src.serialization import type_handlers as _type_handlers
+
+from openpi_merge_plugin.adapters import ShapeDtype
+
+# Data handed to TensorStore but not yet written, at most (one more slice may be in flight beyond it).
+MAX_INFLIGHT_BYTES = 512 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingLeaf:
+    """A leaf whose value is produced later by the stream; `path` is its '/'-joined key in the tree."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclasses.dataclass
+class LeafWrite:
+    """What the stream yields for one leaf: its path and (index into the leading axes, slice) pairs."""
+
+    path: str
+    slices: Iterator[tuple[tuple[int, ...], np.ndarray]]
+    lead_ndim: int = 0  # leading axes that `slices` iterates; the array is written in chunks of one such slice
+
+
+def whole(path: str, value: Any) -> LeafWrite:
+    """A leaf written in one piece."""
+    return LeafWrite(path, iter([((), np.asarray(value))]))
+
+
+Stream = Callable[[], Iterator[LeafWrite]]
+
+
+def save(directory: pathlib.Path, structure: Mapping[str, ShapeDtype], stream: Stream) -> None:
+    """Saves `{"params": tree}` at `directory`, as `PyTreeCheckpointer().save` would, pulling leaves from `stream`.
+
+    `structure` gives every leaf's path, shape and dtype up front; `stream()` must yield a LeafWrite for each of
+    them (in any order), each consumed before the next is requested.
+    """
+    import orbax.checkpoint as ocp
+
+    handler = StreamingArrayHandler(stream)
+    registry = ocp.type_handlers.create_type_handler_registry((PendingLeaf, handler), (jax.Array, handler))
+    tree = _nest({p: PendingLeaf(p, tuple(sd.shape), sd.dtype) for p, sd in structure.items()})
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ckptr:
+        ckptr.save(pathlib.Path(directory).resolve(), args=ocp.args.PyTreeSave({"params": tree}))
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = nested
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+class StreamingArrayHandler(_type_handlers.ArrayHandler):
+    """Orbax ArrayHandler whose `serialize` writes PendingLeaf values pulled from a stream, slice by slice."""
+
+    def __init__(self, stream: Stream):
+        from orbax.checkpoint._src.metadata import array_metadata_store
+
+        super().__init__(array_metadata_store=array_metadata_store.Store())
+        self._stream = stream
+        self._written: set[str] = set()
+
+    def memory_size(self, values: Sequence[PendingLeaf]) -> list[tuple[int, int]]:
+        sizes = [int(np.prod(v.shape, dtype=np.int64)) * np.dtype(v.dtype).itemsize for v in values]
+        return [(s, s) for s in sizes]
+
+    async def serialize(self, values, infos, args=None):
+        import orbax.checkpoint.future as future
+
+        if not all(isinstance(v, PendingLeaf) for v in values):
+            raise TypeError("StreamingArrayHandler only writes PendingLeaf placeholders")
+        await self._write_all({v.path: (v, info) for v, info in zip(values, infos, strict=True)})
+        return [future.CommitFutureAwaitingContractedSignals(asyncio.sleep(0), name="streamed_arrays")]
+
+    async def _write_all(self, targets: dict[str, tuple[PendingLeaf, Any]]) -> None:
+        import tensorstore as ts
+
+        sharding_txn = ts.Transaction()
+        array_metadatas = []
+        inflight: list[tuple[Any, int]] = []  # (TensorStore write future, bytes)
+        try:
+            for item in self._stream():
+                if item.path not in targets or item.path in self._written:
+                    raise RuntimeError(f"the merge stream produced an unexpected or repeated leaf {item.path}")
+                leaf, info = targets[item.path]
+                array_metadatas.append(await self._write_leaf(item, leaf, info, inflight))
+                await self._write_sharding(info, sharding_txn)
+                self._written.add(item.path)
+        finally:
+            # Also on error: no TensorStore write may land after the caller has removed the staging directory.
+            for write, _ in inflight:
+                with contextlib.suppress(Exception):  # the error being raised is the first one
+                    await write
+        missing = sorted(set(targets) - self._written)
+        if missing:
+            raise RuntimeError(f"the merge stream ended without producing {len(missing)} leaves, e.g. {missing[:3]}")
+        await sharding_txn.commit_async()
+        await self._array_metadata_store.write(
+            checkpoint_dir=next(iter(targets.values()))[1].parent_dir,
+            array_metadatas=array_metadatas,
+            process_index=multihost.process_index(),
+        )
+
+    async def _write_leaf(self, item: LeafWrite, leaf: PendingLeaf, info: Any, inflight: list[tuple[Any, int]]):
+        """Writes one leaf slice by slice (as ArrayHandler writes an array sharded on its leading axes)."""
+        import tensorstore as ts
+
+        spec = _type_handlers._build_array_write_spec(  # noqa: SLF001
+            info,
+            global_shape=leaf.shape,
+            local_shape=(1,) * item.lead_ndim + leaf.shape[item.lead_ndim :],
+            dtype=np.dtype(leaf.dtype),
+            use_ocdbt=info.is_ocdbt_checkpoint,
+            process_index=_type_handlers.get_process_index_for_subdir(info.is_ocdbt_checkpoint),
+            metadata_key=self._metadata_key,
+        )
+        store = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
+        expected = (leaf.shape[item.lead_ndim :], np.dtype(leaf.dtype), item.lead_ndim)
+        for index, value in item.slices:
+            host = np.asarray(value)
+            if (host.shape, host.dtype, len(index)) != expected:
+                raise RuntimeError(f"{item.path}{list(index)}: got {host.dtype}{list(host.shape)}, want {expected}")
+            inflight.append((store[index].write(host), host.nbytes))
+            del value, host
+            while sum(n for _, n in inflight) > MAX_INFLIGHT_BYTES:
+                await inflight.pop(0)[0]
+        return spec.metadata
+
+    async def _write_sharding(self, info: Any, txn: Any) -> None:
+        # Leaves are recorded as living on one host device, as a jax.Array saved from a one-device process is.
+        from orbax.checkpoint._src.metadata import sharding as sharding_metadata
+        import tensorstore as ts
+
+        serialized = sharding_metadata.from_jax_sharding(
+            jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        ).to_serialized_string()
+        spec = _type_handlers.get_sharding_tensorstore_spec(info.parent_dir.as_posix(), info.name)
+        store = await ts.open(spec, open=True, context=info.ts_context)
+        await store.with_transaction(txn).write(serialized)

@@ -1,0 +1,83 @@
+"""The streamed write (one layer slice at a time) against Orbax's own whole-tree save of the same merge."""
+
+import json
+import pathlib
+
+from helpers import FIXTURE_STEP
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from openpi_merge_plugin import MergeOptions
+from openpi_merge_plugin import engine
+from openpi_merge_plugin import merge_checkpoint
+from openpi_merge_plugin import orbax_stream
+from openpi_merge_plugin import params_io
+from openpi_merge_plugin import sources
+from openpi_merge_plugin.adapters import ShapeDtype
+
+
+def _leaves(params_dir: pathlib.Path) -> dict[str, np.ndarray]:
+    src = sources.OrbaxSource(params_dir)
+    return src.read(src.tree)
+
+
+def _value_types(params_dir: pathlib.Path) -> dict[str, str]:
+    tree = json.loads((params_dir / "_METADATA").read_text())["tree_metadata"]
+    return {key: entry["value_metadata"]["value_type"] for key, entry in tree.items()}
+
+
+@pytest.mark.parametrize("output_dtype", ["float32", "bfloat16"])
+def test_streamed_checkpoint_equals_whole_tree_save_bitwise(step_dir, fixture_lora, fixture_params, output_dtype):
+    options = MergeOptions(output_dtype=output_dtype)
+    streamed = merge_checkpoint(step_dir, lora=fixture_lora, options=options).output / "params"
+    in_memory = engine.merge_params(sources.unflatten(fixture_params), fixture_lora, options)
+    reference = step_dir.parent / "reference"
+    params_io.save_params(reference, sources.flatten(in_memory.params))
+
+    got, want = _leaves(streamed), _leaves(reference)
+    assert got.keys() == want.keys()
+    for path in want:
+        assert (got[path].dtype, got[path].shape) == (want[path].dtype, want[path].shape), path
+        assert got[path].tobytes() == want[path].tobytes(), path
+    # Same tree, same value types in Orbax's own metadata, so every reader treats both alike.
+    assert _value_types(streamed) == _value_types(reference)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta_got = sources.flatten(ckptr.metadata(streamed)["params"])
+        meta_want = sources.flatten(ckptr.metadata(reference)["params"])
+    assert {p: (m.shape, m.dtype) for p, m in meta_got.items()} == {p: (m.shape, m.dtype) for p, m in meta_want.items()}
+
+
+def test_scanned_weights_are_written_one_layer_per_chunk(step_dir, fixture_lora):
+    streamed = merge_checkpoint(step_dir, lora=fixture_lora).output / "params"
+    layout = json.loads(next((streamed / "array_metadatas").iterdir()).read_text())["array_metadatas"]
+    write_shapes = {m["array_metadata"]["param_name"]: m["array_metadata"]["write_shape"] for m in layout}
+    gating = write_shapes["params.PaliGemma.llm.layers.mlp.gating_einsum"]
+    depth = sources.OrbaxSource(FIXTURE_STEP / "params").tree["PaliGemma/llm/layers/mlp/gating_einsum"].shape[0]
+    assert depth > 1
+    assert gating[0] == 1  # each layer's slice is its own write: nothing bigger than one slice is ever in memory
+    # Leaves without a layer axis are written whole, as Orbax writes them.
+    assert write_shapes["params.PaliGemma.llm.final_norm.scale"] == [
+        *sources.OrbaxSource(FIXTURE_STEP / "params").tree["PaliGemma/llm/final_norm/scale"].shape
+    ]
+
+
+def test_stream_that_misses_a_leaf_fails_and_writes_nothing(tmp_path):
+    structure = {"a/x": ShapeDtype((2, 3), "float32"), "a/y": ShapeDtype((4,), "float32")}
+
+    def stream():
+        yield orbax_stream.whole("a/x", np.ones((2, 3), np.float32))
+
+    with pytest.raises(RuntimeError, match=r"without producing 1 leaves, e.g. \['a/y'\]"):
+        orbax_stream.save(tmp_path / "params", structure, stream)
+    assert not (tmp_path / "params").exists()
+
+
+def test_stream_with_a_wrong_slice_shape_fails(tmp_path):
+    structure = {"a/x": ShapeDtype((2, 3), "float32")}
+
+    def stream():
+        yield orbax_stream.LeafWrite("a/x", iter([((0,), np.ones((4,), np.float32))]), lead_ndim=1)
+
+    with pytest.raises(RuntimeError, match=r"a/x\[0\]: got float32\[4\]"):
+        orbax_stream.save(tmp_path / "params", structure, stream)
