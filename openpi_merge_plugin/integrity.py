@@ -165,6 +165,10 @@ def read_manifest(merged_dir: pathlib.Path) -> dict[str, Any]:
     for key, kind in _REQUIRED.items():
         if not isinstance(manifest.get(key), kind):
             raise IntegrityError(f"{path} has no valid {key!r} entry: not written by openpi-merge-lora, or edited")
+    files_ok = all(isinstance(f, dict) and {"sha256", "bytes"} <= f.keys() for f in manifest["files"].values())
+    weights_ok = all(isinstance(w, dict) and {"path", "shape", "output_dtype"} <= w.keys() for w in manifest["weights"])
+    if not (files_ok and weights_ok):
+        raise IntegrityError(f"{path} has malformed 'files' or 'weights' entries: not written by openpi-merge-lora")
     return manifest
 
 

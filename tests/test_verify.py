@@ -160,6 +160,19 @@ def test_a_truncated_manifest_is_an_error(merged, capsys):
     assert err.endswith("): truncated or edited\n")
 
 
+def test_an_edited_manifest_is_an_error(merged, capsys):
+    manifest = json.loads((merged / _output.MANIFEST).read_text())
+    (merged / _output.MANIFEST).write_text(json.dumps({**manifest, "weights": [{"path": "x"}]}))
+    message = f"error: {merged / 'manifest.json'} has malformed 'files' or 'weights' entries: not written by "
+    assert _cli(capsys, merged) == (1, "", message + "openpi-merge-lora\n")
+    (merged / _output.MANIFEST).write_text(json.dumps({**manifest, "format_version": 2}))
+    assert _cli(capsys, merged) == (
+        1,
+        "",
+        f"error: {merged / 'manifest.json'} has manifest format 2, this version reads format 1\n",
+    )
+
+
 def test_inputs_that_are_not_merged_checkpoints(merges, tmp_path, capsys):
     step = merges["step"]
     (tmp_path / "empty").mkdir()
