@@ -19,6 +19,7 @@ _EXPORTS = {
     "ResolvedLoRA": "openpi_merge_plugin.lora_configs",
     "merge_checkpoint": "openpi_merge_plugin.api",
     "merge_params": "openpi_merge_plugin.engine",
+    "verify_merged": "openpi_merge_plugin.integrity",
 }
 __all__ = [
     "ExpertLoRA",
@@ -29,6 +30,7 @@ __all__ = [
     "ResolvedLoRA",
     "merge_checkpoint",
     "merge_params",
+    "verify_merged",
 ]
 
 

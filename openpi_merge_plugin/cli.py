@@ -18,6 +18,7 @@ from openpi_merge_plugin.errors import MergeError
 # name -> (module, one-line help); the module defines `Args` and `run(args) -> int`.
 SUBCOMMANDS = {
     "merge": ("openpi_merge_plugin.commands.merge", "merge the LoRA adapters of a step into a serving checkpoint"),
+    "verify": ("openpi_merge_plugin.commands.verify", "re-check a merged checkpoint: files, params, layer outputs"),
 }
 DEFAULT_SUBCOMMAND = "merge"
 

@@ -27,3 +27,7 @@ class VerificationError(MergeError):
 
 class OutputExistsError(MergeError):
     """The output directory exists and overwriting was not requested."""
+
+
+class IntegrityError(MergeError):
+    """A merged checkpoint that cannot be verified at all: missing, not a merged checkpoint, or no usable manifest."""

@@ -50,6 +50,20 @@ class ResolvedLoRA:
             "experts": {str(i): e.to_json() for i, e in sorted(self.experts.items())},
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any], *, serving_config: str | None = None) -> ResolvedLoRA:
+        """Reads back `to_json` (a manifest's `lora_config`); raises ConfigError if it is malformed."""
+        try:
+            experts = {int(i): ExpertLoRA.from_json(e) for i, e in data["experts"].items()}
+            return cls(
+                experts=experts,
+                source=str(data["source"]),
+                config_name=data.get("config_name"),
+                serving_config=serving_config,
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"recorded LoRA config is malformed: {e!r}") from e
+
 
 def from_file(path: pathlib.Path | str) -> ResolvedLoRA:
     """Reads a LoRA config file: `{"experts": [{"variant", "attn": {...}, "ffn": {...}}, ...]}`."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import contextlib
 import hashlib
 import json
@@ -80,8 +80,13 @@ def _fsync_tree(root: pathlib.Path) -> None:
         os.close(fd)
 
 
-def file_checksums(root: pathlib.Path) -> dict[str, dict[str, int | str]]:
-    """sha256 and size of every file under `root` except the manifest, keyed by relative path."""
+def file_checksums(
+    root: pathlib.Path, on_bytes: Callable[[int], None] | None = None
+) -> dict[str, dict[str, int | str]]:
+    """sha256 and size of every file under `root` except the manifest, keyed by relative path.
+
+    `on_bytes(n)` is called after each chunk of n bytes hashed (for progress bars).
+    """
     out: dict[str, dict[str, int | str]] = {}
     for path in sorted(root.rglob("*")):
         if path.is_file() and path.name != MANIFEST:
@@ -89,6 +94,8 @@ def file_checksums(root: pathlib.Path) -> dict[str, dict[str, int | str]]:
             with open(path, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     digest.update(chunk)
+                    if on_bytes is not None:
+                        on_bytes(len(chunk))
             out[path.relative_to(root).as_posix()] = {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
     return out
 

@@ -1,4 +1,4 @@
-"""Per-layer-slice device kernels: merge one slice, and check it against openpi's LoRA forward.
+"""Per-layer-slice device kernels: merge one slice, or check a stored merged slice, against openpi's LoRA forward.
 
 Everything is float32 on the JAX default device. One jit per (adapter shape, equation); the slice is the unit of
 device memory, so a full-size gemma_2b MLP weight costs one [2, 2048, 16384] slice at a time.
@@ -10,6 +10,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from openpi_merge_plugin import equations as eq
 
@@ -26,6 +27,24 @@ def _probe_shape(layer_eqn: str, w_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _rel_err(got: jax.Array, want: jax.Array) -> jax.Array:
     return jnp.max(jnp.abs(got - want)) / jnp.maximum(jnp.max(jnp.abs(want)), jnp.finfo(jnp.float32).tiny)
+
+
+def _merge32(w32: jax.Array, a32: jax.Array, b32: jax.Array, factor: jax.Array, delta_eqn: str):
+    delta = _einsum(delta_eqn, a32, b32) * factor
+    return w32 + delta, delta
+
+
+def _lora_forward(
+    x: jax.Array, w32: jax.Array, a32: jax.Array, b32: jax.Array, factor: jax.Array, layer_eqns: tuple[str, str, str]
+) -> jax.Array:
+    """openpi's LoRA forward of x: base einsum + scaled two-step LoRA einsum, all float32."""
+    eqn, eqn_a, eqn_b = layer_eqns
+    return _einsum(eqn, x, w32) + _einsum(eqn_b, _einsum(eqn_a, x, a32), b32) * factor
+
+
+def host_probe(rng: np.random.Generator, layer_eqn: str, w_shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 standard-normal probe for `check_slice`, drawn on the host so no RNG is compiled per weight shape."""
+    return rng.standard_normal(_probe_shape(layer_eqn, w_shape), dtype=np.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("delta_eqn", "layer_eqns", "out_dtype", "verify"))
@@ -49,8 +68,7 @@ def merge_slice(
     """
     f32 = jnp.float32
     w32, a32, b32 = w.astype(f32), a.astype(f32), b.astype(f32)
-    delta = _einsum(delta_eqn, a32, b32) * factor
-    merged = w32 + delta
+    merged, delta = _merge32(w32, a32, b32, factor, delta_eqn)
     stored = merged.astype(out_dtype)
     stored32 = stored.astype(f32)
     # A bf16 output keeps (bf16(w + d) - w) of the delta d; the base itself is exactly representable when stored bf16.
@@ -63,9 +81,41 @@ def merge_slice(
         "merged_finite": jnp.all(jnp.isfinite(merged)),
     }
     if verify:
-        eqn, eqn_a, eqn_b = layer_eqns
+        eqn = layer_eqns[0]
         x = jax.random.normal(key, _probe_shape(eqn, w.shape), f32)
-        want = _einsum(eqn, x, w32) + _einsum(eqn_b, _einsum(eqn_a, x, a32), b32) * factor
+        want = _lora_forward(x, w32, a32, b32, factor, layer_eqns)
         stats["rel_err"] = _rel_err(_einsum(eqn, x, merged), want)
         stats["rel_err_stored"] = _rel_err(_einsum(eqn, x, stored32), want)
     return stored, stats
+
+
+@functools.partial(jax.jit, static_argnames=("delta_eqn", "layer_eqns"))
+def check_slice(
+    stored: jax.Array,
+    w: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    factor: jax.Array,
+    x: jax.Array,
+    *,
+    delta_eqn: str,
+    layer_eqns: tuple[str, str, str],
+) -> dict[str, jax.Array]:
+    """Checks a merged slice as stored on disk against openpi's LoRA forward of (w, a, b) on the probe `x`.
+
+    `rel_err`: max|x.stored - lora(x)| / max|lora(x)|, what `merge_slice` records as `rel_err_stored`.
+    `rounding`: the part of that error a correct merge gets from being stored in `stored.dtype`: `rel_err_stored`
+    minus `rel_err` of `merge_slice` on the same probe (exactly 0 for float32, ~2e-3 for bfloat16).
+    """
+    f32 = jnp.float32
+    w32, a32, b32 = w.astype(f32), a.astype(f32), b.astype(f32)
+    eqn = layer_eqns[0]
+    want = _lora_forward(x, w32, a32, b32, factor, layer_eqns)
+    merged, _ = _merge32(w32, a32, b32, factor, delta_eqn)
+    rounded = merged.astype(stored.dtype).astype(f32)
+    rounding = _rel_err(_einsum(eqn, x, rounded), want) - _rel_err(_einsum(eqn, x, merged), want)
+    return {
+        "rel_err": _rel_err(_einsum(eqn, x, stored.astype(f32)), want),
+        "rounding": jnp.maximum(rounding, 0.0),
+        "finite": jnp.all(jnp.isfinite(stored)),
+    }
