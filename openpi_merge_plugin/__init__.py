@@ -17,6 +17,7 @@ _EXPORTS = {
     "MergeError": "openpi_merge_plugin.errors",
     "MergeOptions": "openpi_merge_plugin.engine",
     "ResolvedLoRA": "openpi_merge_plugin.lora_configs",
+    "inspect_checkpoint": "openpi_merge_plugin.inspection",
     "merge_checkpoint": "openpi_merge_plugin.api",
     "merge_params": "openpi_merge_plugin.engine",
 }
@@ -27,6 +28,7 @@ __all__ = [
     "MergeError",
     "MergeOptions",
     "ResolvedLoRA",
+    "inspect_checkpoint",
     "merge_checkpoint",
     "merge_params",
 ]
