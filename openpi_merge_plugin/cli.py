@@ -18,6 +18,10 @@ from openpi_merge_plugin.errors import MergeError
 # name -> (module, one-line help); the module defines `Args` and `run(args) -> int`.
 SUBCOMMANDS = {
     "merge": ("openpi_merge_plugin.commands.merge", "merge the LoRA adapters of a step into a serving checkpoint"),
+    "inspect": (
+        "openpi_merge_plugin.commands.inspect",
+        "show a LoRA step's or merged checkpoint's adapters and updates",
+    ),
 }
 DEFAULT_SUBCOMMAND = "merge"
 
