@@ -18,7 +18,7 @@ from openpi_merge_plugin.inspection import WeightStats
 # Fixed size, whatever the checkpoint: 1400 x 900 pixels.
 FIGSIZE = (14.0, 9.0)
 DPI = 100
-# Cells get their value written in them up to this many layers (the full-size models have 18).
+# Cells get their value written in them up to this many layers; the full-size models' 18 would not fit.
 _ANNOTATE_MAX_LAYERS = 8
 
 
@@ -93,7 +93,10 @@ def _log_range(grids: list[np.ndarray]) -> tuple[float, float]:
     if not values.size:
         return 1e-3, 1.0
     low, high = float(values.min()), float(values.max())
-    return (low / 2, high * 2) if low == high else (low, high)
+    # At least one decade, centred on the data: layers that differ by 1% should not look different.
+    spread = max(high / low, 10.0) ** 0.5
+    middle = (low * high) ** 0.5
+    return middle / spread, middle * spread
 
 
 def _annotate(ax: Any, grid: np.ndarray, norm: Any, cmap: Any, fmt: str) -> None:

@@ -48,11 +48,11 @@ def render(ins: Inspection, *, console: Console | None = None) -> None:
             *(fmt_frac(keep[s]) for s in ("min", "median", "max")),
         )
     console.print(table)
-    console.print(
-        "scale: what openpi multiplies the LoRA term by (attention: alpha/rank, alpha/sqrt(rank) with rsLoRA; "
-        "MLP: 1). ||dW||/||W||: per layer. bf16 keeps: fraction of ||dW|| left after storing W + dW in bfloat16.",
-        markup=False,
-    )
+    for line in (
+        "scale: what openpi multiplies the LoRA term by (attention: alpha/rank, or alpha/sqrt(rank) with rsLoRA; MLP: 1)",
+        "||dW||/||W|| per layer; bf16 keeps: the fraction of ||dW|| left after storing W + dW in bfloat16",
+    ):
+        console.print(line, markup=False, highlight=False)
     for line in _facts(ins):
         console.print(line, markup=False, highlight=False)
     if ins.kind == "merged":

@@ -60,7 +60,7 @@ def inspect(args: Args) -> inspection.Inspection:
 
     def progress(path: str, n: int) -> None:
         if bar is not None:
-            bar.set_postfix_str(path.rsplit("/", 2)[-2], refresh=False)
+            bar.set_postfix_str(path.removeprefix("PaliGemma/llm/layers/"), refresh=False)
             bar.update(n)
 
     try:
