@@ -39,13 +39,15 @@ def save(ins: Inspection, path: pathlib.Path) -> None:
     """Writes the heat maps (format from the file suffix, e.g. .png) at FIGSIZE and DPI."""
     check_can_plot(path)
     import matplotlib as mpl
-
-    mpl.use("Agg")
     from matplotlib import colors
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
+    # A bare Figure on an Agg canvas: no pyplot, so the caller's backend and figure registry stay untouched.
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
     experts = ins.experts or [0]
-    fig, axes = plt.subplots(2, len(experts), figsize=FIGSIZE, dpi=DPI, squeeze=False, layout="constrained")
+    axes = fig.subplots(2, len(experts), squeeze=False)
     step = f", step {ins.step}" if ins.step is not None else ""
     fig.suptitle(f"{ins.path}  ({'merged' if ins.kind == 'merged' else 'LoRA'} checkpoint{step})", fontsize=13)
     rel = {e: _grid(ins, e, "delta_rel_norm") for e in experts}
@@ -56,7 +58,7 @@ def save(ins: Inspection, path: pathlib.Path) -> None:
         (keep, colors.Normalize(0.0, 1.0), "RdYlGn", "fraction of ||dW|| kept in bfloat16", "{:.1%}"),
     ]
     for row, (grids, norm, cmap_name, label, fmt) in enumerate(rows):
-        cmap = plt.get_cmap(cmap_name).with_extremes(bad="lightgrey")
+        cmap = mpl.colormaps[cmap_name].with_extremes(bad="lightgrey")
         image = None
         for col, expert in enumerate(experts):
             grid, names = grids[expert]
@@ -73,8 +75,6 @@ def save(ins: Inspection, path: pathlib.Path) -> None:
         fig.savefig(path, dpi=DPI)
     except OSError as e:
         raise MergeError(f"cannot write plot {path}: {e}") from e
-    finally:
-        plt.close(fig)
 
 
 def _grid(ins: Inspection, expert: int, field: str) -> tuple[np.ndarray, list[str]]:
