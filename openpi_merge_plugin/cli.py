@@ -19,6 +19,10 @@ from openpi_merge_plugin.errors import MergeError
 SUBCOMMANDS = {
     "merge": ("openpi_merge_plugin.commands.merge", "merge the LoRA adapters of a step into a serving checkpoint"),
     "verify": ("openpi_merge_plugin.commands.verify", "re-check a merged checkpoint: files, params, layer outputs"),
+    "inspect": (
+        "openpi_merge_plugin.commands.inspect",
+        "show a LoRA step's or merged checkpoint's adapters and updates",
+    ),
 }
 DEFAULT_SUBCOMMAND = "merge"
 

@@ -1,0 +1,87 @@
+"""`openpi-merge-lora inspect DIR`: what a LoRA step or a merged checkpoint holds, as a table, JSON or a picture."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+
+import tyro
+
+from openpi_merge_plugin import api
+from openpi_merge_plugin import inspect_plot
+from openpi_merge_plugin import inspect_table
+from openpi_merge_plugin import inspection
+
+
+@dataclasses.dataclass
+class Args:
+    """Show each adapted weight's rank, alpha, scale, ||dW||/||W|| per layer and what bfloat16 keeps of it.
+
+    Exits 1 if a merged checkpoint's files do not match the checksums in its manifest.
+    """
+
+    # An openpi LoRA step directory (holds params/) or a merged checkpoint (holds manifest.json).
+    path: tyro.conf.Positional[pathlib.Path]
+    # LoRA step only: registered openpi TrainConfig the checkpoint was trained with (needs openpi installed).
+    config: str | None = None
+    # LoRA step only: JSON file with the LoRA config of each expert (see configs/).
+    lora_config: pathlib.Path | None = None
+    # LoRA step only: one LoRA alpha for every adapter (ranks are read from the checkpoint).
+    alpha: float | None = None
+    # LoRA step only, with --alpha: the adapters were trained with rsLoRA (scale alpha/sqrt(rank)).
+    rslora: bool = False
+    # Also draw heat maps of ||dW||/||W|| and of the bf16-surviving fraction per (layer, weight) to this file.
+    plot: pathlib.Path | None = None
+    # Print the numbers as JSON instead of the table.
+    json: bool = False
+    # Merged checkpoint only: re-hash every file and compare with the manifest (reads the whole checkpoint).
+    checksums: bool = True
+    # Show a progress bar.
+    progress: bool = True
+
+
+def inspect(args: Args) -> inspection.Inspection:
+    given = args.config or args.lora_config or args.alpha is not None
+    lora = (
+        api.LoRASource(config=args.config, lora_config=args.lora_config, alpha=args.alpha, rslora=args.rslora)
+        if given
+        else None
+    )
+    bar = None
+
+    def on_plan(adapters):
+        nonlocal bar
+        if args.progress:
+            import tqdm
+
+            bar = tqdm.tqdm(total=sum(a.num_slices for a in adapters), unit="slice", desc="inspecting", file=sys.stderr)
+
+    def progress(path: str, n: int) -> None:
+        if bar is not None:
+            bar.set_postfix_str(path.removeprefix("PaliGemma/llm/layers/"), refresh=False)
+            bar.update(n)
+
+    try:
+        return inspection.inspect_checkpoint(
+            args.path, lora=lora, checksums=args.checksums, progress=progress, on_plan=on_plan
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def run(args: Args) -> int:
+    """Inspects, then prints the table (or JSON) and writes the picture if asked."""
+    if args.plot is not None:
+        inspect_plot.check_can_plot(args.plot)
+    result = inspect(args)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        inspect_table.render(result)
+    if args.plot is not None:
+        inspect_plot.save(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0 if result.checksums is None or result.checksums.ok else 1
