@@ -88,7 +88,6 @@ def merge_checkpoint(
     on_plan: Callable[[list[_adapters.Adapter]], None] | None = None,
 ) -> CheckpointMergeResult:
     """Merges the LoRA checkpoint at `step_dir` into `<step_dir>/merged` (or `output`). Never modifies the input."""
-    start = time.perf_counter()
     step_dir = pathlib.Path(step_dir).resolve()
     options = options or engine.MergeOptions()
     params_dir = check_step_dir(step_dir)
@@ -100,21 +99,55 @@ def merge_checkpoint(
     if on_plan is not None:
         on_plan(adapters)
 
-    report = MergeReport()
+    source_info = {"step_dir": str(step_dir), "step": _step_number(step_dir), "params": str(params_dir)}
     with _output.staged_directory(out, overwrite=overwrite) as tmp:
-        # Each merged slice is written before the next is computed: memory does not grow with the model.
-        orbax_stream.save(tmp / "params", *engine.write_stream(source, adapters, options, report, progress))
-        if (step_dir / "assets").is_dir():
-            shutil.copytree(step_dir / "assets", tmp / "assets")
-        report.timings["total"] = time.perf_counter() - start
-        report.timings["read_write"] = report.timings["total"] - report.timings.get("merge", 0.0)
-        manifest = _output.write_manifest(tmp, build_manifest(step_dir, out, resolved, options, report))
+        assets = step_dir / "assets"
+        manifest, report = write_merged(
+            tmp,
+            source,
+            adapters,
+            resolved,
+            options,
+            source_info=source_info,
+            output_path=out,
+            save_assets=(lambda d: shutil.copytree(assets, d)) if assets.is_dir() else None,
+            progress=progress,
+        )
     logger.info("merged %d adapted weights of %s into %s", len(adapters), step_dir, out)
     return CheckpointMergeResult(output=out, report=report, manifest=manifest)
 
 
+def write_merged(
+    directory: pathlib.Path,
+    source: sources.ParamSource,
+    adapters: list[_adapters.Adapter],
+    resolved: ResolvedLoRA,
+    options: engine.MergeOptions,
+    *,
+    source_info: dict[str, Any],
+    output_path: pathlib.Path,
+    save_assets: Callable[[pathlib.Path], None] | None = None,
+    progress: engine.ProgressFn | None = None,
+    host_buffer_bytes: int = orbax_stream.MAX_INFLIGHT_BYTES,
+) -> tuple[dict[str, Any], MergeReport]:
+    """Writes `params/` (streamed, one layer slice at a time), `assets/` and, last, `manifest.json` into `directory`.
+
+    `directory` is a staging directory (the caller commits it); the manifest names `output_path`, its final place.
+    """
+    start = time.perf_counter()
+    report = MergeReport()
+    structure, stream = engine.write_stream(source, adapters, options, report, progress)
+    orbax_stream.save(directory / "params", structure, stream, max_inflight_bytes=host_buffer_bytes)
+    if save_assets is not None:
+        save_assets(directory / "assets")
+    report.timings["total"] = time.perf_counter() - start
+    report.timings["read_write"] = report.timings["total"] - report.timings.get("merge", 0.0)
+    manifest = build_manifest(source_info, output_path, resolved, options, report)
+    return _output.write_manifest(directory, manifest), report
+
+
 def build_manifest(
-    step_dir: pathlib.Path,
+    source_info: dict[str, Any],
     out: pathlib.Path,
     resolved: ResolvedLoRA,
     options: engine.MergeOptions,
@@ -125,7 +158,7 @@ def build_manifest(
         "plugin": "openpi-merge-plugin",
         "plugin_version": __version__,
         "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "source": {"step_dir": str(step_dir), "step": _step_number(step_dir), "params": str(step_dir / "params")},
+        "source": source_info,
         "output": str(out),
         "serving_config": resolved.serving_config,
         "lora_config": resolved.to_json(),

@@ -65,15 +65,22 @@ def whole(path: str, value: Any) -> LeafWrite:
 Stream = Callable[[], Iterator[LeafWrite]]
 
 
-def save(directory: pathlib.Path, structure: Mapping[str, ShapeDtype], stream: Stream) -> None:
+def save(
+    directory: pathlib.Path,
+    structure: Mapping[str, ShapeDtype],
+    stream: Stream,
+    *,
+    max_inflight_bytes: int = MAX_INFLIGHT_BYTES,
+) -> None:
     """Saves `{"params": tree}` at `directory`, as `PyTreeCheckpointer().save` would, pulling leaves from `stream`.
 
     `structure` gives every leaf's path, shape and dtype up front; `stream()` must yield a LeafWrite for each of
-    them (in any order), each consumed before the next is requested.
+    them (in any order), each consumed before the next is requested. At most `max_inflight_bytes` of written data
+    wait for TensorStore at a time (plus the slice being handed over).
     """
     import orbax.checkpoint as ocp
 
-    handler = StreamingArrayHandler(stream)
+    handler = StreamingArrayHandler(stream, max_inflight_bytes)
     registry = ocp.type_handlers.create_type_handler_registry((PendingLeaf, handler), (jax.Array, handler))
     tree = _nest({p: PendingLeaf(p, tuple(sd.shape), sd.dtype) for p, sd in structure.items()})
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ckptr:
@@ -94,11 +101,12 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
 class StreamingArrayHandler(_type_handlers.ArrayHandler):
     """Orbax ArrayHandler whose `serialize` writes PendingLeaf values pulled from a stream, slice by slice."""
 
-    def __init__(self, stream: Stream):
+    def __init__(self, stream: Stream, max_inflight_bytes: int = MAX_INFLIGHT_BYTES):
         from orbax.checkpoint._src.metadata import array_metadata_store
 
         super().__init__(array_metadata_store=array_metadata_store.Store())
         self._stream = stream
+        self._max_inflight_bytes = max_inflight_bytes
         self._written: set[str] = set()
 
     def memory_size(self, values: Sequence[PendingLeaf]) -> list[tuple[int, int]]:
@@ -163,7 +171,7 @@ class StreamingArrayHandler(_type_handlers.ArrayHandler):
                 raise RuntimeError(f"{item.path}{list(index)}: got {host.dtype}{list(host.shape)}, want {expected}")
             inflight.append((store[index].write(host), host.nbytes))
             del value, host
-            while sum(n for _, n in inflight) > MAX_INFLIGHT_BYTES:
+            while sum(n for _, n in inflight) > self._max_inflight_bytes:
                 await inflight.pop(0)[0]
         return spec.metadata
 

@@ -1,0 +1,198 @@
+"""The `merged` item of an openpi checkpoint step: an Orbax CheckpointHandler that merges the live params.
+
+Its directory, `<step>/merged/`, is laid out exactly like the offline command's output (`params/`, `assets/`,
+`manifest.json`, written by the same `api.write_merged`). If the merge fails, training goes on (unless
+`merge_lora.fatal`): the error is logged with its traceback and the directory holds only `MERGE_FAILED.json`.
+
+Orbax creates a step's directories in the background, after the handlers' synchronous part, but the merge has to
+read the params before `save` returns (the next train step donates their buffers). So the merge streams into a
+staging directory next to the steps (`<checkpoint_dir>/.merged-<step>.tmp-*`), and the handler's commit, which
+Orbax runs once the step's directories exist, moves its contents into the item directory: a rename on the same
+file system. Staging directories of runs that died are removed when the checkpoint manager is created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+import dataclasses
+import datetime as dt
+import json
+import logging
+import pathlib
+import shutil
+import sys
+import time
+import traceback
+from typing import Any
+import uuid
+
+import orbax.checkpoint as ocp
+import orbax.checkpoint.future as future
+
+logger = logging.getLogger("openpi_merge_plugin")
+
+FAILURE_MARKER = "MERGE_FAILED.json"
+ITEM = "merged"  # the item name, and so the directory name in each step
+
+
+@dataclasses.dataclass
+class Outcome:
+    error: BaseException | None = None
+    manifest: dict[str, Any] | None = None
+
+
+@dataclasses.dataclass
+class MergeRequest:
+    params: Any  # what openpi saves as `params` (nnx.State of jax.Arrays, sharded as in training)
+    save_assets: Callable[[Any], None] | None  # openpi's own assets callback for this step
+    config: Any  # the run's TrainConfig
+    step: int
+    step_dir: pathlib.Path  # where Orbax will commit the step
+    outcome: Outcome = dataclasses.field(default_factory=Outcome)
+
+
+STAGING_GLOB = ".merged-*.tmp-*"
+
+
+class MergedItemHandler(ocp.AsyncCheckpointHandler):
+    """Writes the merged checkpoint of a step; only for saving (openpi never restores this item)."""
+
+    def save(self, directory: Any, args: MergedSave) -> None:
+        staging = write_staged(args.request)
+        if staging is not None:
+            move_into(staging, pathlib.Path(str(directory)))
+
+    async def async_save(self, directory: Any, args: MergedSave) -> list:
+        # In a thread, because the nested Orbax save of `params/` runs its own event loop.
+        staging = await asyncio.to_thread(write_staged, args.request)
+        if staging is None:
+            return []
+        return [
+            future.CommitFutureAwaitingContractedSignals(
+                asyncio.to_thread(move_into, staging, pathlib.Path(str(directory))), name="merged_item"
+            )
+        ]
+
+    def restore(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("the merged item is not restored with the train state; serve it instead")
+
+
+@ocp.args.register_with_handler(MergedItemHandler, for_save=True)
+@dataclasses.dataclass
+class MergedSave(ocp.args.CheckpointArgs):
+    request: MergeRequest
+
+
+@ocp.args.register_with_handler(MergedItemHandler, for_restore=True)
+class MergedRestore(ocp.args.CheckpointArgs): ...
+
+
+def write_staged(request: MergeRequest) -> pathlib.Path | None:
+    """Merges `request.params` into a new staging directory (or records the failure there); None off process 0."""
+    import jax
+
+    if jax.process_index() != 0:
+        return None
+    directory = request.step_dir.parent / f".merged-{request.step}.tmp-{uuid.uuid4().hex[:12]}"
+    directory.mkdir()
+    options = request.config.merge_lora
+    start = time.perf_counter()
+    try:
+        manifest = _merge(directory, request)
+    except Exception as e:
+        request.outcome.error = e
+        logger.error(
+            "openpi-merge-plugin: merging the LoRA adapters of step %d FAILED; the LoRA checkpoint is saved, "
+            "training continues%s. Reason: %s\n%s",
+            request.step,
+            "" if not options.fatal else " until it is committed, then stops (merge_lora.fatal)",
+            e,
+            traceback.format_exc(),
+        )
+        for child in directory.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        marker = {
+            "step": request.step,
+            "error": f"{type(e).__name__}: {e}",
+            "traceback": traceback.format_exc(),
+            "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+        (directory / FAILURE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        return directory
+    request.outcome.manifest = manifest
+    _report(request, manifest, time.perf_counter() - start)
+    return directory
+
+
+def move_into(staging: pathlib.Path, directory: pathlib.Path) -> None:
+    """Moves everything in `staging` into `directory` (made by Orbax), then removes `staging`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for child in staging.iterdir():
+        child.rename(directory / child.name)
+    staging.rmdir()
+
+
+def remove_stale_staging(checkpoint_dir: pathlib.Path) -> None:
+    """Staging directories of merges whose step was never committed (the process died)."""
+    for stale in checkpoint_dir.glob(STAGING_GLOB):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _merge(directory: pathlib.Path, request: MergeRequest) -> dict[str, Any]:
+    from openpi_merge_plugin import api
+    from openpi_merge_plugin import engine
+    from openpi_merge_plugin import openpi_compat
+    from openpi_merge_plugin import sources
+
+    config, opts = request.config, request.config.merge_lora
+    options = engine.MergeOptions(
+        output_dtype=opts.output_dtype, strength=opts.strength, verify=opts.verify, tolerance=opts.tolerance
+    )
+    params = request.params.to_pure_dict() if hasattr(request.params, "to_pure_dict") else request.params
+    source = sources.InMemorySource(params)
+    resolved = openpi_compat.lora_from_model(config.model, config_name=config.name)
+    adapters = engine.plan(source.tree, resolved)
+    manifest, _ = api.write_merged(
+        directory,
+        source,
+        adapters,
+        resolved,
+        options,
+        source_info={
+            "step_dir": str(request.step_dir),
+            "step": request.step,
+            "params": "the params item of this step (merged from the live train state)",
+            "train_config": config.name,
+        },
+        output_path=request.step_dir / ITEM,
+        save_assets=request.save_assets,
+        host_buffer_bytes=opts.host_buffer_mib << 20,
+    )
+    return manifest
+
+
+def _report(request: MergeRequest, manifest: dict[str, Any], seconds: float) -> None:
+    weights = manifest["weights"]
+    ratios = [r for w in weights for r in w["delta_rel_norm"]]
+    numbers = {
+        "merge/seconds": seconds,
+        "merge/max_rel_err": manifest["max_rel_err"] if manifest["max_rel_err"] is not None else float("nan"),
+        "merge/delta_rel_norm_max": max(ratios) if ratios else 0.0,
+        "merge/delta_rel_norm_mean": sum(ratios) / len(ratios) if ratios else 0.0,
+        "merge/weights": len(weights),
+    }
+    logger.info(
+        "Merged the LoRA adapters of step %d into %s in %.1fs: %d weights, max relative error %.1e, "
+        "||dW||/||W|| up to %.2e (serve with config %s)",
+        request.step,
+        manifest["output"],
+        seconds,
+        len(weights),
+        numbers["merge/max_rel_err"],
+        numbers["merge/delta_rel_norm_max"],
+        manifest["serving_config"],
+    )
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.log(numbers, step=request.step)

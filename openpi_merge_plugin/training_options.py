@@ -1,0 +1,30 @@
+"""Options of merge-on-save, as they appear on openpi's TrainConfig (`--merge-lora.*` on the command line).
+
+Imported by openpi's own config module while it is being built, so this module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeOnSaveOptions:
+    """How `merge_lora_on_save` merges; the defaults are what a serving checkpoint should get."""
+
+    # Which saves also write <step>/merged: every save, or only the last step of training.
+    when: Literal["every_save", "final"] = "every_save"
+    # dtype of merged weights (float32 keeps the whole adapter contribution; preserve = the base's dtype).
+    output_dtype: Literal["float32", "bfloat16", "preserve"] = "float32"
+    # Multiplier on the LoRA term (1.0 reproduces training exactly).
+    strength: float = 1.0
+    # Check every merged layer against openpi's LoRA forward.
+    verify: bool = True
+    # Largest allowed relative error of the verification.
+    tolerance: float = 1e-4
+    # Host memory for merged data on its way to disk, in MiB (one layer slice may come on top).
+    host_buffer_mib: int = 512
+    # A failed merge stops training (by default it is logged, recorded in <step>/merged/MERGE_FAILED.json,
+    # and training goes on; the LoRA checkpoint is saved either way).
+    fatal: bool = False

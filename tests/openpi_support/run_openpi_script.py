@@ -1,0 +1,29 @@
+"""Runs one of openpi's own scripts (scripts/train.py, ...) unmodified, with a tiny SigLIP, for the tests.
+
+    python run_openpi_script.py OPENPI_REPO/scripts/train.py debug_lora --exp-name x ...
+
+openpi's smallest model (the `dummy` gemma variants) still carries a full-size So400m SigLIP image encoder, which
+makes a CPU train step take minutes. The tests shrink it in this process, before the script runs; nothing in openpi
+is edited. The LLM (which is what carries the LoRA adapters) is untouched.
+"""
+
+import runpy
+import sys
+
+import openpi.models.siglip as siglip
+
+_original_decode_variant = siglip.decode_variant
+
+
+def _tiny_decode_variant(variant):
+    if variant == "So400m/14":
+        return {"width": 32, "depth": 2, "mlp_dim": 64, "num_heads": 2, "patch_size": (56, 56)}
+    return _original_decode_variant(variant)
+
+
+siglip.decode_variant = _tiny_decode_variant
+
+if __name__ == "__main__":
+    script, *argv = sys.argv[1:]
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
