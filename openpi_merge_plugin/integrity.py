@@ -173,6 +173,13 @@ def read_manifest(merged_dir: pathlib.Path) -> dict[str, Any]:
 
 
 def _why_no_manifest(merged_dir: pathlib.Path) -> str:
+    failure = merged_dir / _output.FAILURE_MARKER
+    if failure.is_file():
+        try:
+            error = json.loads(failure.read_text())["error"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            error = "unreadable reason"
+        return f"{merged_dir}: the merge on save of this step failed ({error}); details in {failure}"
     merged_child = merged_dir / api.DEFAULT_OUTPUT_NAME
     if (merged_dir / "train_state").is_dir() or (merged_child / _output.MANIFEST).is_file():
         hint = f"; its merged checkpoint is {merged_child}" if (merged_child / _output.MANIFEST).is_file() else ""

@@ -15,6 +15,8 @@ from openpi_merge_plugin.errors import MergeError
 from openpi_merge_plugin.errors import OutputExistsError
 
 MANIFEST = "manifest.json"
+# Written instead of a checkpoint when a merge on save fails (training goes on).
+FAILURE_MARKER = "MERGE_FAILED.json"
 _TMP_MARK = ".tmp-"
 
 

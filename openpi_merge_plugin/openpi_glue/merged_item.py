@@ -30,9 +30,11 @@ import uuid
 import orbax.checkpoint as ocp
 import orbax.checkpoint.future as future
 
+from openpi_merge_plugin import output as _output
+
 logger = logging.getLogger("openpi_merge_plugin")
 
-FAILURE_MARKER = "MERGE_FAILED.json"
+FAILURE_MARKER = _output.FAILURE_MARKER
 ITEM = "merged"  # the item name, and so the directory name in each step
 
 

@@ -1,0 +1,256 @@
+"""Merge on save inside openpi's own scripts/train.py (needs upstream openpi and its scripts; skipped otherwise).
+
+Each run trains openpi's `debug_lora` config shipped by the plugin (dummy gemma with LoRA, fake data) with openpi's
+unmodified scripts/train.py in a subprocess, as a user would; `run_openpi_script.py` only shrinks the SigLIP image
+encoder so that a CPU step takes a second (see there).
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+from helpers import REPO
+import numpy as np
+import pytest
+
+openpi_config = pytest.importorskip(
+    "openpi.training.config", reason="upstream openpi is not importable here (see README: Developing with openpi)"
+)
+if "merge_lora_on_save" not in openpi_config.TrainConfig.__dataclass_fields__:
+    pytest.skip(
+        "the plugin's start-up hook is not active in this interpreter (reinstall the package)", allow_module_level=True
+    )
+
+import openpi  # noqa: E402
+
+OPENPI_REPO = pathlib.Path(os.environ.get("OPENPI_REPO", pathlib.Path(openpi.__file__).resolve().parents[2]))
+TRAIN_SCRIPT = OPENPI_REPO / "scripts" / "train.py"
+if not TRAIN_SCRIPT.is_file():
+    pytest.skip(f"openpi's scripts/train.py not found under {OPENPI_REPO} (set OPENPI_REPO)", allow_module_level=True)
+
+sys.path.insert(0, str(REPO / "tests" / "openpi_support"))
+import run_openpi_script  # noqa: E402,F401  (the same tiny SigLIP in this process, to load the checkpoints)
+
+from openpi_merge_plugin import api  # noqa: E402
+from openpi_merge_plugin import integrity  # noqa: E402
+from openpi_merge_plugin import sources  # noqa: E402
+from openpi_merge_plugin.errors import IntegrityError  # noqa: E402
+
+pytestmark = pytest.mark.openpi
+RUNNER = REPO / "tests" / "openpi_support" / "run_openpi_script.py"
+CONFIG = "debug_lora"
+
+
+def _train(base: pathlib.Path, exp: str, *flags: str, devices: int = 1, check: bool = True) -> str:
+    """Runs openpi's scripts/train.py on the debug_lora config; returns its log."""
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}" if devices > 1 else "",
+        "JAX_PLATFORMS": "cpu",
+        "WANDB_MODE": "disabled",
+    }
+    cmd = [sys.executable, str(RUNNER), str(TRAIN_SCRIPT), CONFIG, "--exp-name", exp]
+    cmd += ["--checkpoint-base-dir", str(base / "ckpt"), "--assets-base-dir", str(base / "assets")]
+    cmd += ["--batch-size", "8", "--num-train-steps", "10", "--save-interval", "5", *flags]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, check=False, cwd=base)
+    log = proc.stdout + proc.stderr
+    if check:
+        assert proc.returncode == 0, log[-5000:]
+    return log if check else (proc.returncode, log)
+
+
+def _ckpt(base: pathlib.Path, exp: str) -> pathlib.Path:
+    return base / "ckpt" / CONFIG / exp
+
+
+def _leaves(params_dir: pathlib.Path) -> dict[str, np.ndarray]:
+    src = sources.OrbaxSource(params_dir)
+    return src.read(src.tree)
+
+
+def _assert_equals_offline_merge(step: pathlib.Path, tmp: pathlib.Path) -> None:
+    offline = api.merge_checkpoint(
+        step, output=tmp / f"offline-{step.parent.name}-{step.name}", lora=api.LoRASource(config=CONFIG)
+    )
+    got, want = _leaves(step / "merged" / "params"), _leaves(offline.output / "params")
+    assert got.keys() == want.keys()
+    for path in want:
+        assert got[path].dtype == want[path].dtype, path
+        assert got[path].tobytes() == want[path].tobytes(), path
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    base = tmp_path_factory.mktemp("single")
+    return base, _train(base, "single", "--keep-period", "None")
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    base = tmp_path_factory.mktemp("sharded")
+    return base, _train(base, "sharded", "--keep-period", "None", "--fsdp-devices", "8", devices=8)
+
+
+def test_every_save_merges_and_retention_deletes_merged_with_its_step(single, tmp_path):
+    base, log = single
+    ckpt = _ckpt(base, "single")
+    for step in (5, 9):
+        assert f"Merged the LoRA adapters of step {step} into {ckpt / str(step) / 'merged'}" in log
+    # max_to_keep=1 (openpi's setting) and no keep_period: step 5 went away, and its merged/ with it.
+    assert sorted(p.name for p in ckpt.iterdir()) == ["9"]
+    manifest = json.loads((ckpt / "9" / "merged" / "manifest.json").read_text())
+    assert manifest["serving_config"] == f"{CONFIG}_merged"
+    assert manifest["source"]["step"] == 9
+    assert manifest["output"] == str(ckpt / "9" / "merged")
+    assert integrity.verify_merged(ckpt / "9" / "merged").ok
+    _assert_equals_offline_merge(ckpt / "9", tmp_path)
+
+
+def test_serving_config_reproduces_the_lora_policy(single):
+    import jax
+    import jax.numpy as jnp
+    from openpi.models import model as _model
+    from openpi.policies import policy_config
+
+    base, _ = single
+    step = _ckpt(base, "single") / "9"
+    lora_config, serving_config = openpi_config.get_config(CONFIG), openpi_config.get_config(f"{CONFIG}_merged")
+    assert serving_config.model.paligemma_variant == "dummy"
+    assert serving_config.model.action_expert_variant == "dummy"
+    obs = jax.tree.map(lambda x: np.asarray(x[0]), lora_config.model.fake_obs().to_dict())
+    noise = (
+        np.random.default_rng(0)
+        .standard_normal((lora_config.model.action_horizon, lora_config.model.action_dim))
+        .astype(np.float32)
+    )
+
+    # float32 serving (float32 params and compute): the two models differ only in how the LoRA term is computed
+    # (separate einsums vs folded into W), i.e. float32 rounding; through 10 flow steps of a 4-layer model that
+    # stays below 1e-5 of the actions' scale.
+    def actions_f32(config, params_dir):
+        model_config = dataclasses.replace(config.model, dtype="float32")
+        model = model_config.load(_model.restore_params(params_dir, dtype=jnp.float32))
+        observation = _model.Observation.from_dict(jax.tree.map(lambda x: jnp.asarray(x)[None], obs))
+        return np.asarray(model.sample_actions(jax.random.key(0), observation, noise=jnp.asarray(noise)[None]))[0]
+
+    lora_f32 = actions_f32(lora_config, step / "params")
+    merged_f32 = actions_f32(serving_config, step / "merged" / "params")
+    assert np.max(np.abs(merged_f32 - lora_f32)) <= 1e-5 * np.max(np.abs(lora_f32))
+
+    # bfloat16 serving through openpi's own create_trained_policy (it loads every param as bf16): the LoRA model
+    # rounds W, A and B to bf16 and runs the LoRA term separately, the merged one rounds W + dW; both are bf16
+    # approximations of the same float32 model, each off by a few bf16 ulps (2^-8 relative) per layer.
+    lora_policy = policy_config.create_trained_policy(lora_config, step, norm_stats={})
+    merged_policy = policy_config.create_trained_policy(serving_config, step / "merged", norm_stats={})
+    lora_bf16 = lora_policy.infer(obs, noise=noise)["actions"]
+    merged_bf16 = merged_policy.infer(obs, noise=noise)["actions"]
+    scale = np.max(np.abs(lora_f32))
+    assert np.max(np.abs(merged_bf16 - lora_f32)) <= 3e-2 * scale
+    assert np.max(np.abs(merged_bf16 - lora_bf16)) <= 3e-2 * scale
+
+
+def test_sharded_training_merges_like_single_device(single, sharded, tmp_path):
+    base, log = sharded
+    step = _ckpt(base, "sharded") / "9"
+    assert f"Merged the LoRA adapters of step 9 into {step / 'merged'}" in log
+    assert integrity.verify_merged(step / "merged").ok
+    # The merge of FSDP-sharded live params equals, bitwise, the offline merge of the params that step saved.
+    _assert_equals_offline_merge(step, tmp_path)
+    # And the run itself matches the single-device run up to the reduction order of sharded training.
+    got = _leaves(step / "merged" / "params")
+    want = _leaves(_ckpt(single[0], "single") / "9" / "merged" / "params")
+    assert got.keys() == want.keys()
+    for path in want:
+        a, b = got[path].astype(np.float32), want[path].astype(np.float32)
+        assert np.max(np.abs(a - b)) <= 1e-3 * max(np.max(np.abs(b)), 1e-6), path
+
+
+def test_final_only_with_ema_merges_the_saved_ema_params(tmp_path):
+    log = _train(tmp_path, "ema", "--keep-period", "5", "--ema-decay", "0.9", "--merge-lora.when", "final")
+    ckpt = _ckpt(tmp_path, "ema")
+    assert "Merged the LoRA adapters of step 5" not in log
+    assert not (ckpt / "5" / "merged").exists()
+    assert (ckpt / "5" / "params").is_dir()
+    assert integrity.verify_merged(ckpt / "9" / "merged").ok
+    _assert_equals_offline_merge(ckpt / "9", tmp_path)
+    # What was merged are the EMA params openpi saves as `params`, not the raw params kept in train_state.
+    path = "action_in_proj/kernel"
+    merged = _leaves(ckpt / "9" / "merged" / "params")[path]
+    ema = _leaves(ckpt / "9" / "params")[path]
+    raw = sources.OrbaxSource(ckpt / "9" / "train_state")
+    raw = raw.read([path])[path]
+    assert merged.tobytes() == ema.tobytes()
+    assert not np.array_equal(merged, raw)
+
+
+def test_failed_merge_is_recorded_and_training_goes_on(tmp_path):
+    log = _train(tmp_path, "fails", "--keep-period", "5", "--merge-lora.tolerance", "0")
+    ckpt = _ckpt(tmp_path, "fails")
+    assert "merging the LoRA adapters of step 5 FAILED" in log
+    assert "does not reproduce the LoRA forward" in log
+    for step in ("5", "9"):
+        marker = json.loads((ckpt / step / "merged" / "MERGE_FAILED.json").read_text())
+        assert marker["step"] == int(step)
+        assert marker["error"].startswith("VerificationError")
+        assert sorted(p.name for p in (ckpt / step / "merged").iterdir()) == ["MERGE_FAILED.json"]
+        assert (ckpt / step / "params").is_dir()
+        assert (ckpt / step / "train_state").is_dir()
+    with pytest.raises(IntegrityError, match=r"the merge on save of this step failed \(VerificationError: merged"):
+        integrity.verify_merged(ckpt / "9" / "merged")
+
+
+def test_fatal_failure_stops_training_after_the_lora_step_is_committed(tmp_path):
+    code, log = _train(tmp_path, "fatal", "--merge-lora.tolerance", "0", "--merge-lora.fatal", check=False)
+    ckpt = _ckpt(tmp_path, "fatal")
+    assert code != 0
+    assert "VerificationError" in log
+    assert sorted(p.name for p in ckpt.iterdir()) == ["5"]
+    assert (ckpt / "5" / "params").is_dir()
+    assert (ckpt / "5" / "merged" / "MERGE_FAILED.json").is_file()
+
+
+def test_resume_continues_and_keeps_merging(single, tmp_path):
+    src = _ckpt(single[0], "single")
+    shutil.copytree(src, _ckpt(tmp_path, "resumed"))
+    log = _train(tmp_path, "resumed", "--resume", "--keep-period", "None", "--num-train-steps", "15")
+    ckpt = _ckpt(tmp_path, "resumed")
+    assert "Merged the LoRA adapters of step 5" not in log  # it went on from step 9, not from scratch
+    assert "Merged the LoRA adapters of step 10" in log
+    assert "Merged the LoRA adapters of step 14" in log
+    assert sorted(p.name for p in ckpt.iterdir()) == ["14"]
+    assert integrity.verify_merged(ckpt / "14" / "merged").ok
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, check=False
+    )
+
+
+def test_serving_names_resolve_for_configs_registered_later_in_a_fresh_process():
+    code = """
+import dataclasses
+import openpi.training.config as c
+late = dataclasses.replace(c.get_config("pi0_libero_low_mem_finetune"), name="my_late_lora")
+c._CONFIGS_DICT[late.name] = late
+s = c.get_config("my_late_lora_merged")
+print(s.name, s.model.paligemma_variant, s.model.action_expert_variant, s.merge_lora_on_save)
+try:
+    c.get_config("pi0_libero_merged")
+except ValueError as e:
+    print("no serving config for a non-LoRA config:", e)
+"""
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert "my_late_lora_merged gemma_2b gemma_300m False" in proc.stdout
+    assert "no serving config for a non-LoRA config: Config 'pi0_libero_merged' not found." in proc.stdout
+
+
+def test_switched_off_by_environment_variable():
+    code = "import openpi.training.config as c; print('merge_lora_on_save' in c.TrainConfig.__dataclass_fields__)"
+    assert _python(code).stdout.strip() == "True"
+    assert _python(code, OPENPI_MERGE_PLUGIN_DISABLE="1").stdout.strip() == "False"
