@@ -153,20 +153,19 @@ def test_serving_config_reproduces_the_lora_policy(single):
     assert np.max(np.abs(merged_bf16 - lora_bf16)) <= 3e-2 * scale
 
 
-def test_sharded_training_merges_like_single_device(single, sharded, tmp_path):
+def test_fsdp_sharded_training_merges_like_one_device(sharded, tmp_path):
     base, log = sharded
     step = _ckpt(base, "sharded") / "9"
     assert f"Merged the LoRA adapters of step 9 into {step / 'merged'}" in log
+    # The params really were FSDP-sharded over the 8 devices: Orbax wrote each shard of the big weights separately.
+    written = json.loads((step / "params" / "array_metadatas" / "process_0").read_text())["array_metadatas"]
+    write_shapes = {m["array_metadata"]["param_name"]: m["array_metadata"]["write_shape"] for m in written}
+    gating = sources.OrbaxSource(step / "params").tree["PaliGemma/llm/layers/mlp/gating_einsum"].shape
+    assert write_shapes["params.PaliGemma.llm.layers.mlp.gating_einsum.value"] != list(gating)
     assert integrity.verify_merged(step / "merged").ok
-    # The merge of FSDP-sharded live params equals, bitwise, the offline merge of the params that step saved.
+    # Merging the live sharded params gave, bitwise, what merging the same params on one device gives. (The
+    # single-device run is a different training, it sees other batches, so its weights are not comparable.)
     _assert_equals_offline_merge(step, tmp_path)
-    # And the run itself matches the single-device run up to the reduction order of sharded training.
-    got = _leaves(step / "merged" / "params")
-    want = _leaves(_ckpt(single[0], "single") / "9" / "merged" / "params")
-    assert got.keys() == want.keys()
-    for path in want:
-        a, b = got[path].astype(np.float32), want[path].astype(np.float32)
-        assert np.max(np.abs(a - b)) <= 1e-3 * max(np.max(np.abs(b)), 1e-6), path
 
 
 def test_final_only_with_ema_merges_the_saved_ema_params(tmp_path):
@@ -216,7 +215,7 @@ def test_fatal_failure_stops_training_after_the_lora_step_is_committed(tmp_path)
 def test_resume_continues_and_keeps_merging(single, tmp_path):
     src = _ckpt(single[0], "single")
     shutil.copytree(src, _ckpt(tmp_path, "resumed"))
-    log = _train(tmp_path, "resumed", "--resume", "--keep-period", "None", "--num-train-steps", "15")
+    log = _train(tmp_path, "resumed", "--resume", "--no-overwrite", "--keep-period", "None", "--num-train-steps", "15")
     ckpt = _ckpt(tmp_path, "resumed")
     assert "Merged the LoRA adapters of step 5" not in log  # it went on from step 9, not from scratch
     assert "Merged the LoRA adapters of step 10" in log
