@@ -142,7 +142,7 @@ def iter_merged(
             yield from source.read(pending).items()
             pending, pending_bytes = [], 0
         if path in by_base:
-            yield path, _merged_weight(source, by_base[path], options, report, progress)
+            yield path, merged_weight(source, by_base[path], options, report, progress)
 
 
 def write_stream(
@@ -182,13 +182,14 @@ def merge_params(
     return MergeResult(params=_sources.unflatten(flat), report=report)
 
 
-def _merged_weight(
+def merged_weight(
     source: _sources.ParamSource,
     adapter: _adapters.Adapter,
     options: MergeOptions,
     report: MergeReport,
     progress: ProgressFn | None,
 ) -> MergedWeight:
+    """The merged weight of one adapter; nothing is read or computed until its slices are iterated."""
     base = source.tree[adapter.base_path]
     out_dtype = np.dtype(options.dtype_for(base.dtype))
     return MergedWeight(
