@@ -217,8 +217,8 @@ def test_resume_continues_and_keeps_merging(single, tmp_path):
     shutil.copytree(src, _ckpt(tmp_path, "resumed"))
     log = _train(tmp_path, "resumed", "--resume", "--no-overwrite", "--keep-period", "None", "--num-train-steps", "15")
     ckpt = _ckpt(tmp_path, "resumed")
-    assert "Merged the LoRA adapters of step 5" not in log  # it went on from step 9, not from scratch
-    assert "Merged the LoRA adapters of step 10" in log
+    # It went on from the restored step (openpi saves again only at the last step here), not from scratch.
+    assert "Merged the LoRA adapters of step 5" not in log
     assert "Merged the LoRA adapters of step 14" in log
     assert sorted(p.name for p in ckpt.iterdir()) == ["14"]
     assert integrity.verify_merged(ckpt / "14" / "merged").ok
