@@ -1,9 +1,14 @@
-"""Committing a merged checkpoint: write into a temporary sibling, manifest last, then one atomic rename."""
+"""Committing a merged checkpoint: write into a temporary sibling, manifest last, then one atomic rename.
+
+The temporary directory is flock()ed for as long as its merge runs, so the cleanup of leftovers of killed merges
+never removes the directory of a merge that is still running (the kernel drops the lock when a process dies).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -41,15 +46,56 @@ def staged_directory(output: pathlib.Path, *, overwrite: bool) -> Iterator[pathl
     On any error the temporary directory is removed and `output` is left as it was.
     """
     for stale in leftovers(output):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = output.parent / f".{output.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
+        _remove_if_abandoned(stale)
+    tmp, lock = _locked_tmp(output)
     try:
         yield tmp
         _commit(tmp, output, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
+
+
+def _locked_tmp(output: pathlib.Path) -> tuple[pathlib.Path, int]:
+    while True:
+        tmp = output.parent / f".{output.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}"
+        tmp.mkdir()
+        lock = _try_lock(tmp)
+        if lock is None:
+            continue
+        # Between mkdir and flock another merge may have taken it for a leftover and removed it: take a new one.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(tmp).st_ino == os.fstat(lock).st_ino:
+                return tmp, lock
+        os.close(lock)
+
+
+def _remove_if_abandoned(path: pathlib.Path) -> None:
+    lock = _try_lock(path)
+    if lock is None:
+        return  # a running merge holds it
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        os.close(lock)
+
+
+def _try_lock(path: pathlib.Path) -> int | None:
+    """A descriptor of `path` holding an exclusive flock, or None if another process holds it (or it is gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:
+        pass  # a filesystem without flock: no protection against a concurrent merge, as without the lock
+    return fd
 
 
 def _commit(tmp: pathlib.Path, output: pathlib.Path, *, overwrite: bool) -> None:

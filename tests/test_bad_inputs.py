@@ -16,8 +16,11 @@ import numpy as np
 import pytest
 
 from openpi_merge_plugin import cli
+from openpi_merge_plugin import integrity
 from openpi_merge_plugin import openpi_compat
+from openpi_merge_plugin import output
 
+FAULT_RUNNER = REPO / "tests" / "fault_runner.py"
 QA = "PaliGemma/llm/layers/attn/q_einsum/lora_a"
 QB = "PaliGemma/llm/layers/attn/q_einsum/lora_b"
 
@@ -215,3 +218,36 @@ def test_config_name_without_openpi(step_dir, capsys):
 def test_two_config_sources_are_refused(step_dir, capsys):
     err = _run(capsys, step_dir, "--lora-config", FIXTURE_LORA_CONFIG, "--alpha", "8")
     assert "error: give only one of --lora-config, --alpha" in err
+
+
+def test_two_merges_racing_on_the_same_output(step_dir, merge_env, tmp_path):
+    before = tree_digest(step_dir)
+    out, sync = step_dir / "merged", tmp_path / "sync"
+    sync.mkdir()
+
+    def barrier(target: str, arrive: str, wait_for: str | None = None) -> dict:
+        wait = [str(sync / wait_for)] if wait_for else []
+        return {"target": target, "n": 1, "action": "barrier", "arrive": str(sync / arrive), "wait_for": wait}
+
+    commit = "openpi_merge_plugin.output:_commit"
+    # Deterministic worst case: a has written everything and is about to commit when b starts (and looks for
+    # leftovers of earlier merges to clean up); then both commit at the same moment.
+    faults = {
+        "a": [barrier(commit, "a-commit", "b-commit")],
+        "b": [barrier("openpi_merge_plugin.output:leftovers", "b-start", "a-commit"), barrier(commit, "b-commit")],
+    }
+    procs = []
+    for name in ("a", "b"):
+        cmd = [sys.executable, str(FAULT_RUNNER), json.dumps(faults[name]), str(step_dir)]
+        cmd += ["--lora-config", str(FIXTURE_LORA_CONFIG), "--no-progress"]
+        procs.append(subprocess.Popen(cmd, env=merge_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=300)]]
+
+    assert sorted(code for code, _ in results) == [0, 1], results
+    loser = next(err for code, err in results if code == 1)
+    assert loser.rstrip().splitlines()[-1] == (
+        f"error: output {out} appeared while merging (another merge?); nothing was replaced"
+    ), loser
+    assert integrity.verify_merged(out).ok
+    assert not output.leftovers(out)
+    assert {p: d for p, d in tree_digest(step_dir).items() if not p.startswith("merged/")} == before
