@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -100,18 +101,21 @@ def _try_lock(path: pathlib.Path) -> int | None:
 
 def _commit(tmp: pathlib.Path, output: pathlib.Path, *, overwrite: bool) -> None:
     _fsync_tree(tmp)
-    if output.exists():
-        if not overwrite:
-            raise OutputExistsError(f"output {output} appeared while merging (another merge?); nothing was replaced")
-        trash = output.parent / f".{output.name}{_TMP_MARK}old-{uuid.uuid4().hex[:12]}"
-        output.rename(trash)
-        tmp.rename(output)
-        shutil.rmtree(trash, ignore_errors=True)
-        return
+    appeared = f"output {output} appeared while merging (another merge?); nothing was replaced"
+    if output.exists() and not overwrite:
+        raise OutputExistsError(appeared)
+    trash = output.parent / f".{output.name}{_TMP_MARK}old-{uuid.uuid4().hex[:12]}"
     try:
+        if output.exists():
+            output.rename(trash)
         tmp.rename(output)  # atomic; fails if another merge committed `output` in the meantime
     except OSError as e:
-        raise OutputExistsError(f"output {output} appeared while merging (another merge?); nothing was replaced") from e
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOENT):
+            raise
+        # With --overwrite the old output was being replaced anyway; the other merge's output stays.
+        raise OutputExistsError(appeared) from e
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _fsync_tree(root: pathlib.Path) -> None:

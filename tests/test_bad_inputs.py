@@ -251,3 +251,23 @@ def test_two_merges_racing_on_the_same_output(step_dir, merge_env, tmp_path):
     assert integrity.verify_merged(out).ok
     assert not output.leftovers(out)
     assert {p: d for p, d in tree_digest(step_dir).items() if not p.startswith("merged/")} == before
+
+
+def test_a_merge_that_commits_while_an_overwriting_merge_replaces_the_output(step_dir, monkeypatch, capsys):
+    out = step_dir / "merged"
+    assert cli.main([str(step_dir), "--lora-config", str(FIXTURE_LORA_CONFIG), "--no-progress"]) == 0
+    rename = pathlib.Path.rename
+
+    def other_merge_commits_meanwhile(self, target):
+        moved = rename(self, target)
+        if self == out:  # the old output was just moved aside: another merge commits its output now
+            (out / "other").mkdir(parents=True)
+        return moved
+
+    monkeypatch.setattr(pathlib.Path, "rename", other_merge_commits_meanwhile)
+    err = _run(capsys, step_dir, "--lora-config", FIXTURE_LORA_CONFIG, "--overwrite")
+    assert err.rstrip().splitlines()[-1] == (
+        f"error: output {out} appeared while merging (another merge?); nothing was replaced"
+    )
+    assert [p.name for p in out.iterdir()] == ["other"]
+    assert not output.leftovers(out)
