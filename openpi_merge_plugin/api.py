@@ -11,6 +11,8 @@ import shutil
 import time
 from typing import Any
 
+import numpy as np
+
 from openpi_merge_plugin import __version__
 from openpi_merge_plugin import adapters as _adapters
 from openpi_merge_plugin import engine
@@ -101,9 +103,11 @@ def merge_checkpoint(
         on_plan(adapters)
 
     report = MergeReport()
-    with _output.staged_directory(out, overwrite=overwrite) as tmp:
+    structure, stream = engine.write_stream(source, adapters, options, report, progress)
+    needed = sum(int(np.prod(sd.shape, dtype=np.int64)) * np.dtype(sd.dtype).itemsize for sd in structure.values())
+    with _output.write_errors(out, needed), _output.staged_directory(out, overwrite=overwrite) as tmp:
         # Each merged slice is written before the next is computed: memory does not grow with the model.
-        orbax_stream.save(tmp / "params", *engine.write_stream(source, adapters, options, report, progress))
+        orbax_stream.save(tmp / "params", structure, stream)
         if (step_dir / "assets").is_dir():
             shutil.copytree(step_dir / "assets", tmp / "assets")
         report.timings["total"] = time.perf_counter() - start

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import uuid
 
@@ -22,6 +23,13 @@ from openpi_merge_plugin.errors import OutputExistsError
 
 MANIFEST = "manifest.json"
 _TMP_MARK = ".tmp-"
+# Write failures the user can fix (space, file-size limit, read-only filesystem), with what to do about them.
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "free space on its filesystem and run again",
+    errno.EDQUOT: "free space or raise the disk quota and run again",
+    errno.EFBIG: "a file is larger than the file-size limit (ulimit -f) or the filesystem allows",
+    errno.EROFS: "the filesystem is read-only",
+}
 
 
 def check_output(output: pathlib.Path, *, overwrite: bool) -> None:
@@ -33,6 +41,46 @@ def check_output(output: pathlib.Path, *, overwrite: bool) -> None:
         raise MergeError(f"cannot write {output}: parent directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise MergeError(f"cannot write {output}: parent directory {parent} is not writable")
+
+
+@contextlib.contextmanager
+def write_errors(output: pathlib.Path, needed_bytes: int) -> Iterator[None]:
+    """Turns a failed write (disk full, file-size limit, read-only filesystem) into a MergeError saying so.
+
+    The error may come as an OSError or as TensorStore's error text ("[OS error 28: ENOSPC ...]").
+    """
+    try:
+        yield
+    except MergeError:
+        raise
+    except Exception as e:
+        code = _errno_of(e)
+        if code not in _WRITE_ERRNOS:
+            raise
+        raise MergeError(
+            f"cannot write {output}: {os.strerror(code)} ({errno.errorcode[code]}): {_WRITE_ERRNOS[code]} "
+            f"(the merged checkpoint needs up to {_human(needed_bytes)}); nothing was written"
+        ) from e
+
+
+def _errno_of(e: BaseException) -> int | None:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e.errno
+        # TensorStore: "... [OS error 27: EFBIG File too large]"; shutil.copytree: "[Errno 28] No space left ..."
+        found = re.search(r"\[OS error (\d+):|\[Errno (\d+)\]", str(e))
+        if found:
+            return int(found.group(1) or found.group(2))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def leftovers(output: pathlib.Path) -> list[pathlib.Path]:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from helpers import FIXTURE_LORA_CONFIG
+from helpers import FIXTURE_STEP
 from helpers import REPO
 from helpers import tree_digest
 from helpers import write_step
@@ -16,9 +17,11 @@ import numpy as np
 import pytest
 
 from openpi_merge_plugin import cli
+from openpi_merge_plugin import engine
 from openpi_merge_plugin import integrity
 from openpi_merge_plugin import openpi_compat
 from openpi_merge_plugin import output
+from openpi_merge_plugin import sources
 
 FAULT_RUNNER = REPO / "tests" / "fault_runner.py"
 QA = "PaliGemma/llm/layers/attn/q_einsum/lora_a"
@@ -182,6 +185,64 @@ def test_output_parent_not_writable(step_dir, tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert f"error: cannot write {ro / 'out'}: parent directory {ro} is not writable" in proc.stderr
     assert list(ro.iterdir()) == []
+
+
+def _merged_params_kib(lora) -> float:
+    """Uncompressed size of the fixture's merged params: no LoRA leaves, adapted weights float32."""
+    tree = sources.OrbaxSource(FIXTURE_STEP / "params").tree
+    adapters = engine.plan(tree, lora)
+    adapted = {a.base_path for a in adapters}
+    lora_leaves = {p for a in adapters for p in (a.a_path, a.b_path)}
+    itemsize = {p: 4 if p in adapted else np.dtype(sd.dtype).itemsize for p, sd in tree.items()}
+    return sum(int(np.prod(sd.shape)) * itemsize[p] for p, sd in tree.items() if p not in lora_leaves) / 1024
+
+
+def _fill_disk_while_writing_params(step, merge_env):
+    # A real failed write: the merge subprocess may not write files over 64 KiB (ulimit -f), so TensorStore's
+    # writes fail with EFBIG, reported in its own words. SIGXFSZ is ignored: a full disk does not kill either.
+    cmd = [sys.executable, "-m", "openpi_merge_plugin.cli", str(step), "--lora-config", str(FIXTURE_LORA_CONFIG)]
+    limited = ["sh", "-c", 'trap "" XFSZ && ulimit -f 64 && exec "$@"', "sh", *cmd, "--no-progress"]
+    proc = subprocess.run(limited, env=merge_env, capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    return proc.stderr
+
+
+def _fill_disk_while_copying_assets(step, monkeypatch, capsys):
+    def no_space(src, dst, **_):
+        raise shutil.Error([(str(src), str(dst), f"[Errno 28] No space left on device: '{dst}'")])
+
+    monkeypatch.setattr(shutil, "copytree", no_space)
+    return _run(capsys, step, "--lora-config", FIXTURE_LORA_CONFIG)
+
+
+def _fill_disk_while_writing_the_manifest(step, monkeypatch, capsys):
+    write_text = pathlib.Path.write_text
+
+    def no_space(self, text, *args, **kwargs):
+        if self.name == "manifest.json":
+            raise OSError(28, "No space left on device", str(self))
+        return write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", no_space)
+    return _run(capsys, step, "--lora-config", FIXTURE_LORA_CONFIG)
+
+
+@pytest.mark.parametrize("stage", ["params", "assets", "manifest"])
+def test_disk_full_during_the_write(step_dir, merge_env, fixture_lora, monkeypatch, capsys, stage):
+    before = tree_digest(step_dir)
+    if stage == "params":
+        err, code = _fill_disk_while_writing_params(step_dir, merge_env), "File too large (EFBIG)"
+        why = "a file is larger than the file-size limit (ulimit -f) or the filesystem allows"
+    else:
+        fill = _fill_disk_while_copying_assets if stage == "assets" else _fill_disk_while_writing_the_manifest
+        err, code = fill(step_dir, monkeypatch, capsys), "No space left on device (ENOSPC)"
+        why = "free space on its filesystem and run again"
+    assert err.rstrip().splitlines()[-1] == (
+        f"error: cannot write {step_dir / 'merged'}: {code}: {why} "
+        f"(the merged checkpoint needs up to {_merged_params_kib(fixture_lora):.1f} KiB); nothing was written"
+    )
+    assert tree_digest(step_dir) == before
+    assert sorted(p.name for p in step_dir.iterdir()) == ["_CHECKPOINT_METADATA", "assets", "params", "train_state"]
 
 
 def test_config_whose_lora_does_not_match_the_checkpoint(step_dir, tmp_path, capsys):
