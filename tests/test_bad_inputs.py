@@ -113,6 +113,7 @@ def _flip_bytes_of_the_index(params: pathlib.Path) -> None:
             "CRC-32C checksum verification failed",
         ),
     ],
+    ids=["truncated-data-file", "corrupted-index"],
 )
 def test_truncated_or_corrupted_array_files(step_dir, capsys, damage, message, detail):
     damage(step_dir / "params")
