@@ -113,7 +113,11 @@ def test_fsdp_sharded_merge_equals_the_single_device_merge(fsdp_merge, fixture_p
     want = sources.flatten(single_device.params)
     assert set(got) == set(want)
     adapted = [w.path for w in single_device.report.weights]
-    assert sum(not sharded[p].sharding.is_fully_replicated for p in adapted) >= 8  # the rule shards most weights
+    # The rule shards every adapted weight, and shards some adapters and replicates the others.
+    assert all(not sharded[p].sharding.is_fully_replicated for p in adapted)
+    lora = [v.sharding.is_fully_replicated for p, v in sharded.items() if "lora" in p]
+    assert any(lora)
+    assert not all(lora)
     for path, value in got.items():
         assert isinstance(value, jax.Array)
         assert value.sharding == sharded[path].sharding, path
@@ -141,9 +145,7 @@ def test_no_device_holds_a_whole_sharded_weight(fsdp_merge):
     # holds a whole slice either.
     calls = fsdp_merge["calls"]
     assert len(calls) == 30  # 10 adapted weights x 3 layers
-    sharded_calls = [c for c in calls if not c["args"][0].sharding.is_fully_replicated]
-    assert len(sharded_calls) >= 24
-    for call in sharded_calls:
+    for call in calls:
         w, merged_slice = call["args"][0], call["merged"]
         assert merged_slice.sharding == w.sharding
         assert not _held_whole_by_one_device(w)
