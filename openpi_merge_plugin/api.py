@@ -11,6 +11,8 @@ import shutil
 import time
 from typing import Any
 
+import numpy as np
+
 from openpi_merge_plugin import __version__
 from openpi_merge_plugin import adapters as _adapters
 from openpi_merge_plugin import engine
@@ -100,7 +102,9 @@ def merge_checkpoint(
         on_plan(adapters)
 
     source_info = {"step_dir": str(step_dir), "step": _step_number(step_dir), "params": str(params_dir)}
-    with _output.staged_directory(out, overwrite=overwrite) as tmp:
+    structure = engine.merged_structure(source.tree, adapters, options)
+    needed = sum(int(np.prod(sd.shape, dtype=np.int64)) * np.dtype(sd.dtype).itemsize for sd in structure.values())
+    with _output.write_errors(out, needed), _output.staged_directory(out, overwrite=overwrite) as tmp:
         assets = step_dir / "assets"
         manifest, report = write_merged(
             tmp,

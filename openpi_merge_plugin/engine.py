@@ -145,6 +145,13 @@ def iter_merged(
             yield path, merged_weight(source, by_base[path], options, report, progress)
 
 
+def merged_structure(
+    tree: Mapping[str, _adapters.ShapeDtype], adapters: Sequence[_adapters.Adapter], options: MergeOptions
+) -> dict[str, _adapters.ShapeDtype]:
+    """Shape and dtype of every leaf of the merge result."""
+    return _adapters.merged_structure(tree, adapters, lambda a: options.dtype_for(tree[a.base_path].dtype))
+
+
 def write_stream(
     source: _sources.ParamSource,
     adapters: Sequence[_adapters.Adapter],
@@ -153,9 +160,7 @@ def write_stream(
     progress: ProgressFn | None = None,
 ) -> tuple[dict[str, _adapters.ShapeDtype], Callable[[], Iterator[orbax_stream.LeafWrite]]]:
     """The merged tree's structure, and a stream of its leaves for `orbax_stream.save` (slices of merged weights)."""
-    structure = _adapters.merged_structure(
-        source.tree, adapters, lambda a: options.dtype_for(source.tree[a.base_path].dtype)
-    )
+    structure = merged_structure(source.tree, adapters, options)
 
     def stream() -> Iterator[orbax_stream.LeafWrite]:
         for path, leaf in iter_merged(source, adapters, options, report, progress):

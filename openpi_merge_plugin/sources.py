@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 import pathlib
+import re
 from typing import Any, Protocol
 
 import jax
@@ -75,7 +76,13 @@ class OrbaxSource:
                 metadata = ckptr.metadata(params_dir)
             root = metadata["params"]
         except Exception as e:  # orbax raises many types for a directory that is not a checkpoint
-            raise CheckpointError(f"{params_dir} is not an Orbax params checkpoint readable by openpi: {e}") from e
+            if (params_dir / "_METADATA").is_file() or (params_dir / "manifest.ocdbt").is_file():
+                raise CheckpointError(
+                    f"{params_dir} is an Orbax checkpoint but cannot be read (truncated or corrupted?): {_short(e)}"
+                ) from e
+            raise CheckpointError(
+                f"{params_dir} is not an Orbax params checkpoint readable by openpi: {_short(e)}"
+            ) from e
         leaves = flatten_keys(root)
         self._value_suffix = bool(leaves) and all(k[-1] == "value" for k in leaves)
         self._keys = {"/".join(k[:-1] if self._value_suffix else k): k for k in leaves}
@@ -102,7 +109,10 @@ class OrbaxSource:
                     self._ocp.args.PyTreeRestore(item=item, restore_args=restore_args, transforms={}),
                 )
         except Exception as e:
-            raise CheckpointError(f"cannot read {', '.join(paths)} from {self.params_dir}: {e}") from e
+            what = paths[0] if len(paths) == 1 else f"{len(paths)} arrays ({paths[0]}, ...)"
+            raise CheckpointError(
+                f"cannot read {self.params_dir} (truncated or corrupted checkpoint?): {what}: {_short(e)}"
+            ) from e
         out = {}
         for p in paths:
             node = restored["params"]
@@ -110,6 +120,11 @@ class OrbaxSource:
                 node = node[part]
             out[p] = node
         return out
+
+
+def _short(e: Exception) -> str:
+    """The error's text without the TensorStore spec and source locations it appends (hundreds of characters)."""
+    return re.sub(r" \[(tensorstore_spec|source locations)='.*?'\]", "", str(e), flags=re.DOTALL).strip()
 
 
 def flatten_keys(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from helpers import FIXTURE_LORA_CONFIG
+from helpers import FIXTURE_STEP
 from helpers import REPO
 from helpers import tree_digest
 from helpers import write_step
@@ -16,17 +17,23 @@ import numpy as np
 import pytest
 
 from openpi_merge_plugin import cli
+from openpi_merge_plugin import engine
+from openpi_merge_plugin import integrity
 from openpi_merge_plugin import openpi_compat
+from openpi_merge_plugin import output
+from openpi_merge_plugin import sources
 
+FAULT_RUNNER = REPO / "tests" / "fault_runner.py"
 QA = "PaliGemma/llm/layers/attn/q_einsum/lora_a"
 QB = "PaliGemma/llm/layers/attn/q_einsum/lora_b"
 
 
 def _run(capsys, *argv) -> str:
+    """Runs the CLI, which must fail, and returns its error (the last line on stderr)."""
     code = cli.main([*map(str, argv), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1, err
-    return err
+    return err.rstrip().splitlines()[-1]
 
 
 def _assert_nothing_written(root: pathlib.Path, before: dict[str, str]) -> None:
@@ -46,7 +53,7 @@ def bad_step(tmp_path, fixture_params):
 
 def test_missing_path(tmp_path, capsys):
     err = _run(capsys, tmp_path / "nope" / "2", "--lora-config", FIXTURE_LORA_CONFIG)
-    assert f"error: checkpoint {tmp_path / 'nope' / '2'} does not exist" in err
+    assert err == f"error: checkpoint {tmp_path / 'nope' / '2'} does not exist"
     assert not (tmp_path / "nope").exists()
 
 
@@ -54,7 +61,7 @@ def test_path_is_a_file(tmp_path, capsys):
     f = tmp_path / "params.npz"
     f.write_bytes(b"x")
     err = _run(capsys, f, "--lora-config", FIXTURE_LORA_CONFIG)
-    assert f"error: checkpoint {f} is a file, not an openpi step directory" in err
+    assert err == f"error: checkpoint {f} is a file, not an openpi step directory"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.npz"]
 
 
@@ -75,15 +82,57 @@ def test_params_that_are_not_an_orbax_checkpoint(tmp_path, capsys):
     (tmp_path / "3" / "params" / "weights.bin").write_bytes(b"\0" * 64)
     before = tree_digest(tmp_path)
     err = _run(capsys, tmp_path / "3", "--lora-config", FIXTURE_LORA_CONFIG)
-    assert f"error: {tmp_path / '3' / 'params'} is not an Orbax params checkpoint readable by openpi" in err
+    # Orbax's own reason follows the stable part.
+    assert err.startswith(f"error: {tmp_path / '3' / 'params'} is not an Orbax params checkpoint readable by openpi: ")
     _assert_nothing_written(tmp_path, before)
+
+
+def _truncate_largest_data_file(params: pathlib.Path) -> None:
+    data = max((params / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+
+
+def _flip_bytes_of_the_index(params: pathlib.Path) -> None:
+    (node,) = (params / "d").iterdir()  # the OCDBT b-tree node that maps array chunks to data files
+    raw = bytearray(node.read_bytes())
+    raw[1000:1004] = bytes(b ^ 0xFF for b in raw[1000:1004])
+    node.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message", "detail"),
+    [
+        (
+            _truncate_largest_data_file,
+            "error: cannot read {params} (truncated or corrupted checkpoint?): ",
+            "OUT_OF_RANGE: Error reading",
+        ),
+        (
+            _flip_bytes_of_the_index,
+            "error: {params} is an Orbax checkpoint but cannot be read (truncated or corrupted?): ",
+            "CRC-32C checksum verification failed",
+        ),
+    ],
+    ids=["truncated-data-file", "corrupted-index"],
+)
+def test_truncated_or_corrupted_array_files(step_dir, capsys, damage, message, detail):
+    damage(step_dir / "params")
+    before = tree_digest(step_dir)
+    err = _run(capsys, step_dir, "--lora-config", FIXTURE_LORA_CONFIG)
+    # TensorStore's own account follows the stable part, without the spec and source locations it appends.
+    assert err.startswith(message.format(params=step_dir / "params")), err
+    assert detail in err
+    assert "tensorstore_spec" not in err
+    assert "source locations" not in err
+    assert tree_digest(step_dir) == before
+    assert not output.leftovers(step_dir / "merged")
 
 
 def test_checkpoint_without_adapters(bad_step, capsys):
     step = bad_step(lambda flat: [flat.pop(p) for p in [p for p in flat if "lora" in p]])
     before = tree_digest(step.parent)
     err = _run(capsys, step, "--lora-config", FIXTURE_LORA_CONFIG)
-    assert "error: no LoRA adapters found: nothing to merge (is this a LoRA checkpoint?)" in err
+    assert err == "error: no LoRA adapters found: nothing to merge (is this a LoRA checkpoint?)"
     _assert_nothing_written(step.parent, before)
 
 
@@ -91,7 +140,7 @@ def test_lora_a_without_lora_b(bad_step, capsys):
     step = bad_step(lambda flat: flat.pop(QB))
     before = tree_digest(step.parent)
     err = _run(capsys, step, "--lora-config", FIXTURE_LORA_CONFIG)
-    assert f"error: adapter {QA}: its partner lora_b is missing" in err
+    assert err == f"error: adapter {QA}: its partner lora_b is missing"
     _assert_nothing_written(step.parent, before)
 
 
@@ -120,9 +169,10 @@ def test_lora_a_without_lora_b(bad_step, capsys):
 )
 def test_misshaped_adapter(bad_step, capsys, path, shape, message):
     step = bad_step(lambda flat: flat.update({path: np.zeros(shape, np.float32)}))
+    before = tree_digest(step.parent)
     err = _run(capsys, step, "--lora-config", FIXTURE_LORA_CONFIG)
-    assert message in err
-    assert not (step / "merged").exists()
+    assert err == message
+    _assert_nothing_written(step.parent, before)
 
 
 def test_unknown_lora_leaf_is_an_error_not_skipped(bad_step, capsys):
@@ -142,8 +192,8 @@ def test_nonfinite_adapter(bad_step, capsys, bad):
     before = tree_digest(step.parent)
     err = _run(capsys, step, "--lora-config", FIXTURE_LORA_CONFIG)
     assert (
-        f"error: non-finite values (NaN/Inf) in adapter {QA} / {QB} at PaliGemma/llm/layers/attn/q_einsum/w (layer 1)"
-        in err
+        err
+        == f"error: non-finite values (NaN/Inf) in adapter {QA} / {QB} at PaliGemma/llm/layers/attn/q_einsum/w (layer 1)"
     )
     _assert_nothing_written(step.parent, before)
     # Forcing it through is possible and says so in the manifest.
@@ -156,7 +206,7 @@ def test_output_exists(step_dir, capsys):
     (step_dir / "merged" / "keep.txt").write_text("mine")
     before = tree_digest(step_dir)
     err = _run(capsys, step_dir, "--lora-config", FIXTURE_LORA_CONFIG)
-    assert f"error: output {step_dir / 'merged'} already exists (pass --overwrite to replace it)" in err
+    assert err == f"error: output {step_dir / 'merged'} already exists (pass --overwrite to replace it)"
     assert tree_digest(step_dir) == before
 
 
@@ -177,8 +227,69 @@ def test_output_parent_not_writable(step_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=300)
     assert proc.returncode == 1, proc.stderr
-    assert f"error: cannot write {ro / 'out'}: parent directory {ro} is not writable" in proc.stderr
+    assert (
+        proc.stderr.rstrip().splitlines()[-1]
+        == f"error: cannot write {ro / 'out'}: parent directory {ro} is not writable"
+    )
     assert list(ro.iterdir()) == []
+
+
+def _merged_params_kib(lora) -> float:
+    """Uncompressed size of the fixture's merged params: no LoRA leaves, adapted weights float32."""
+    tree = sources.OrbaxSource(FIXTURE_STEP / "params").tree
+    adapters = engine.plan(tree, lora)
+    adapted = {a.base_path for a in adapters}
+    lora_leaves = {p for a in adapters for p in (a.a_path, a.b_path)}
+    itemsize = {p: 4 if p in adapted else np.dtype(sd.dtype).itemsize for p, sd in tree.items()}
+    return sum(int(np.prod(sd.shape)) * itemsize[p] for p, sd in tree.items() if p not in lora_leaves) / 1024
+
+
+def _fill_disk_while_writing_params(step, merge_env):
+    # A real failed write: the merge subprocess may not write files over 64 KiB (ulimit -f), so TensorStore's
+    # writes fail with EFBIG, reported in its own words. SIGXFSZ is ignored: a full disk does not kill either.
+    cmd = [sys.executable, "-m", "openpi_merge_plugin.cli", str(step), "--lora-config", str(FIXTURE_LORA_CONFIG)]
+    limited = ["sh", "-c", 'trap "" XFSZ && ulimit -f 64 && exec "$@"', "sh", *cmd, "--no-progress"]
+    proc = subprocess.run(limited, env=merge_env, capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    return proc.stderr.rstrip().splitlines()[-1]
+
+
+def _fill_disk_while_copying_assets(step, monkeypatch, capsys):
+    def no_space(src, dst, **_):
+        raise shutil.Error([(str(src), str(dst), f"[Errno 28] No space left on device: '{dst}'")])
+
+    monkeypatch.setattr(shutil, "copytree", no_space)
+    return _run(capsys, step, "--lora-config", FIXTURE_LORA_CONFIG)
+
+
+def _fill_disk_while_writing_the_manifest(step, monkeypatch, capsys):
+    write_text = pathlib.Path.write_text
+
+    def no_space(self, text, *args, **kwargs):
+        if self.name == "manifest.json":
+            raise OSError(28, "No space left on device", str(self))
+        return write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", no_space)
+    return _run(capsys, step, "--lora-config", FIXTURE_LORA_CONFIG)
+
+
+@pytest.mark.parametrize("stage", ["params", "assets", "manifest"])
+def test_disk_full_during_the_write(step_dir, merge_env, fixture_lora, monkeypatch, capsys, stage):
+    before = tree_digest(step_dir)
+    if stage == "params":
+        err, code = _fill_disk_while_writing_params(step_dir, merge_env), "File too large (EFBIG)"
+        why = "a file is larger than the file-size limit (ulimit -f) or the filesystem allows"
+    else:
+        fill = _fill_disk_while_copying_assets if stage == "assets" else _fill_disk_while_writing_the_manifest
+        err, code = fill(step_dir, monkeypatch, capsys), "No space left on device (ENOSPC)"
+        why = "free space on its filesystem and run again"
+    assert err == (
+        f"error: cannot write {step_dir / 'merged'}: {code}: {why} "
+        f"(the merged checkpoint needs up to {_merged_params_kib(fixture_lora):.1f} KiB); nothing was written"
+    )
+    assert tree_digest(step_dir) == before
+    assert sorted(p.name for p in step_dir.iterdir()) == ["_CHECKPOINT_METADATA", "assets", "params", "train_state"]
 
 
 def test_config_whose_lora_does_not_match_the_checkpoint(step_dir, tmp_path, capsys):
@@ -186,9 +297,13 @@ def test_config_whose_lora_does_not_match_the_checkpoint(step_dir, tmp_path, cap
     cfg["experts"][0]["attn"]["rank"] = 8
     path = tmp_path / "wrong.json"
     path.write_text(json.dumps(cfg))
+    before = tree_digest(step_dir)
     err = _run(capsys, step_dir, "--lora-config", path)
-    assert "checkpoint has rank 4, the LoRA config of expert 0 says rank 8" in err
-    assert not (step_dir / "merged").exists()
+    assert err == (
+        "error: adapter PaliGemma/llm/layers/attn/attn_vec_einsum/lora_a: checkpoint has rank 4, "
+        "the LoRA config of expert 0 says rank 8"
+    )
+    assert tree_digest(step_dir) == before
 
 
 def test_config_without_lora_for_an_adapted_expert(step_dir, tmp_path, capsys):
@@ -215,3 +330,54 @@ def test_config_name_without_openpi(step_dir, capsys):
 def test_two_config_sources_are_refused(step_dir, capsys):
     err = _run(capsys, step_dir, "--lora-config", FIXTURE_LORA_CONFIG, "--alpha", "8")
     assert "error: give only one of --lora-config, --alpha" in err
+
+
+def test_two_merges_racing_on_the_same_output(step_dir, merge_env, tmp_path):
+    before = tree_digest(step_dir)
+    out, sync = step_dir / "merged", tmp_path / "sync"
+    sync.mkdir()
+
+    def barrier(target: str, arrive: str, wait_for: str | None = None) -> dict:
+        wait = [str(sync / wait_for)] if wait_for else []
+        return {"target": target, "n": 1, "action": "barrier", "arrive": str(sync / arrive), "wait_for": wait}
+
+    commit = "openpi_merge_plugin.output:_commit"
+    # Deterministic worst case: a has written everything and is about to commit when b starts (and looks for
+    # leftovers of earlier merges to clean up); then both commit at the same moment.
+    faults = {
+        "a": [barrier(commit, "a-commit", "b-commit")],
+        "b": [barrier("openpi_merge_plugin.output:leftovers", "b-start", "a-commit"), barrier(commit, "b-commit")],
+    }
+    procs = []
+    for name in ("a", "b"):
+        cmd = [sys.executable, str(FAULT_RUNNER), json.dumps(faults[name]), str(step_dir)]
+        cmd += ["--lora-config", str(FIXTURE_LORA_CONFIG), "--no-progress"]
+        procs.append(subprocess.Popen(cmd, env=merge_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=300)]]
+
+    assert sorted(code for code, _ in results) == [0, 1], results
+    loser = next(err for code, err in results if code == 1)
+    assert loser.rstrip().splitlines()[-1] == (
+        f"error: output {out} appeared while merging (another merge?); nothing was replaced"
+    ), loser
+    assert integrity.verify_merged(out).ok
+    assert not output.leftovers(out)
+    assert {p: d for p, d in tree_digest(step_dir).items() if not p.startswith("merged/")} == before
+
+
+def test_a_merge_that_commits_while_an_overwriting_merge_replaces_the_output(step_dir, monkeypatch, capsys):
+    out = step_dir / "merged"
+    assert cli.main([str(step_dir), "--lora-config", str(FIXTURE_LORA_CONFIG), "--no-progress"]) == 0
+    rename = pathlib.Path.rename
+
+    def other_merge_commits_meanwhile(self, target):
+        moved = rename(self, target)
+        if self == out:  # the old output was just moved aside: another merge commits its output now
+            (out / "other").mkdir(parents=True)
+        return moved
+
+    monkeypatch.setattr(pathlib.Path, "rename", other_merge_commits_meanwhile)
+    err = _run(capsys, step_dir, "--lora-config", FIXTURE_LORA_CONFIG, "--overwrite")
+    assert err == f"error: output {out} appeared while merging (another merge?); nothing was replaced"
+    assert [p.name for p in out.iterdir()] == ["other"]
+    assert not output.leftovers(out)

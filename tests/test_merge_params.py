@@ -1,5 +1,8 @@
 """The in-memory API: options, sharded inputs, and agreement with the checkpoint path."""
 
+import re
+
+from helpers import FIXTURE_LORA_CONFIG
 import jax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -57,27 +60,116 @@ def test_rslora_scale_is_alpha_over_sqrt_rank(fixture_params):
     assert rs_q.max_rel_err < 1e-5
 
 
-def test_sharded_inputs_keep_their_sharding_and_values(fixture_params, fixture_lora):
+FSDP_DEVICES = 4  # openpi's TrainConfig.fsdp_devices; with 8 devices the mesh is (batch 2, fsdp 4)
+# openpi replicates arrays under 4 MiB; the fixture's weights are 1.5 KiB to 96 KiB, so the same threshold scaled
+# down by 1024 shards most weights and some adapters and replicates the rest, as on a full-size model.
+FSDP_MIN_BYTES = 4 << 10
+
+
+def _fsdp_sharding(x, mesh: Mesh) -> NamedSharding:
+    """openpi's `fsdp_sharding` rule for one array (src/openpi/training/sharding.py at commit 15a9616).
+
+    Replicate scalars, vectors and arrays under the size threshold; otherwise shard the largest axis whose size
+    the fsdp axis divides; replicate if there is none.
+    """
+    fsdp = mesh.shape["fsdp"]
+    if fsdp == 1 or x.ndim < 2 or x.size * x.dtype.itemsize < FSDP_MIN_BYTES:
+        return NamedSharding(mesh, PartitionSpec())
+    for axis in np.argsort(x.shape)[::-1]:
+        if x.shape[axis] % fsdp == 0:
+            spec = [None] * x.ndim
+            spec[axis] = "fsdp"
+            return NamedSharding(mesh, PartitionSpec(*spec))
+    return NamedSharding(mesh, PartitionSpec())
+
+
+@pytest.fixture(scope="module")
+def fsdp_merge(fixture_params):
+    """The fixture's params sharded as openpi's FSDP shards them, merged with every merge_slice call recorded."""
     assert jax.device_count() == 8
-    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("batch", "fsdp"))
+    mesh = Mesh(np.array(jax.devices()).reshape(8 // FSDP_DEVICES, FSDP_DEVICES), ("batch", "fsdp"))
+    sharded = {p: jax.device_put(v, _fsdp_sharding(v, mesh)) for p, v in fixture_params.items()}
+    real = slice_ops.merge_slice
+    calls = []
 
-    def shard(x):
-        # Like openpi's fsdp_sharding: the largest axis divisible by the fsdp size is sharded.
-        spec = [None] * x.ndim
-        for axis in np.argsort(x.shape)[::-1]:
-            if x.shape[axis] % 4 == 0:
-                spec[axis] = "fsdp"
-                break
-        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
+    def recorded(w, a, b, factor, key, **kw):
+        merged, stats = real(w, a, b, factor, key, **kw)
+        calls.append({"args": (w, a, b, factor, key), "kw": kw, "merged": merged})
+        return merged, stats
 
-    sharded = {p: shard(v) for p, v in fixture_params.items()}
-    got = sources.flatten(merge_params(_nested(sharded), fixture_lora).params)
-    want = sources.flatten(merge_params(_nested(fixture_params), fixture_lora).params)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(slice_ops, "merge_slice", recorded)
+        merged = sources.flatten(merge_params(_nested(sharded), lora_configs.from_file(FIXTURE_LORA_CONFIG)).params)
+    return {"mesh": mesh, "sharded": sharded, "merged": merged, "calls": calls, "kernel": real}
+
+
+def _held_whole_by_one_device(x: jax.Array) -> bool:
+    return any(shard.data.shape == x.shape for shard in x.addressable_shards)
+
+
+def test_fsdp_sharded_merge_equals_the_single_device_merge(fsdp_merge, fixture_params, fixture_lora):
+    sharded, got = fsdp_merge["sharded"], fsdp_merge["merged"]
+    single_device = merge_params(_nested(fixture_params), fixture_lora)
+    want = sources.flatten(single_device.params)
     assert set(got) == set(want)
+    adapted = [w.path for w in single_device.report.weights]
+    # The rule shards every adapted weight, and shards some adapters and replicates the others.
+    assert all(not sharded[p].sharding.is_fully_replicated for p in adapted)
+    lora = [v.sharding.is_fully_replicated for p, v in sharded.items() if "lora" in p]
+    assert any(lora)
+    assert not all(lora)
     for path, value in got.items():
         assert isinstance(value, jax.Array)
         assert value.sharding == sharded[path].sharding, path
-        np.testing.assert_array_equal(np.asarray(value), np.asarray(want[path]))
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(want[path]), err_msg=path)
+
+
+def _largest_sharded_call(fsdp_merge) -> dict:
+    """The merge_slice call on the largest sharded layer slice (mlp/gating_einsum)."""
+    sharded = [c for c in fsdp_merge["calls"] if not c["args"][0].sharding.is_fully_replicated]
+    return max(sharded, key=lambda c: c["args"][0].size)
+
+
+def _device_bytes(compiled) -> int:
+    memory = compiled.memory_analysis()
+    return memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+
+
+def test_no_device_holds_a_whole_sharded_weight(fsdp_merge):
+    sharded, merged = fsdp_merge["sharded"], fsdp_merge["merged"]
+    big = [p for p, v in sharded.items() if p in merged and not v.sharding.is_fully_replicated]
+    assert big
+    for path in big:
+        assert not _held_whole_by_one_device(merged[path]), path
+    # Inside the merge: every layer slice of a sharded weight enters and leaves the kernel sharded, so no device
+    # holds a whole slice either.
+    calls = fsdp_merge["calls"]
+    assert len(calls) == 30  # 10 adapted weights x 3 layers
+    for call in calls:
+        w, merged_slice = call["args"][0], call["merged"]
+        assert merged_slice.sharding == w.sharding
+        assert not _held_whole_by_one_device(w)
+        assert not _held_whole_by_one_device(merged_slice)
+    # Per-device peak: CPU devices report no memory_stats(), so compare XLA's own account of the compiled kernel
+    # (arguments + outputs + temporaries on one device) with the same kernel on unsharded inputs.
+    call = _largest_sharded_call(fsdp_merge)
+    kernel = fsdp_merge["kernel"]
+    on_one_device = [np.asarray(x) for x in call["args"][:4]] + [call["args"][4]]
+    sharded_bytes = _device_bytes(kernel.lower(*call["args"], **call["kw"]).compile())
+    whole_bytes = _device_bytes(kernel.lower(*on_one_device, **call["kw"]).compile())
+    assert sharded_bytes < 0.7 * whole_bytes, (sharded_bytes, whole_bytes)
+
+
+def test_the_sharded_kernel_never_gathers_a_whole_weight_slice(fsdp_merge):
+    call = _largest_sharded_call(fsdp_merge)
+    w = call["args"][0]
+    hlo = fsdp_merge["kernel"].lower(*call["args"], **call["kw"]).compile().as_text()
+    gathered = [
+        int(np.prod([int(d) for d in dims.split(",") if d]))
+        for dims in re.findall(r"= \w+\[([\d,]*)\]\S* all-gather\(", hlo)
+    ]
+    assert gathered  # the adapters' rank-sized slices are gathered: the pattern does see all-gathers
+    assert all(n < w.size for n in gathered), f"all-gathers of {gathered} elements; the slice has {w.size}"
 
 
 def test_verification_catches_a_wrong_merge(fixture_params, fixture_lora, monkeypatch):
