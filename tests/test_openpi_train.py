@@ -45,10 +45,11 @@ RUNNER = REPO / "tests" / "openpi_support" / "run_openpi_script.py"
 CONFIG = "debug_lora"
 
 
-def _train(base: pathlib.Path, exp: str, *flags: str, devices: int = 1, check: bool = True) -> str:
+def _train(base: pathlib.Path, exp: str, *flags: str, devices: int = 1, check: bool = True, kill: str = "") -> str:
     """Runs openpi's scripts/train.py on the debug_lora config; returns its log."""
     env = {
         **os.environ,
+        "OPENPI_MERGE_TEST_KILL": kill,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}" if devices > 1 else "",
         "JAX_PLATFORMS": "cpu",
         "WANDB_MODE": "disabled",
@@ -253,3 +254,27 @@ def test_switched_off_by_environment_variable():
     code = "import openpi.training.config as c; print('merge_lora_on_save' in c.TrainConfig.__dataclass_fields__)"
     assert _python(code).stdout.strip() == "True"
     assert _python(code, OPENPI_MERGE_PLUGIN_DISABLE="1").stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("kill", "committed"),
+    [
+        ("merge_slice:20", []),  # half-way through the first merge (step 5): nothing was committed yet
+        ("move_into:2", ["5"]),  # while step 9's finished merge is being moved into its step
+    ],
+)
+def test_killed_during_merge_on_save(tmp_path, kill, committed):
+    code, _ = _train(tmp_path, "killed", "--keep-period", "5", "--no-overwrite", check=False, kill=kill)
+    ckpt = _ckpt(tmp_path, "killed")
+    assert code == -9
+    # Every committed step is complete: its LoRA checkpoint and a merged checkpoint that verifies against it.
+    steps = sorted(p.name for p in ckpt.iterdir() if p.name.isdigit())
+    assert steps == committed
+    for step in steps:
+        assert integrity.verify_merged(ckpt / step / "merged").ok
+    # Training can go on: resumed (or, with nothing committed, started again) it finishes with a verified merge
+    # and no staging directory of the killed merge is left.
+    log = _train(tmp_path, "killed", "--keep-period", "5", *(["--resume", "--no-overwrite"] if committed else []))
+    assert "Merged the LoRA adapters of step 9" in log
+    assert integrity.verify_merged(ckpt / "9" / "merged").ok
+    assert not list(ckpt.glob(".merged-*"))

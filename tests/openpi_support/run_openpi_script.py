@@ -5,9 +5,15 @@
 openpi's smallest model (the `dummy` gemma variants) still carries a full-size So400m SigLIP image encoder, which
 makes a CPU train step take minutes. The tests shrink it in this process, before the script runs; nothing in openpi
 is edited. The LLM (which is what carries the LoRA adapters) is untouched.
+
+For the crash-safety tests, `OPENPI_MERGE_TEST_KILL=<function>:<n>` SIGKILLs this process at the n-th call of one of
+the plugin's functions during training (`merge_slice`: a layer slice of a merge on save; `move_into`: the commit
+that moves a finished merge into its step).
 """
 
+import os
 import runpy
+import signal
 import sys
 
 import openpi.models.siglip as siglip
@@ -22,6 +28,27 @@ def _tiny_decode_variant(variant):
 
 
 siglip.decode_variant = _tiny_decode_variant
+
+
+def _kill_at(spec: str) -> None:
+    from openpi_merge_plugin import slice_ops
+    from openpi_merge_plugin.openpi_glue import merged_item
+
+    name, n = spec.split(":")
+    module = {"merge_slice": slice_ops, "move_into": merged_item}[name]
+    real, calls = getattr(module, name), [0]
+
+    def dying(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == int(n):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    setattr(module, name, dying)
+
+
+if os.environ.get("OPENPI_MERGE_TEST_KILL"):
+    _kill_at(os.environ["OPENPI_MERGE_TEST_KILL"])
 
 if __name__ == "__main__":
     script, *argv = sys.argv[1:]
