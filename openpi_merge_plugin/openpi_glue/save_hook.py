@@ -75,7 +75,7 @@ def patch_checkpoints(module: Any) -> None:
                 "the checkpoint manager was not made by openpi's initialize_checkpoint_dir; step saved without merge"
             )
             return save_state(checkpoint_manager, state, data_loader, step, *args, **kwargs)
-        proxy = _ManagerAddingMergedItem(checkpoint_manager, config, step)
+        proxy = _ManagerAddingMergedItem(checkpoint_manager, config)
         result = save_state(proxy, state, data_loader, step, *args, **kwargs)
         if proxy.outcome is not None and proxy.outcome.error is not None and config.merge_lora.fatal:
             checkpoint_manager.wait_until_finished()  # the LoRA step is committed before training stops
@@ -123,10 +123,9 @@ class _OcpWithMergedItem:
 class _ManagerAddingMergedItem:
     """A CheckpointManager whose `save(step, items)` also saves the `merged` item from the `params` item."""
 
-    def __init__(self, manager: Any, config: Any, step: int):
+    def __init__(self, manager: Any, config: Any):
         self._manager = manager
         self._config = config
-        self._step = step
         self.outcome: Any = None
 
     def save(self, step: int, items: Any = None, *args: Any, **kwargs: Any) -> Any:
