@@ -5,11 +5,13 @@ unmodified scripts/train.py in a subprocess, as a user would; `run_openpi_script
 encoder so that a CPU step takes a second (see there).
 """
 
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -57,8 +59,16 @@ def _train(base: pathlib.Path, exp: str, *flags: str, devices: int = 1, check: b
     cmd = [sys.executable, str(RUNNER), str(TRAIN_SCRIPT), CONFIG, "--exp-name", exp]
     cmd += ["--checkpoint-base-dir", str(base / "ckpt"), "--assets-base-dir", str(base / "assets")]
     cmd += ["--batch-size", "8", "--num-train-steps", "10", "--save-interval", "5", *flags]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, check=False, cwd=base)
-    log = proc.stdout + proc.stderr
+    # Own process group, output to a file: data loader workers of a killed trainer must not outlive the test.
+    log_file = base / f"train-{exp}-{len(list(base.glob('train-*.log')))}.log"
+    with open(log_file, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=base, start_new_session=True)
+        try:
+            proc.wait(timeout=1200)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    log = log_file.read_text()
     if check:
         assert proc.returncode == 0, log[-5000:]
     return log if check else (proc.returncode, log)
@@ -264,7 +274,10 @@ def test_switched_off_by_environment_variable():
     ],
 )
 def test_killed_during_merge_on_save(tmp_path, kill, committed):
-    code, _ = _train(tmp_path, "killed", "--keep-period", "5", "--no-overwrite", check=False, kill=kill)
+    # No data loader worker processes: they would outlive the killed trainer and keep its output pipes open.
+    code, _ = _train(
+        tmp_path, "killed", "--keep-period", "5", "--no-overwrite", "--num-workers", "0", check=False, kill=kill
+    )
     ckpt = _ckpt(tmp_path, "killed")
     assert code == -9
     # Every committed step is complete: its LoRA checkpoint and a merged checkpoint that verifies against it.
