@@ -290,9 +290,9 @@ def test_killed_while_a_finished_merge_is_moved_into_its_step(tmp_path):
     assert code == -9  # while step 9's merge is being committed
     _assert_committed_steps_complete(ckpt, ["5"])
     assert list(ckpt.glob(".merged-9.tmp-*"))  # the killed merge's staging directory
-    # Resuming removes it and starts from step 5. (Resumed with more steps to train, openpi 15a9616 on CPU
-    # segfaults in XLA a few steps later, with the plugin switched off too; so this resume has nothing left to
-    # train and only starts up.)
+    # Resuming removes it and starts from step 5. (Resumed from step 5 with steps left to train, openpi 15a9616 on
+    # CPU crashes inside XLA two steps later, also with the plugin switched off: see docs/faults.md. So this resume
+    # has nothing left to train and only starts up.)
     _train(tmp_path, "killed", "--keep-period", "5", "--resume", "--no-overwrite", "--num-train-steps", "6")
     _assert_committed_steps_complete(ckpt, ["5"])
     assert not list(ckpt.glob(".merged-*"))
