@@ -1065,15 +1065,29 @@ def describe_machine() -> dict[str, Any]:
     }
 
 
-def busy_processes(min_cpu: float = 10.0) -> list[str]:
-    """Other processes using at least `min_cpu` % of a core (ps's average over their lifetime)."""
-    ps = subprocess.run(["ps", "-eo", "pid=,pcpu=,args=", "--sort=-pcpu"], capture_output=True, text=True, check=False)
+def busy_processes(min_cpu: float = 10.0, seconds: float = 1.0) -> list[str]:
+    """Other processes that used at least `min_cpu` % of a core over the next `seconds`, busiest first."""
+
+    def cpu_ticks() -> dict[int, int]:
+        ticks = {}
+        for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                ticks[int(stat.parent.name)] = int(fields[11]) + int(fields[12])  # utime + stime
+        return ticks
+
+    before = cpu_ticks()
+    time.sleep(seconds)
+    after = cpu_ticks()
+    hz = os.sysconf("SC_CLK_TCK")
     busy = []
-    for line in ps.stdout.splitlines():
-        pid, cpu, *cmd = line.split(None, 2)
-        if int(pid) != os.getpid() and float(cpu) >= min_cpu:
-            busy.append(f"{float(cpu):.0f}% {' '.join(cmd)[:100]}")
-    return busy[:5]
+    for pid, t in after.items():
+        share = 100.0 * (t - before.get(pid, t)) / hz / seconds
+        if pid != os.getpid() and share >= min_cpu:
+            with contextlib.suppress(OSError):
+                cmd = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+                busy.append((share, f"{share:.0f}% {cmd[:100]}"))
+    return [b for _, b in sorted(busy, reverse=True)][:5]
 
 
 if __name__ == "__main__":

@@ -114,9 +114,9 @@ def header(meta: dict[str, Any]) -> list[str]:
     m, v = meta["machine"], meta["machine"]["versions"]
     lo_s, lo_e = m["load_start"], m["load_end"]
     busy = (
-        f"; other processes at >= 10% of a core at the start: {'; '.join(m['busy_start'])}"
+        f"; other processes using >= 10% of a core (over 1 s) at the start: {'; '.join(m['busy_start'])}"
         if m["busy_start"]
-        else "; no other process at >= 10% of a core at the start"
+        else "; no other process used >= 10% of a core (over 1 s) at the start"
     )
     experts = "; ".join(
         f"{e['variant']}: width {e['width']}, mlp {e['mlp_dim']}, {e['num_heads']} heads / {e['num_kv_heads']} kv, "
