@@ -73,6 +73,8 @@ class Args:
     prefix_depth: int = 1
     # Timed runs per figure (after one untimed warm-up run).
     repeats: int = 3
+    # Timed runs per serving pass (seconds each, and the LoRA overhead is small against the run-to-run spread).
+    serving_repeats: int = 5
     # Which parts to run (`cli`: the older whole-process table, not run by default).
     sections: tuple[Section, ...] = ALL_SECTIONS
     # Where to write the markdown results.
@@ -255,24 +257,29 @@ def _device_stat(key: str) -> int | None:
     return None if not stats else stats.get(key)
 
 
-def measure(
-    fn: Callable[[], Any],
+def measure(fn: Callable[[], Any], repeats: int, *, label: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """`measure_all` of one function."""
+    out = measure_all({"fn": fn}, repeats, **kwargs)["fn"]
+    return out if label is None else {**out, "label": label}
+
+
+def measure_all(
+    fns: dict[str, Callable[[], Any]],
     repeats: int,
     *,
     warmup: bool = True,
     setup: Callable[[], None] | None = None,
-    **meta: Any,
-) -> dict[str, Any]:
-    """Times `fn` (result blocked on); host peak above the start level per run; device peak above the start level.
+) -> dict[str, dict[str, Any]]:
+    """Times each function (result blocked on), the functions taking turns run by run, so that a change in the
+    machine's load hits them alike. Per function: times, peak host memory above the level at the start of a run
+    (max over runs), and peak device memory above the level before its first run.
 
-    The device figure uses the allocator's lifetime peak, so callers measure in increasing order of device use.
+    Devices only keep a lifetime peak, so where the backend reports one, each function first runs once alone, in
+    the given order: callers list them in increasing order of device use.
     """
     import jax
 
-    device_before = _device_stat("bytes_in_use")
-    runs = ([False] if warmup else []) + [True] * repeats
-    times, host = [], []
-    for timed in runs:
+    def run(fn: Callable[[], Any]) -> tuple[float, int | None]:
         if setup is not None:
             setup()
         with HostPeak() as peak:
@@ -281,16 +288,27 @@ def measure(
             jax.block_until_ready(result)
             elapsed = time.perf_counter() - start
             del result
-        if timed:
-            times.append(elapsed)
-            host.append(peak.extra)
-    device_peak = _device_stat("peak_bytes_in_use")
-    return {
-        "times": times,
-        "host_extra": None if None in host else max(host),
-        "device_extra": None if device_peak is None or device_before is None else device_peak - device_before,
-        **meta,
-    }
+        return elapsed, peak.extra
+
+    device: dict[str, int] = {}
+    if _device_stat("peak_bytes_in_use") is not None:
+        for name, fn in fns.items():
+            before = _device_stat("bytes_in_use")
+            run(fn)
+            device[name] = _device_stat("peak_bytes_in_use") - before
+    elif warmup:
+        for fn in fns.values():
+            run(fn)
+    out = {name: {"times": [], "host": [], "device_extra": device.get(name)} for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            elapsed, host = run(fn)
+            out[name]["times"].append(elapsed)
+            out[name]["host"].append(host)
+    for res in out.values():
+        host = res.pop("host")
+        res["host_extra"] = None if None in host else max(host)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -541,13 +559,14 @@ def section_merge(args: Args, workdir: pathlib.Path) -> dict[str, Any]:
     runs = {"engine_mem_f32_depth1": measure(lambda: engine_in_memory(one, "float32"), 1, warmup=False)}
     inputs = merge_inputs(experts, args.depth)
     r = args.repeats
-    runs["floor_numpy"] = measure(lambda: floor_numpy(inputs, "float32"), r)
-    runs["floor_device"] = measure(lambda: floor_device(inputs, "float32"), r)
-    runs["engine_mem_f32"] = measure(lambda: engine_in_memory(inputs, "float32"), r, warmup=False)
-    runs["engine_mem_bf16"] = measure(lambda: engine_in_memory(inputs, "bfloat16"), r, warmup=False)
-    runs["engine_mem_f32_noverify"] = measure(
-        lambda: engine_in_memory(inputs, "float32", verify=False), r, warmup=False
-    )
+    in_memory = {
+        "floor_numpy": lambda: floor_numpy(inputs, "float32"),
+        "floor_device": lambda: floor_device(inputs, "float32"),
+        "engine_mem_f32": lambda: engine_in_memory(inputs, "float32"),
+        "engine_mem_bf16": lambda: engine_in_memory(inputs, "bfloat16"),
+        "engine_mem_f32_noverify": lambda: engine_in_memory(inputs, "float32", verify=False),
+    }
+    runs.update(measure_all(in_memory, r, warmup=False))  # compiled above
     report = engine_in_memory(inputs, "float32").report
 
     step, out = workdir / "step" / "1", workdir / "merged"
@@ -556,13 +575,11 @@ def section_merge(args: Args, workdir: pathlib.Path) -> dict[str, Any]:
     def clear() -> None:
         shutil.rmtree(out, ignore_errors=True)
 
-    runs["floor_disk"] = measure(lambda: floor_disk(step, out, inputs, "float32"), r, warmup=False, setup=clear)
-    runs["engine_disk"] = measure(
-        lambda: api.merge_checkpoint(step, output=out, lora=inputs.resolved, overwrite=True),
-        r,
-        warmup=False,
-        setup=clear,
-    )
+    on_disk = {
+        "floor_disk": lambda: floor_disk(step, out, inputs, "float32"),
+        "engine_disk": lambda: api.merge_checkpoint(step, output=out, lora=inputs.resolved, overwrite=True),
+    }
+    runs.update(measure_all(on_disk, r, warmup=False, setup=clear))
     clear()
     shutil.rmtree(step.parent)
     profile = kernel_profile(inputs, r)
@@ -673,18 +690,21 @@ def section_peft(args: Args, *, accelerator: bool) -> dict[str, Any]:
 
 def section_save(args: Args, workdir: pathlib.Path) -> dict[str, Any]:
     experts = experts_for(args)
-    # One layer first: compiles, and gives the streamed merge's memory for a one-layer model.
-    one = _saves(experts, 1, workdir, repeats=1, without=False)
-    out = _saves(experts, args.depth, workdir, repeats=args.repeats, without=True)
-    return {
-        **out,
-        "merged_depth1": one["merged"],
-        "tree_bytes_depth1": one["tree_bytes"],
-        "depth": args.depth,
-    }
+    out = _saves(experts, args.depth, workdir, repeats=args.repeats)
+    # The streamed merge's memory at twice the depth: does it grow with the model?
+    more = _saves(experts, 2 * args.depth, workdir, repeats=1, without=False, warmup=False)
+    return {**out, "merged_more": more["merged"], "tree_bytes_more": more["tree_bytes"], "depth": args.depth}
 
 
-def _saves(experts: tuple[Expert, ...], depth: int, workdir: pathlib.Path, *, repeats: int, without: bool) -> dict:
+def _saves(
+    experts: tuple[Expert, ...],
+    depth: int,
+    workdir: pathlib.Path,
+    *,
+    repeats: int,
+    without: bool = True,
+    warmup: bool = True,
+) -> dict[str, Any]:
     """Times openpi's `params` item save and the `merged` item's write of the same live params (jax.Arrays)."""
     import jax
     import orbax.checkpoint as ocp
@@ -719,9 +739,8 @@ def _saves(experts: tuple[Expert, ...], depth: int, workdir: pathlib.Path, *, re
             d, source, inputs.adapters, inputs.resolved, engine.MergeOptions(), source_info={}, output_path=d
         )
 
-    # Warm-ups at this depth too: slicing a jax.Array compiles per array shape.
-    out = {"without": measure(save_params, repeats, setup=clean)} if without else {}
-    out["merged"] = measure(merged_write, repeats, setup=clean)
+    fns = {"without": save_params, "merged": merged_write} if without else {"merged": merged_write}
+    out: dict[str, Any] = measure_all(fns, repeats, warmup=warmup, setup=clean)
     clean()
     out["tree_bytes"] = nbytes(inputs.flat)
     out["largest_slice_f32_bytes"] = largest_slice_f32_bytes(inputs)
@@ -758,8 +777,8 @@ def section_serving(args: Args) -> dict[str, Any]:
         "kv_cache": (bf16(cache_shape), bf16(cache_shape)),
     }
     return {
-        "prefix": _serve_pass(experts, prefix_depth, expert=0, inputs=prefix, repeats=args.repeats),
-        "suffix": _serve_pass(experts, full_depth, expert=1, inputs=suffix, repeats=args.repeats),
+        "prefix": _serve_pass(experts, prefix_depth, expert=0, inputs=prefix, repeats=args.serving_repeats),
+        "suffix": _serve_pass(experts, full_depth, expert=1, inputs=suffix, repeats=args.serving_repeats),
         "prefix_depth": prefix_depth,
         "full_depth": full_depth,
         "prefix_len": prefix_len,
@@ -820,10 +839,7 @@ def _serve_pass(experts: tuple[Expert, ...], depth: int, *, expert: int, inputs:
         return jax.jit(lambda p: m.apply({"params": p}, inputs["x"], inputs["positions"], inputs["mask"], **extra)[0])
 
     f_lora, f_merged = forward(lora_module), forward(merged_module)
-    runs = {
-        "lora": measure(lambda: f_lora(lora_params), repeats),
-        "merged": measure(lambda: f_merged(merged_params), repeats),
-    }
+    runs = measure_all({"lora": lambda: f_lora(lora_params), "merged": lambda: f_merged(merged_params)}, repeats)
     got = np.asarray(f_merged(merged_params)[expert], np.float32)
     want = np.asarray(f_lora(lora_params)[expert], np.float32)
     return {
@@ -961,6 +977,7 @@ def spawn(args: Args, python: pathlib.Path, plat: str, section: str) -> dict[str
 
 def _forward_args(args: Args, *, workdir: bool = True) -> list[str]:
     out = ["--depth", str(args.depth), "--prefix-depth", str(args.prefix_depth), "--repeats", str(args.repeats)]
+    out += ["--serving-repeats", str(args.serving_repeats)]
     if args.tiny:
         out.append("--tiny")
     if workdir and args.workdir is not None:
@@ -1016,6 +1033,7 @@ def main(args: Args) -> None:
         "depth": args.depth,
         "sizes": "tiny widths (--tiny)" if args.tiny else "pi0's real layer sizes (openpi 15a9616's pi0_lora tree)",
         "experts": [dataclasses.asdict(e) for e in experts_for(args)],
+        "pi0_params_bytes": None if args.tiny else nbytes(benchmark_full_size.training_layout(pi0_experts()[1])),
     }
     doc = benchmark_report.render(meta, results, platforms)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """scripts/benchmark.py on tiny sizes: it runs, writes its markdown, and every row is there.
 
 Rows of the parts that need torch and peft (the `bench` extra) or openpi say `skipped: ...` where those are not
-installed; every other row of the CPU column holds a figure. The benchmark itself is not part of the tests.
+installed; every other row of the CPU column holds a figure (tiny sizes: the figures themselves mean nothing).
+The benchmark itself is not part of the tests.
 """
 
 import importlib.util
@@ -31,6 +32,7 @@ ROWS = {
     "extra host memory per added layer": "merge",
     "one fp32 layer slice of the largest weight": "save",
     "streamed from memory (merge on save": "save",
+    "**growth per added layer**": "save",
     "streamed from disk": "merge",
     "in memory (`merge_params`": "merge",
     "save without merge": "save",
@@ -96,7 +98,7 @@ def test_benchmark_tiny_writes_every_row(tmp_path):
         assert found, f"no row {prefix!r}"
         cpu, accelerator = found[0]
         assert accelerator == "not run", (prefix, accelerator)
-        if ran[section]:
-            assert cpu[:1].isdigit() or cpu.startswith(("`", "host")), (prefix, cpu)
+        if ran[section]:  # a figure: not skipped, and no error while rendering it ("- (KeyError: ...)")
+            assert not cpu.startswith(("skipped", "not run", "-")), (prefix, cpu)
         else:
             assert cpu.startswith(("skipped", "-")), (prefix, cpu)
