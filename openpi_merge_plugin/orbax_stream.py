@@ -33,6 +33,7 @@ import numpy as np
 from orbax.checkpoint import multihost
 from orbax.checkpoint._src.serialization import type_handlers as _type_handlers
 
+from openpi_merge_plugin import sources as _sources
 from openpi_merge_plugin.adapters import ShapeDtype
 
 # Data handed to TensorStore but not yet written, at most (one more slice may be in flight beyond it).
@@ -82,20 +83,9 @@ def save(
 
     handler = StreamingArrayHandler(stream, max_inflight_bytes)
     registry = ocp.type_handlers.create_type_handler_registry((PendingLeaf, handler), (jax.Array, handler))
-    tree = _nest({p: PendingLeaf(p, tuple(sd.shape), sd.dtype) for p, sd in structure.items()})
+    tree = _sources.unflatten({p: PendingLeaf(p, tuple(sd.shape), sd.dtype) for p, sd in structure.items()})
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ckptr:
         ckptr.save(pathlib.Path(directory).resolve(), args=ocp.args.PyTreeSave({"params": tree}))
-
-
-def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = nested
-        *parents, leaf = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return nested
 
 
 class StreamingArrayHandler(_type_handlers.ArrayHandler):
