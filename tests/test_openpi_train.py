@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 openpi_config = pytest.importorskip(
-    "openpi.training.config", reason="upstream openpi is not importable here (see README: Developing with openpi)"
+    "openpi.training.config", reason="upstream openpi is not importable here (see README: Development)"
 )
 if "merge_lora_on_save" not in openpi_config.TrainConfig.__dataclass_fields__:
     pytest.skip(
