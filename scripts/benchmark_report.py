@@ -93,7 +93,12 @@ class Report:
         return [f"## {title}", "", intro, "", table([first, *self.cols], rows), ""]
 
 
-def render(meta: dict[str, Any], results: dict[str, dict[str, dict[str, Any]]], platforms: list[str]) -> str:
+def render(
+    meta: dict[str, Any],
+    results: dict[str, dict[str, dict[str, Any]]],
+    platforms: list[str],
+    load: list[dict[str, Any]] | None = None,
+) -> str:
     machine = meta["machine"]
     cols = [f"CPU ({machine['cores']} cores)"]
     if meta["accelerator"]:
@@ -103,7 +108,7 @@ def render(meta: dict[str, Any], results: dict[str, dict[str, dict[str, Any]]], 
         results["none"] = {}
         platforms = [*platforms, "none"]
     report = Report(results, platforms, cols, meta)
-    parts = header(meta)
+    parts = header(meta) + load_table(load or [])
     for part in (merge, peft, naive, memory, save, serving, profile, targets):
         parts += part(report)
     if "cli" in meta["sections"]:
@@ -159,6 +164,23 @@ def header(meta: dict[str, Any]) -> list[str]:
         model,
         "",
     ]
+
+
+def load_table(load: list[dict[str, Any]]) -> list[str]:
+    """How busy the rest of the machine was while each section ran."""
+    if not load:
+        return []
+    rows = [
+        [
+            f"{x['section']} ({x['platform']})",
+            f"{x['seconds']:.0f} s",
+            f"{x['others_cores_mean']:.2f} (max {x['others_cores_max']:.2f})",
+            f"{x['loadavg_max']:.2f}",
+        ]
+        for x in load
+    ]
+    head = ["section", "wall time", "CPU used by other processes, cores: mean (max of 2 s samples)", "1-min load, max"]
+    return ["Machine load while each section ran:", "", table(head, rows), ""]
 
 
 def _gbps(run: Run, nbytes: int) -> str:
