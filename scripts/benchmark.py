@@ -971,9 +971,8 @@ def spawn(args: Args, python: pathlib.Path, plat: str, section: str) -> dict[str
         if proc.returncode != 0:
             last = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:] or [f"exit {proc.returncode}"]
             logger.warning("%s on %s failed:\n%s", section, plat, proc.stderr[-3000:])
-            return {
-                "skipped": f"failed ({'killed' if proc.returncode < 0 else 'exit ' + str(proc.returncode)}): {last[0][:200]}"
-            }
+            how = "killed" if proc.returncode < 0 else f"exit {proc.returncode}"
+            return {"skipped": f"failed ({how}): {last[0][:200]}"}
         return json.loads(pathlib.Path(f.name).read_text())
 
 
@@ -1041,6 +1040,7 @@ def measure_everything(args: Args, raw: pathlib.Path) -> dict[str, Any]:
     }
     platforms = ["cpu", *([accel] if accel else [])]
     openpi_python, openpi_note = find_openpi_python(args) if set(args.sections) & set(OPENPI_SECTIONS) else (None, "")
+    meta["openpi_python"] = str(openpi_python) if openpi_python else None
     data: dict[str, Any] = {"meta": meta, "platforms": platforms, "results": {p: {} for p in platforms}, "load": []}
     raw.parent.mkdir(parents=True, exist_ok=True)
     with LoadMonitor() as monitor:
