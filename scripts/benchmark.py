@@ -85,6 +85,8 @@ class Args:
     accelerator: bool = True
     # Where checkpoints are written (default: a temporary directory).
     workdir: pathlib.Path | None = None
+    # Only render the markdown again from the raw results of an earlier run (the .json next to its markdown).
+    from_json: pathlib.Path | None = None
     # Internal: run one section in this process (`platform:section`) and write its JSON here.
     child: str | None = None
     child_out: pathlib.Path | None = None
@@ -969,9 +971,8 @@ def spawn(args: Args, python: pathlib.Path, plat: str, section: str) -> dict[str
         if proc.returncode != 0:
             last = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:] or [f"exit {proc.returncode}"]
             logger.warning("%s on %s failed:\n%s", section, plat, proc.stderr[-3000:])
-            return {
-                "skipped": f"failed ({'killed' if proc.returncode < 0 else 'exit ' + str(proc.returncode)}): {last[0][:200]}"
-            }
+            how = "killed" if proc.returncode < 0 else f"exit {proc.returncode}"
+            return {"skipped": f"failed ({how}): {last[0][:200]}"}
         return json.loads(pathlib.Path(f.name).read_text())
 
 
@@ -1012,19 +1013,21 @@ def main(args: Args) -> None:
         run_child(args)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    raw = args.output.with_suffix(".json")
+    data = json.loads(args.from_json.read_text()) if args.from_json else measure_everything(args, raw)
+    doc = benchmark_report.render(data["meta"], data["results"], data["platforms"], data["load"])
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(doc)
+    print(doc, end="")
+
+
+def measure_everything(args: Args, raw: pathlib.Path) -> dict[str, Any]:
+    """Runs every section on every platform; the raw results go to `raw` after each (re-render with --from-json)."""
     started = dt.datetime.now(dt.UTC)
-    machine = describe_machine()
     accel, accel_note = accelerator_platform() if args.accelerator else (None, "not requested")
-    platforms = ["cpu", *([accel] if accel else [])]
-    openpi_python, openpi_note = find_openpi_python(args) if set(args.sections) & set(OPENPI_SECTIONS) else (None, "")
-    results: dict[str, dict[str, Any]] = {p: {} for p in platforms}
-    for plat in platforms:
-        for section in args.sections:
-            results[plat][section] = _run_section(args, plat, section, openpi_python, openpi_note)
-    machine["load_end"] = os.getloadavg()
     meta = {
-        "machine": machine,
-        "accelerator": accel and results[accel].get("merge", {}).get("device", accel),
+        "machine": describe_machine(),
+        "accelerator": None,
         "accelerator_note": accel_note,
         "sections": list(args.sections),
         "command": " ".join(["python scripts/benchmark.py", *_forward_args(args, workdir=False)]),
@@ -1033,12 +1036,97 @@ def main(args: Args) -> None:
         "depth": args.depth,
         "sizes": "tiny widths (--tiny)" if args.tiny else "pi0's real layer sizes (openpi 15a9616's pi0_lora tree)",
         "experts": [dataclasses.asdict(e) for e in experts_for(args)],
-        "pi0_params_bytes": None if args.tiny else nbytes(benchmark_full_size.training_layout(pi0_experts()[1])),
+        "pi0_params_bytes": None if args.tiny else pi0_params_bytes(),
     }
-    doc = benchmark_report.render(meta, results, platforms)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(doc)
-    print(doc, end="")
+    platforms = ["cpu", *([accel] if accel else [])]
+    openpi_python, openpi_note = find_openpi_python(args) if set(args.sections) & set(OPENPI_SECTIONS) else (None, "")
+    meta["openpi_python"] = str(openpi_python) if openpi_python else None
+    data: dict[str, Any] = {"meta": meta, "platforms": platforms, "results": {p: {} for p in platforms}, "load": []}
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    with LoadMonitor() as monitor:
+        for plat in platforms:
+            for section in args.sections:
+                start = time.perf_counter()
+                mark = monitor.mark()
+                data["results"][plat][section] = _run_section(args, plat, section, openpi_python, openpi_note)
+                data["load"].append({"platform": plat, "section": section, "seconds": time.perf_counter() - start})
+                data["load"][-1].update(monitor.since(mark))
+                if accel:
+                    meta["accelerator"] = data["results"][accel].get("merge", {}).get("device", accel)
+                meta["machine"]["load_end"] = os.getloadavg()
+                raw.write_text(json.dumps(data, indent=1))
+    return data
+
+
+def pi0_params_bytes() -> int:
+    """Bytes of the params of a pi0 LoRA training checkpoint (frozen weights bf16, the rest fp32)."""
+    import ml_dtypes  # noqa: F401  (numpy learns the name 'bfloat16')
+
+    return nbytes(benchmark_full_size.training_layout(pi0_experts()[1]))
+
+
+class LoadMonitor:
+    """Samples, every `interval` s, the CPU used by processes outside this one's tree, and the load average."""
+
+    def __init__(self, interval: float = 2.0):
+        import threading
+
+        self._interval = interval
+        self._samples: list[tuple[float, float]] = []  # (other processes' CPU in cores, 1-min load average)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> LoadMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def mark(self) -> int:
+        return len(self._samples)
+
+    def since(self, mark: int) -> dict[str, float]:
+        samples = self._samples[mark:] or [(0.0, os.getloadavg()[0])]
+        others = [o for o, _ in samples]
+        return {
+            "others_cores_mean": sum(others) / len(others),
+            "others_cores_max": max(others),
+            "loadavg_max": max(load for _, load in samples),
+        }
+
+    def _run(self) -> None:
+        hz = os.sysconf("SC_CLK_TCK")
+        before, t0 = _process_ticks(), time.perf_counter()
+        while not self._stop.wait(self._interval):
+            after, t1 = _process_ticks(), time.perf_counter()
+            mine = _descendants(os.getpid(), {pid: ppid for pid, (ppid, _) in after.items()})
+            used = sum(t - before.get(pid, (0, t))[1] for pid, (_, t) in after.items() if pid not in mine)
+            self._samples.append((used / hz / (t1 - t0), os.getloadavg()[0]))
+            before, t0 = after, t1
+
+
+def _process_ticks() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, user + system CPU ticks so far)."""
+    out = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            out[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    return out
+
+
+def _descendants(root: int, parent: dict[int, int]) -> set[int]:
+    out = {root}
+    for pid in parent:
+        chain, p = [], pid
+        while p not in out and p in parent and p > 1:
+            chain.append(p)
+            p = parent[p]
+        if p in out:
+            out.update(chain)
+    return out
 
 
 def _run_section(args: Args, plat: str, section: str, openpi_python, openpi_note: str) -> dict[str, Any]:
@@ -1085,22 +1173,13 @@ def describe_machine() -> dict[str, Any]:
 
 def busy_processes(min_cpu: float = 10.0, seconds: float = 1.0) -> list[str]:
     """Other processes that used at least `min_cpu` % of a core over the next `seconds`, busiest first."""
-
-    def cpu_ticks() -> dict[int, int]:
-        ticks = {}
-        for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                ticks[int(stat.parent.name)] = int(fields[11]) + int(fields[12])  # utime + stime
-        return ticks
-
-    before = cpu_ticks()
+    before = _process_ticks()
     time.sleep(seconds)
-    after = cpu_ticks()
+    after = _process_ticks()
     hz = os.sysconf("SC_CLK_TCK")
     busy = []
-    for pid, t in after.items():
-        share = 100.0 * (t - before.get(pid, t)) / hz / seconds
+    for pid, (_, t) in after.items():
+        share = 100.0 * (t - before.get(pid, (0, t))[1]) / hz / seconds
         if pid != os.getpid() and share >= min_cpu:
             with contextlib.suppress(OSError):
                 cmd = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()

@@ -76,6 +76,10 @@ def test_benchmark_tiny_writes_every_row(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     text = out.read_text()
     assert text == proc.stdout  # printed and written
+    again = tmp_path / "again.md"  # the raw results next to it render to the same markdown
+    cmd = [sys.executable, str(SCRIPT), "--from-json", str(out.with_suffix(".json")), "--output", str(again)]
+    subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert again.read_text() == text
     for heading in (
         "## 1.",
         "## 2.",
@@ -89,6 +93,7 @@ def test_benchmark_tiny_writes_every_row(tmp_path):
         assert heading in text
     assert "**Machine**" in text
     assert "**Load**" in text
+    assert "| merge (cpu) |" in text  # the load while it ran
     rows = _rows(text)
     ran = {"merge": True, "save": True, "peft": _installed("torch", "peft"), "serving": _installed("openpi")}
     ran["merge+peft"] = ran["peft"]
@@ -99,6 +104,7 @@ def test_benchmark_tiny_writes_every_row(tmp_path):
         cpu, accelerator = found[0]
         assert accelerator == "not run", (prefix, accelerator)
         if ran[section]:  # a figure: not skipped, and no error while rendering it ("- (KeyError: ...)")
-            assert not cpu.startswith(("skipped", "not run", "-")), (prefix, cpu)
+            assert cpu != "-", prefix
+            assert not cpu.startswith(("skipped", "not run", "- (")), (prefix, cpu)
         else:
             assert cpu.startswith(("skipped", "-")), (prefix, cpu)
