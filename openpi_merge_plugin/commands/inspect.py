@@ -13,6 +13,7 @@ from openpi_merge_plugin import api
 from openpi_merge_plugin import inspect_plot
 from openpi_merge_plugin import inspect_table
 from openpi_merge_plugin import inspection
+from openpi_merge_plugin.commands import progress as progress_bar
 
 
 @dataclasses.dataclass
@@ -49,27 +50,10 @@ def inspect(args: Args) -> inspection.Inspection:
         if given
         else None
     )
-    bar = None
-
-    def on_plan(adapters):
-        nonlocal bar
-        if args.progress:
-            import tqdm
-
-            bar = tqdm.tqdm(total=sum(a.num_slices for a in adapters), unit="slice", desc="inspecting", file=sys.stderr)
-
-    def progress(path: str, n: int) -> None:
-        if bar is not None:
-            bar.set_postfix_str(path.removeprefix("PaliGemma/llm/layers/"), refresh=False)
-            bar.update(n)
-
-    try:
+    with progress_bar.slice_bar("inspecting", enabled=args.progress) as bar:
         return inspection.inspect_checkpoint(
-            args.path, lora=lora, checksums=args.checksums, progress=progress, on_plan=on_plan
+            args.path, lora=lora, checksums=args.checksums, progress=bar.progress, on_plan=bar.on_plan
         )
-    finally:
-        if bar is not None:
-            bar.close()
 
 
 def run(args: Args) -> int:

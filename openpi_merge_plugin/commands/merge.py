@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import sys
 from typing import Literal
 
 import tyro
@@ -13,6 +12,7 @@ import tyro
 from openpi_merge_plugin import api
 from openpi_merge_plugin import engine
 from openpi_merge_plugin import summary
+from openpi_merge_plugin.commands import progress as progress_bar
 
 
 @dataclasses.dataclass
@@ -58,33 +58,16 @@ def merge(args: Args) -> api.CheckpointMergeResult:
         allow_nonfinite=args.allow_nonfinite,
     )
     lora = api.LoRASource(config=args.config, lora_config=args.lora_config, alpha=args.alpha, rslora=args.rslora)
-    bar = None
-
-    def on_plan(adapters):
-        nonlocal bar
-        if args.progress:
-            import tqdm
-
-            bar = tqdm.tqdm(total=sum(a.num_slices for a in adapters), unit="slice", desc="merging", file=sys.stderr)
-
-    def progress(path: str, n: int) -> None:
-        if bar is not None:
-            bar.set_postfix_str(path.rsplit("/", 2)[-2], refresh=False)
-            bar.update(n)
-
-    try:
+    with progress_bar.slice_bar("merging", enabled=args.progress) as bar:
         return api.merge_checkpoint(
             args.step_dir,
             output=args.output,
             lora=lora,
             options=options,
             overwrite=args.overwrite,
-            progress=progress,
-            on_plan=on_plan,
+            progress=bar.progress,
+            on_plan=bar.on_plan,
         )
-    finally:
-        if bar is not None:
-            bar.close()
 
 
 def run(args: Args) -> int:
