@@ -22,6 +22,7 @@ and the tests compare its output with `PyTreeCheckpointer.save` leaf by leaf, bi
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Callable, Iterator, Mapping, Sequence
 import contextlib
 import dataclasses
@@ -115,19 +116,20 @@ class StreamingArrayHandler(_type_handlers.ArrayHandler):
         import tensorstore as ts
 
         sharding_txn = ts.Transaction()
+        sharding = _single_device_sharding()
         array_metadatas = []
-        inflight: list[tuple[Any, int]] = []  # (TensorStore write future, bytes)
+        inflight = _Inflight(self._max_inflight_bytes)
         try:
             for item in self._stream():
                 if item.path not in targets or item.path in self._written:
                     raise RuntimeError(f"the merge stream produced an unexpected or repeated leaf {item.path}")
                 leaf, info = targets[item.path]
                 array_metadatas.append(await self._write_leaf(item, leaf, info, inflight))
-                await self._write_sharding(info, sharding_txn)
+                await self._write_sharding(info, sharding, sharding_txn)
                 self._written.add(item.path)
         finally:
             # Also on error: no TensorStore write may land after the caller has removed the staging directory.
-            for write, _ in inflight:
+            for write in inflight.drain():
                 with contextlib.suppress(Exception):  # the error being raised is the first one
                     await write
         missing = sorted(set(targets) - self._written)
@@ -140,7 +142,7 @@ class StreamingArrayHandler(_type_handlers.ArrayHandler):
             process_index=multihost.process_index(),
         )
 
-    async def _write_leaf(self, item: LeafWrite, leaf: PendingLeaf, info: Any, inflight: list[tuple[Any, int]]):
+    async def _write_leaf(self, item: LeafWrite, leaf: PendingLeaf, info: Any, inflight: _Inflight):
         """Writes one leaf slice by slice (as ArrayHandler writes an array sharded on its leading axes)."""
         import tensorstore as ts
 
@@ -159,20 +161,46 @@ class StreamingArrayHandler(_type_handlers.ArrayHandler):
             host = np.asarray(value)
             if (host.shape, host.dtype, len(index)) != expected:
                 raise RuntimeError(f"{item.path}{list(index)}: got {host.dtype}{list(host.shape)}, want {expected}")
-            inflight.append((store[index].write(host), host.nbytes))
+            nbytes = host.nbytes
+            write = store[index].write(host)
             del value, host
-            while sum(n for _, n in inflight) > self._max_inflight_bytes:
-                await inflight.pop(0)[0]
+            await inflight.add(write, nbytes)
         return spec.metadata
 
-    async def _write_sharding(self, info: Any, txn: Any) -> None:
-        # Leaves are recorded as living on one host device, as a jax.Array saved from a one-device process is.
-        from orbax.checkpoint._src.metadata import sharding as sharding_metadata
+    async def _write_sharding(self, info: Any, serialized: str, txn: Any) -> None:
         import tensorstore as ts
 
-        serialized = sharding_metadata.from_jax_sharding(
-            jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-        ).to_serialized_string()
         spec = _type_handlers.get_sharding_tensorstore_spec(info.parent_dir.as_posix(), info.name)
         store = await ts.open(spec, open=True, context=info.ts_context)
         await store.with_transaction(txn).write(serialized)
+
+
+def _single_device_sharding() -> str:
+    """Leaves are recorded as living on one host device, as a jax.Array saved from a one-device process is."""
+    from orbax.checkpoint._src.metadata import sharding as sharding_metadata
+
+    device = jax.devices("cpu")[0]
+    return sharding_metadata.from_jax_sharding(jax.sharding.SingleDeviceSharding(device)).to_serialized_string()
+
+
+class _Inflight:
+    """TensorStore writes handed over but not yet finished, with a running byte count."""
+
+    def __init__(self, max_bytes: int):
+        self._max_bytes = max_bytes
+        self._writes: collections.deque[tuple[Any, int]] = collections.deque()
+        self._bytes = 0
+
+    async def add(self, write: Any, nbytes: int) -> None:
+        """Queues `write`, then waits for the oldest writes while more than `max_bytes` are pending."""
+        self._writes.append((write, nbytes))
+        self._bytes += nbytes
+        while self._bytes > self._max_bytes:
+            oldest, size = self._writes.popleft()
+            self._bytes -= size
+            await oldest
+
+    def drain(self) -> Iterator[Any]:
+        while self._writes:
+            yield self._writes.popleft()[0]
+        self._bytes = 0
