@@ -251,7 +251,9 @@ def _fill_disk_while_writing_params(step, merge_env):
     limited = ["sh", "-c", 'trap "" XFSZ && ulimit -f 64 && exec "$@"', "sh", *cmd, "--no-progress"]
     proc = subprocess.run(limited, env=merge_env, capture_output=True, text=True, check=False, timeout=300)
     assert proc.returncode == 1, proc.stderr
-    return proc.stderr.rstrip().splitlines()[-1]
+    # The CLI's one error line; JAX or Orbax may log after it (a fresh CI run once ended stderr with "}).").
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")] or [proc.stderr]
+    return error
 
 
 def _fill_disk_while_copying_assets(step, monkeypatch, capsys):
