@@ -23,7 +23,7 @@ import numpy as np
 from openpi_merge_plugin import adapters as _adapters
 from openpi_merge_plugin import equations as eq
 from openpi_merge_plugin import orbax_stream
-from openpi_merge_plugin import slice_ops
+from openpi_merge_plugin import slice_chunks
 from openpi_merge_plugin import sources as _sources
 from openpi_merge_plugin.errors import AdapterError
 from openpi_merge_plugin.errors import NonFiniteError
@@ -71,7 +71,8 @@ class MergedWeight:
     lead_ndim: int
     # The base weight's sharding when it was a jax.Array (merge on live training params), else None.
     sharding: jax.sharding.Sharding | None
-    _slices: Callable[[], Iterator[tuple[tuple[int, ...], np.ndarray]]] = dataclasses.field(repr=False)
+    # Called with None, or with the whole output array to merge each slice into in place (`materialize`).
+    _slices: Callable[[np.ndarray | None], Iterator[tuple[tuple[int, ...], np.ndarray]]] = dataclasses.field(repr=False)
 
     @property
     def slice_shape(self) -> tuple[int, ...]:
@@ -79,13 +80,13 @@ class MergedWeight:
 
     def slices(self) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
         """Yields (index into the leading axes, merged slice as a host array), in order."""
-        return self._slices()
+        return self._slices(None)
 
     def materialize(self) -> Any:
         """The whole merged weight: a host array, or a jax.Array with the base's sharding."""
         out = np.empty(self.shape, self.dtype)
-        for index, value in self.slices():
-            out[index] = value
+        for _ in self._slices(out):  # each slice lands in `out` itself
+            pass
         return out if self.sharding is None else jax.device_put(out, self.sharding)
 
 
@@ -203,7 +204,7 @@ def merged_weight(
         dtype=out_dtype,
         lead_ndim=len(adapter.lead_shape),
         sharding=source.sharding(adapter.base_path),
-        _slices=lambda: _merge_slices(source, adapter, out_dtype, options, report, progress),
+        _slices=lambda into: _merge_slices(source, adapter, out_dtype, options, report, progress, into),
     )
 
 
@@ -214,6 +215,7 @@ def _merge_slices(
     options: MergeOptions,
     report: MergeReport,
     progress: ProgressFn | None,
+    into: np.ndarray | None,
 ) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
     busy = 0.0  # time spent here, not in the consumer between slices
     start = time.perf_counter()
@@ -240,7 +242,8 @@ def _merge_slices(
     base_key = jax.random.fold_in(jax.random.key(options.seed), _stable_hash(adapter.base_path))
     n_lead = len(adapter.lead_shape)
     for flat_index, index in enumerate(np.ndindex(*adapter.lead_shape)):
-        merged, stats = slice_ops.merge_slice(
+        dest = None if into is None else into[index]
+        merged, stats = slice_chunks.merge(
             _slice(w, index, n_lead),
             _slice(a, index, n_lead),
             _slice(b, index, n_lead),
@@ -250,8 +253,8 @@ def _merge_slices(
             layer_eqns=layer_eqns,
             out_dtype=out_dtype,
             verify=options.verify,
+            out=dest,
         )
-        stats = {k: float(v) for k, v in stats.items()}
         where = f"{adapter.base_path}" + (f" (layer {index[0] if n_lead == 1 else index})" if n_lead else "")
         if not options.allow_nonfinite:
             if not stats["adapters_finite"]:
@@ -266,7 +269,12 @@ def _merge_slices(
                 f"merged weight {where} does not reproduce the LoRA forward: max relative error "
                 f"{stats['rel_err']:.3e} > tolerance {options.tolerance:.1e}"
             )
-        host = np.asarray(merged)
+        if dest is None:
+            host = np.asarray(merged)
+        else:
+            if merged is not dest:
+                dest[...] = np.asarray(merged)
+            host = dest
         del merged
         if progress is not None:
             progress(adapter.base_path, 1)

@@ -7,7 +7,6 @@ device memory, so a full-size gemma_2b MLP weight costs one [2, 2048, 16384] sli
 from __future__ import annotations
 
 import functools
-import itertools
 import string
 
 import jax
@@ -32,23 +31,35 @@ def _rel_err(got: jax.Array, want: jax.Array) -> jax.Array:
 
 
 def _layer_einsum(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """`einsum(eqn, x, w)` for a probe x, with the weight's leading output-only axes unrolled.
+    """`einsum(eqn, x, w)` for a probe x, with the weight's leading output-only axes made batch axes of the dot.
 
     Same result; the reason is speed on CPU: for `BTD,GDF->GBTF` XLA transposes the whole [G, D, F] weight before
-    the dot (seconds for a full-size gating slice), while each [D, F] slice contracts in place.
+    the dot (seconds for a full-size gating slice), and slicing it per G copies each slice; with x broadcast over G,
+    `GBTD,GDF->GBTF` is a batched matmul that reads the weight in place, at memory speed.
     """
     x_labels, w_labels, out = eq.split_equation(eqn)
     lead = len(w_labels) - len(w_labels.lstrip("".join(c for c in w_labels if c in out and c not in x_labels)))
     if lead == 0:
         return _einsum(eqn, x, w)
-    rest_out = "".join(c for c in out if c not in w_labels[:lead])
-    parts = [
-        _einsum(f"{x_labels},{w_labels[lead:]}->{rest_out}", x, w[index])
-        for index in itertools.product(*map(range, w.shape[:lead]))
-    ]
-    stacked = jnp.stack(parts).reshape(*w.shape[:lead], *parts[0].shape)
-    current = w_labels[:lead] + rest_out
-    return jnp.transpose(stacked, [current.index(c) for c in out])
+    x = jnp.broadcast_to(x, w.shape[:lead] + x.shape)
+    return _einsum(f"{w_labels[:lead]}{x_labels},{w_labels}->{out}", x, w)
+
+
+def _row_sums(*terms: jax.Array) -> list[jax.Array]:
+    """Whole-slice sums (float terms) and alls (bool terms) of same-shaped elementwise terms, in one pass.
+
+    One variadic reduce over the last axis, then over the small per-row results: on XLA's CPU backend that is ~5x
+    faster than a separate reduction per term (each a pass that does not vectorise), and summing rows first keeps
+    float32 accuracy at ~1e-6 where one running sum over 67M elements drifts by ~1%. Reducing the last axis keeps a
+    sharded slice sharded: no gather, only the per-row results are combined.
+    """
+    inits = tuple(jnp.ones((), t.dtype) if t.dtype == jnp.bool_ else jnp.zeros((), t.dtype) for t in terms)
+
+    def combine(x: tuple[jax.Array, ...], y: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        return tuple(p & q if p.dtype == jnp.bool_ else p + q for p, q in zip(x, y, strict=True))
+
+    rows = jax.lax.reduce(terms, inits, combine, (terms[0].ndim - 1,))
+    return [jnp.all(r) if r.dtype == jnp.bool_ else jnp.sum(r) for r in rows]
 
 
 def _delta_norm(delta_eqn: str, a32: jax.Array, b32: jax.Array, factor: jax.Array) -> jax.Array:
@@ -108,7 +119,8 @@ def merge_slice(
 
     `layer_eqns` are the layer equation and openpi's two LoRA equations, in letters. With `verify`, a random probe
     goes through openpi's LoRA forward (base einsum + scaled two-step LoRA einsum, all float32) and through the
-    plain einsum with the merged weight; `rel_err` is max|difference| / max|LoRA output|.
+    plain einsum with the merged weight: `err_max` is max|difference| (`err_stored_max`: with the weight as stored),
+    `want_max` max|LoRA output|; their ratio is the slice's relative error (`slice_chunks.merge` forms it).
     """
     f32 = jnp.float32
     w32, a32, b32 = w.astype(f32), a.astype(f32), b.astype(f32)
@@ -117,20 +129,21 @@ def merge_slice(
     stored32 = stored.astype(f32)
     # A bf16 output keeps (bf16(w + d) - w) of the delta d; the base itself is exactly representable when stored bf16.
     bf16_kept = merged.astype(jnp.bfloat16).astype(f32) - w32
+    base_sq, lost_sq, finite = _row_sums(jnp.square(w32), jnp.square(bf16_kept - delta), jnp.isfinite(merged))
     stats = {
         "delta_norm": _delta_norm(delta_eqn, a32, b32, factor),
-        # Not norm(x.ravel()): raveling a sharded slice makes XLA gather all of it onto every device.
-        "base_norm": jnp.sqrt(jnp.sum(jnp.square(w32))),
-        "bf16_lost_norm": jnp.sqrt(jnp.sum(jnp.square(bf16_kept - delta))),
+        "base_norm": jnp.sqrt(base_sq),
+        "bf16_lost_norm": jnp.sqrt(lost_sq),
         "adapters_finite": jnp.all(jnp.isfinite(a32)) & jnp.all(jnp.isfinite(b32)),
-        "merged_finite": jnp.all(jnp.isfinite(merged)),
+        "merged_finite": finite,
     }
     if verify:
         eqn = layer_eqns[0]
         x = jax.random.normal(key, _probe_shape(eqn, w.shape), f32)
         want = _lora_forward(x, w32, a32, b32, factor, layer_eqns)
-        stats["rel_err"] = _rel_err(_layer_einsum(eqn, x, merged), want)
-        stats["rel_err_stored"] = _rel_err(_layer_einsum(eqn, x, stored32), want)
+        stats["err_max"] = jnp.max(jnp.abs(_layer_einsum(eqn, x, merged) - want))
+        stats["err_stored_max"] = jnp.max(jnp.abs(_layer_einsum(eqn, x, stored32) - want))
+        stats["want_max"] = jnp.max(jnp.abs(want))
     return stored, stats
 
 

@@ -1,0 +1,99 @@
+"""Merging a layer slice in column chunks gives the slice's whole merge: same weights, same statistics."""
+
+import numpy as np
+import pytest
+
+from openpi_merge_plugin import MergeOptions
+from openpi_merge_plugin import errors
+from openpi_merge_plugin import merge_checkpoint
+from openpi_merge_plugin import merge_params
+from openpi_merge_plugin import slice_chunks
+from openpi_merge_plugin import slice_ops
+from openpi_merge_plugin import sources
+
+GATING = "PaliGemma/llm/layers/mlp/gating_einsum"
+
+
+@pytest.fixture
+def kernel_shapes(monkeypatch):
+    """Shapes of the base weight of every kernel call."""
+    shapes = []
+    real = slice_ops.merge_slice
+
+    def recorded(w, *args, **kwargs):
+        shapes.append(tuple(w.shape))
+        return real(w, *args, **kwargs)
+
+    monkeypatch.setattr(slice_ops, "merge_slice", recorded)
+    return shapes
+
+
+def _chunk_bytes(monkeypatch, n: int) -> None:
+    monkeypatch.setitem(slice_chunks.KERNEL_CHUNK_BYTES, "cpu", n)
+
+
+def test_chunks_split_only_along_an_output_axis_that_is_not_contracted():
+    # gating [G, D, F]: F is kept in the output, so the slice splits along it; 3 chunks of at most 2 KiB.
+    assert slice_chunks.chunk_bounds("BTD,GDF->GBTF", (2, 8, 96), max_bytes=2048) == [(0, 32), (32, 64), (64, 96)]
+    # Uneven: 7 chunks of at most ceil(96 / 7) = 14 columns, the last one shorter.
+    bounds = slice_chunks.chunk_bounds("BTD,GDF->GBTF", (2, 8, 96), max_bytes=1000)
+    assert len(bounds) == 7
+    assert (bounds[0], bounds[-1]) == ((0, 14), (84, 96))
+    assert slice_chunks.chunk_bounds("BTD,GDF->GBTF", (2, 8, 96), max_bytes=1 << 20) is None  # small: whole
+    # The last weight axis contracted with the input (a layer like `BTF,DF->BTD`): no split.
+    assert slice_chunks.chunk_bounds("BTF,DF->BTD", (64, 4096), max_bytes=1024) is None
+
+
+@pytest.mark.parametrize(("chunk_bytes", "output_dtype"), [(1000, "float32"), (3 * 4096, "bfloat16")])
+def test_chunked_merge_equals_the_whole_slice_merge(
+    fixture_params, fixture_lora, monkeypatch, kernel_shapes, chunk_bytes, output_dtype
+):
+    options = MergeOptions(output_dtype=output_dtype)
+    whole = merge_params(sources.unflatten(fixture_params), fixture_lora, options)
+    whole_calls = len(kernel_shapes)
+    _chunk_bytes(monkeypatch, chunk_bytes)
+    chunked = merge_params(sources.unflatten(fixture_params), fixture_lora, options)
+
+    gating_slice = fixture_params[GATING].shape[1:]
+    assert len(kernel_shapes) - whole_calls > whole_calls  # really chunked: more calls than slices
+    assert any(s[:-1] == gating_slice[:-1] and s[-1] < gating_slice[-1] for s in kernel_shapes[whole_calls:])
+
+    got, want = sources.flatten(chunked.params), sources.flatten(whole.params)
+    assert got.keys() == want.keys()
+    for path in want:
+        assert got[path].dtype == want[path].dtype, path
+        np.testing.assert_array_equal(got[path], want[path], err_msg=path)
+    for g, w in zip(chunked.report.weights, whole.report.weights, strict=True):
+        assert g.path == w.path
+        np.testing.assert_allclose(g.delta_rel_norm, w.delta_rel_norm, rtol=1e-5, err_msg=g.path)
+        np.testing.assert_allclose(g.bf16_survival, w.bf16_survival, rtol=1e-5, err_msg=g.path)
+        # The same probe, column by column: the same maxima up to the matmuls' float32 rounding.
+        np.testing.assert_allclose(g.rel_err, w.rel_err, rtol=0.05, atol=2e-7, err_msg=g.path)
+        np.testing.assert_allclose(g.rel_err_stored, w.rel_err_stored, rtol=0.05, atol=2e-7, err_msg=g.path)
+        assert max(g.rel_err) < 1e-5
+
+
+def test_streamed_checkpoint_is_the_same_when_chunked(step_dir, fixture_lora, fixture_params, monkeypatch):
+    _chunk_bytes(monkeypatch, 1000)
+    out = merge_checkpoint(step_dir, lora=fixture_lora).output / "params"
+    src = sources.OrbaxSource(out)
+    got = src.read(src.tree)
+    want = sources.flatten(merge_params(sources.unflatten(fixture_params), fixture_lora).params)
+    for path in want:
+        assert got[path].tobytes() == want[path].tobytes(), path
+
+
+def test_a_nan_in_a_late_chunk_is_still_caught(fixture_params, fixture_lora, monkeypatch):
+    _chunk_bytes(monkeypatch, 1000)
+    bad = dict(fixture_params)
+    lora_b = bad[GATING + "_lora_b"].copy()
+    lora_b[1, -1, 0, -1] = np.inf  # layer 1, last gate, last column: the slice's last chunk
+    bad[GATING + "_lora_b"] = lora_b
+    with pytest.raises(errors.NonFiniteError, match="gating_einsum_lora_a"):
+        merge_params(sources.unflatten(bad), fixture_lora)
+    with pytest.raises(errors.VerificationError, match=r"gating_einsum \(layer 1\).*nan"):
+        merge_params(sources.unflatten(bad), fixture_lora, MergeOptions(allow_nonfinite=True))
+    merged = merge_params(sources.unflatten(bad), fixture_lora, MergeOptions(allow_nonfinite=True, verify=False))
+    gating = sources.flatten(merged.params)[GATING]
+    assert np.isfinite(gating[0]).all()
+    assert not np.isfinite(gating[1, 1, :, -1]).any()
