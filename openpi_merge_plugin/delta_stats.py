@@ -30,7 +30,7 @@ def measure(
     """
     options = engine.MergeOptions(output_dtype="float32", verify=False, allow_nonfinite=True)
     report = MergeReport()
-    for _ in engine.merged_weight(source, adapter, options, report, progress).slices():
+    for _ in engine.merged_weight(source, adapter, options, report, progress).pieces():
         pass
     (weight,) = report.weights
     if not all(math.isfinite(r) for r in weight.delta_rel_norm):

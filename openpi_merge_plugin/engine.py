@@ -3,8 +3,8 @@
     tree in -> find adapters -> per layer slice: delta from openpi's LoRA equations, merge, verify -> leaves out
 
 Leaves that carry no adapter pass through untouched (same object, same dtype); LoRA leaves are dropped. A merged
-weight comes out as a `MergedWeight` that computes its layer slices when iterated, so a writer can store each slice
-before the next one exists (`params_io.StreamingWriter`), or `materialize` it whole (`merge_params`).
+weight comes out as a `MergedWeight` that computes its layer slices, piece by piece, when iterated, so a writer can
+store each piece before the next one exists (`orbax_stream.save`), or `materialize` it whole (`merge_params`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class MergeOptions:
 
 @dataclasses.dataclass
 class MergedWeight:
-    """A merged weight, computed one layer slice at a time when `slices()` is iterated (once)."""
+    """A merged weight, computed one layer slice at a time, in column pieces, when `pieces()` is iterated (once)."""
 
     path: str
     shape: tuple[int, ...]
@@ -71,21 +71,26 @@ class MergedWeight:
     lead_ndim: int
     # The base weight's sharding when it was a jax.Array (merge on live training params), else None.
     sharding: jax.sharding.Sharding | None
-    # Called with None, or with the whole output array to merge each slice into in place (`materialize`).
-    _slices: Callable[[np.ndarray | None], Iterator[tuple[tuple[int, ...], np.ndarray]]] = dataclasses.field(repr=False)
+    # Width of the column pieces along the last axis each slice is merged in (`slice_chunks`), or None: whole slices.
+    columns: int | None
+    # Called with None, or with the whole output array to merge each piece into in place (`materialize`).
+    _pieces: Callable[[np.ndarray | None], Iterator[tuple[orbax_stream.Index, np.ndarray]]] = dataclasses.field(
+        repr=False
+    )
 
     @property
     def slice_shape(self) -> tuple[int, ...]:
         return self.shape[self.lead_ndim :]
 
-    def slices(self) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
-        """Yields (index into the leading axes, merged slice as a host array), in order."""
-        return self._slices(None)
+    def pieces(self) -> Iterator[tuple[orbax_stream.Index, np.ndarray]]:
+        """Yields (index, merged piece as a host array) in order: the index into the leading axes, followed by the
+        piece's range of the last axis (a `slice`) when merged in columns (`orbax_stream.region` reads it)."""
+        return self._pieces(None)
 
     def materialize(self) -> Any:
         """The whole merged weight: a host array, or a jax.Array with the base's sharding."""
         out = np.empty(self.shape, self.dtype)
-        for _ in self._slices(out):  # each slice lands in `out` itself
+        for _ in self._pieces(out):  # each piece lands in `out` itself
             pass
         return out if self.sharding is None else jax.device_put(out, self.sharding)
 
@@ -166,7 +171,7 @@ def write_stream(
     def stream() -> Iterator[orbax_stream.LeafWrite]:
         for path, leaf in iter_merged(source, adapters, options, report, progress):
             if isinstance(leaf, MergedWeight):
-                yield orbax_stream.LeafWrite(path, leaf.slices(), leaf.lead_ndim)
+                yield orbax_stream.LeafWrite(path, leaf.pieces(), leaf.lead_ndim, leaf.columns)
             else:
                 yield orbax_stream.whole(path, leaf)
 
@@ -195,29 +200,34 @@ def merged_weight(
     report: MergeReport,
     progress: ProgressFn | None,
 ) -> MergedWeight:
-    """The merged weight of one adapter; nothing is read or computed until its slices are iterated."""
+    """The merged weight of one adapter; nothing is read or computed until its pieces are iterated."""
     base = source.tree[adapter.base_path]
     out_dtype = np.dtype(options.dtype_for(base.dtype))
+    sharding = source.sharding(adapter.base_path)
+    lead_ndim = len(adapter.lead_shape)
+    bounds = slice_chunks.column_bounds(adapter.delta.layer_equation, tuple(base.shape[lead_ndim:]), sharding)
     return MergedWeight(
         path=adapter.base_path,
         shape=tuple(base.shape),
         dtype=out_dtype,
-        lead_ndim=len(adapter.lead_shape),
-        sharding=source.sharding(adapter.base_path),
-        _slices=lambda into: _merge_slices(source, adapter, out_dtype, options, report, progress, into),
+        lead_ndim=lead_ndim,
+        sharding=sharding,
+        columns=None if bounds is None else bounds[0][1],
+        _pieces=lambda into: _merge_pieces(source, adapter, out_dtype, options, report, progress, bounds, into),
     )
 
 
-def _merge_slices(
+def _merge_pieces(
     source: _sources.ParamSource,
     adapter: _adapters.Adapter,
     out_dtype: np.dtype,
     options: MergeOptions,
     report: MergeReport,
     progress: ProgressFn | None,
+    bounds: list[tuple[int, int]] | None,
     into: np.ndarray | None,
-) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
-    busy = 0.0  # time spent here, not in the consumer between slices
+) -> Iterator[tuple[orbax_stream.Index, np.ndarray]]:
+    busy = 0.0  # time spent here, not in the consumer between pieces
     start = time.perf_counter()
     arrays = source.read([adapter.base_path, adapter.a_path, adapter.b_path])
     w, a, b = arrays[adapter.base_path], arrays[adapter.a_path], arrays[adapter.b_path]
@@ -242,8 +252,7 @@ def _merge_slices(
     base_key = jax.random.fold_in(jax.random.key(options.seed), _stable_hash(adapter.base_path))
     n_lead = len(adapter.lead_shape)
     for flat_index, index in enumerate(np.ndindex(*adapter.lead_shape)):
-        dest = None if into is None else into[index]
-        merged, stats = slice_chunks.merge(
+        run = slice_chunks.SliceMerge(
             _slice(w, index, n_lead),
             _slice(a, index, n_lead),
             _slice(b, index, n_lead),
@@ -253,8 +262,17 @@ def _merge_slices(
             layer_eqns=layer_eqns,
             out_dtype=out_dtype,
             verify=options.verify,
-            out=dest,
+            bounds=bounds,
         )
+        for columns, piece in run:
+            at = index if columns is None else (*index, columns)
+            if into is not None:
+                into[orbax_stream.region(at)] = piece
+            busy += time.perf_counter() - start
+            yield at, piece
+            start = time.perf_counter()
+            del piece
+        stats = run.stats
         where = f"{adapter.base_path}" + (f" (layer {index[0] if n_lead == 1 else index})" if n_lead else "")
         if not options.allow_nonfinite:
             if not stats["adapters_finite"]:
@@ -269,18 +287,8 @@ def _merge_slices(
                 f"merged weight {where} does not reproduce the LoRA forward: max relative error "
                 f"{stats['rel_err']:.3e} > tolerance {options.tolerance:.1e}"
             )
-        if dest is None:
-            host = np.asarray(merged)
-        else:
-            if merged is not dest:
-                dest[...] = np.asarray(merged)
-            host = dest
-        del merged
         if progress is not None:
             progress(adapter.base_path, 1)
-        busy += time.perf_counter() - start
-        yield index, host
-        start = time.perf_counter()
     weight_report.seconds = busy + time.perf_counter() - start
     report.weights.append(weight_report)
     report.timings["merge"] = report.timings.get("merge", 0.0) + weight_report.seconds

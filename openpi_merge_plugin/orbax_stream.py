@@ -50,13 +50,39 @@ class PendingLeaf:
     dtype: str
 
 
+# Where a piece of a leaf goes: ints into the leading axes, then optionally a `slice` of the last axis.
+Index = tuple[int | slice, ...]
+
+
+def region(index: Index) -> tuple[Any, ...]:
+    """`index` as a NumPy / TensorStore index: a trailing `slice` addresses the last axis."""
+    if index and isinstance(index[-1], slice):
+        return (*index[:-1], Ellipsis, index[-1])
+    return index
+
+
+def _region_shape(shape: tuple[int, ...], index: Index, lead_ndim: int) -> tuple[int, ...] | None:
+    """The shape `index` addresses in an array of `shape`; None if it is not a piece of a slice as written."""
+    columns = index[-1] if index and isinstance(index[-1], slice) else None
+    ints = index[:-1] if columns is not None else index
+    if len(ints) != lead_ndim:
+        return None
+    rest = shape[lead_ndim:]
+    if columns is None:
+        return rest
+    return (*rest[:-1], len(range(*columns.indices(rest[-1]))))
+
+
 @dataclasses.dataclass
 class LeafWrite:
-    """What the stream yields for one leaf: its path and (index into the leading axes, slice) pairs."""
+    """What the stream yields for one leaf: its path and (index, piece) pairs (see `Index`)."""
 
     path: str
-    slices: Iterator[tuple[tuple[int, ...], np.ndarray]]
+    slices: Iterator[tuple[Index, np.ndarray]]
     lead_ndim: int = 0  # leading axes that `slices` iterates; the array is written in chunks of one such slice
+    # When set, each slice comes in pieces of this many columns of its last axis (the last piece may be narrower),
+    # and the array is written in chunks of one piece.
+    columns: int | None = None
 
 
 def whole(path: str, value: Any) -> LeafWrite:
@@ -146,23 +172,26 @@ class StreamingArrayHandler(_type_handlers.ArrayHandler):
         """Writes one leaf slice by slice (as ArrayHandler writes an array sharded on its leading axes)."""
         import tensorstore as ts
 
+        chunk = (1,) * item.lead_ndim + leaf.shape[item.lead_ndim :]
+        if item.columns is not None:
+            chunk = (*chunk[:-1], item.columns)
         spec = _type_handlers._build_array_write_spec(  # noqa: SLF001
             info,
             global_shape=leaf.shape,
-            local_shape=(1,) * item.lead_ndim + leaf.shape[item.lead_ndim :],
+            local_shape=chunk,
             dtype=np.dtype(leaf.dtype),
             use_ocdbt=info.is_ocdbt_checkpoint,
             process_index=_type_handlers.get_process_index_for_subdir(info.is_ocdbt_checkpoint),
             metadata_key=self._metadata_key,
         )
         store = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
-        expected = (leaf.shape[item.lead_ndim :], np.dtype(leaf.dtype), item.lead_ndim)
         for index, value in item.slices:
             host = np.asarray(value)
-            if (host.shape, host.dtype, len(index)) != expected:
-                raise RuntimeError(f"{item.path}{list(index)}: got {host.dtype}{list(host.shape)}, want {expected}")
+            want = _region_shape(leaf.shape, index, item.lead_ndim)
+            if (host.shape, host.dtype) != (want, np.dtype(leaf.dtype)):
+                raise RuntimeError(f"{item.path}{list(index)}: got {host.dtype}{list(host.shape)}, want {want}")
             nbytes = host.nbytes
-            write = store[index].write(host)
+            write = store[region(index)].write(host)
             del value, host
             await inflight.add(write, nbytes)
         return spec.metadata

@@ -1,5 +1,8 @@
 """Merging a layer slice in column chunks gives the slice's whole merge: same weights, same statistics."""
 
+import json
+
+import jax
 import numpy as np
 import pytest
 
@@ -34,14 +37,18 @@ def _chunk_bytes(monkeypatch, n: int) -> None:
 
 def test_chunks_split_only_along_an_output_axis_that_is_not_contracted():
     # gating [G, D, F]: F is kept in the output, so the slice splits along it; 3 chunks of at most 2 KiB.
-    assert slice_chunks.chunk_bounds("BTD,GDF->GBTF", (2, 8, 96), max_bytes=2048) == [(0, 32), (32, 64), (64, 96)]
+    assert slice_chunks.column_bounds("BTD,GDF->GBTF", (2, 8, 96), max_bytes=2048) == [(0, 32), (32, 64), (64, 96)]
     # Uneven: 7 chunks of at most ceil(96 / 7) = 14 columns, the last one shorter.
-    bounds = slice_chunks.chunk_bounds("BTD,GDF->GBTF", (2, 8, 96), max_bytes=1000)
+    bounds = slice_chunks.column_bounds("BTD,GDF->GBTF", (2, 8, 96), max_bytes=1000)
     assert len(bounds) == 7
     assert (bounds[0], bounds[-1]) == ((0, 14), (84, 96))
-    assert slice_chunks.chunk_bounds("BTD,GDF->GBTF", (2, 8, 96), max_bytes=1 << 20) is None  # small: whole
+    assert slice_chunks.column_bounds("BTD,GDF->GBTF", (2, 8, 96), max_bytes=1 << 20) is None  # small: whole
     # The last weight axis contracted with the input (a layer like `BTF,DF->BTD`): no split.
-    assert slice_chunks.chunk_bounds("BTF,DF->BTD", (64, 4096), max_bytes=1024) is None
+    assert slice_chunks.column_bounds("BTF,DF->BTD", (64, 4096), max_bytes=1024) is None
+    # Sharded (FSDP) weights: whole slices.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("fsdp",))
+    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, "fsdp"))
+    assert slice_chunks.column_bounds("BTD,GDF->GBTF", (2, 8, 96), sharded, max_bytes=1000) is None
 
 
 @pytest.mark.parametrize(("chunk_bytes", "output_dtype"), [(1000, "float32"), (3 * 4096, "bfloat16")])
@@ -81,6 +88,13 @@ def test_streamed_checkpoint_is_the_same_when_chunked(step_dir, fixture_lora, fi
     want = sources.flatten(merge_params(sources.unflatten(fixture_params), fixture_lora).params)
     for path in want:
         assert got[path].tobytes() == want[path].tobytes(), path
+    # Each piece was written as its own chunk: one layer, the piece's columns.
+    layout = json.loads(next((out / "array_metadatas").iterdir()).read_text())["array_metadatas"]
+    write_shapes = {m["array_metadata"]["param_name"]: m["array_metadata"]["write_shape"] for m in layout}
+    depth, gates, width, mlp = fixture_params[GATING].shape
+    columns = slice_chunks.column_bounds("BTD,GDF->GBTF", (gates, width, mlp))[0][1]
+    assert columns < mlp
+    assert write_shapes["params." + GATING.replace("/", ".")] == [1, gates, width, columns]
 
 
 def test_a_nan_in_a_late_chunk_is_still_caught(fixture_params, fixture_lora, monkeypatch):
