@@ -68,6 +68,9 @@ class Args:
     # LLM layers (of 18) in the merge measurements. The engine works one layer slice at a time, so its time per
     # layer and its memory do not depend on depth; depth only scales the run time.
     depth: int = 2
+    # LLM layers for the streamed merge's memory (section 4), measured there and at twice that. Enough fp32 slices
+    # of the largest weight (256 MiB each) to fill the writer's 512 MiB buffer, so that memory is at its steady state.
+    memory_depth: int = 4
     # Layers in the serving prefix pass (gemma_2b over 816 tokens: seconds per layer on a CPU). The suffix pass
     # (action expert, 51 tokens, attending to an 816-token KV cache) runs all 18.
     prefix_depth: int = 1
@@ -486,6 +489,7 @@ def kernel_profile(inputs: MergeInputs, repeats: int) -> list[dict[str, Any]]:
     import jax.numpy as jnp
 
     from openpi_merge_plugin import equations as eq
+    from openpi_merge_plugin import slice_chunks
     from openpi_merge_plugin import slice_ops as so
 
     a = max(inputs.adapters, key=lambda a: int(np.prod(inputs.flat[a.base_path].shape[len(a.lead_shape) :])))
@@ -509,9 +513,26 @@ def kernel_profile(inputs: MergeInputs, repeats: int) -> list[dict[str, Any]]:
         want = so._lora_forward(x, w.astype(f32), la, lb, factor, eqns)  # noqa: SLF001
         return [so._rel_err(so._layer_einsum(eqns[0], x, y), want) for y in (m, m.astype(f32))]  # noqa: SLF001
 
+    bounds = slice_chunks.column_bounds(a.delta.layer_equation, tuple(w.shape))
+    pieces = "whole" if bounds is None else f"{len(bounds)} column pieces of {bounds[0][1]} columns"
+
+    def engine_slice(w, la, lb, x):
+        run = slice_chunks.SliceMerge(
+            w, la, lb, factor, key, delta_eqn=a.delta.equation, layer_eqns=eqns, out_dtype=np.dtype("float32"),
+            verify=True, bounds=bounds,
+        )  # fmt: skip
+        return [piece for _, piece in run], run.stats
+
+    out = [
+        measure(
+            lambda: engine_slice(w, la, lb, x),
+            repeats,
+            label=f"the engine's slice merge ({pieces}, `slice_chunks.SliceMerge`), fp32 out, verify, pieces on host",
+        )
+    ]
     parts: list[tuple[str, Callable[..., Any]]] = [
         (
-            "whole kernel, fp32 out, verify (what the engine runs)",
+            "whole kernel, fp32 out, verify: one `merge_slice` call on the whole slice",
             lambda w, la, lb, x: kernel(w, la, lb, factor, key, out_dtype=f32, verify=True),
         ),
         (
@@ -531,7 +552,6 @@ def kernel_profile(inputs: MergeInputs, repeats: int) -> list[dict[str, Any]]:
         ),
         ("verification: LoRA forward + merged and stored probe einsums", verification),
     ]
-    out = []
     for label, fn in parts:
         jitted = jax.jit(fn)
         out.append(measure(lambda jitted=jitted: jitted(w, la, lb, x), repeats, label=label))
@@ -693,9 +713,18 @@ def section_peft(args: Args, *, accelerator: bool) -> dict[str, Any]:
 def section_save(args: Args, workdir: pathlib.Path) -> dict[str, Any]:
     experts = experts_for(args)
     out = _saves(experts, args.depth, workdir, repeats=args.repeats)
-    # The streamed merge's memory at twice the depth: does it grow with the model?
-    more = _saves(experts, 2 * args.depth, workdir, repeats=1, without=False, warmup=False)
-    return {**out, "merged_more": more["merged"], "tree_bytes_more": more["tree_bytes"], "depth": args.depth}
+    # The streamed merge's memory at its steady state and at twice that depth: does it grow with the model?
+    mem = _saves(experts, args.memory_depth, workdir, repeats=1, without=False, warmup=False)
+    more = _saves(experts, 2 * args.memory_depth, workdir, repeats=1, without=False, warmup=False)
+    return {
+        **out,
+        "depth": args.depth,
+        "memory_depth": args.memory_depth,
+        "merged_mem": mem["merged"],
+        "tree_bytes_mem": mem["tree_bytes"],
+        "merged_more": more["merged"],
+        "tree_bytes_more": more["tree_bytes"],
+    }
 
 
 def _saves(
@@ -978,7 +1007,7 @@ def spawn(args: Args, python: pathlib.Path, plat: str, section: str) -> dict[str
 
 def _forward_args(args: Args, *, workdir: bool = True) -> list[str]:
     out = ["--depth", str(args.depth), "--prefix-depth", str(args.prefix_depth), "--repeats", str(args.repeats)]
-    out += ["--serving-repeats", str(args.serving_repeats)]
+    out += ["--serving-repeats", str(args.serving_repeats), "--memory-depth", str(args.memory_depth)]
     if args.tiny:
         out.append("--tiny")
     if workdir and args.workdir is not None:

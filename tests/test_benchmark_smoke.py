@@ -44,6 +44,7 @@ ROWS = {
     "**prefix: speedup": "serving",
     "suffix: LoRA model": "serving",
     "**suffix: speedup": "serving",
+    "the engine's slice merge": "merge",
     "whole kernel, fp32 out, verify": "merge",
     "stat base_norm": "merge",
     "verification: LoRA forward": "merge",

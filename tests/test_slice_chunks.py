@@ -91,7 +91,7 @@ def test_streamed_checkpoint_is_the_same_when_chunked(step_dir, fixture_lora, fi
     # Each piece was written as its own chunk: one layer, the piece's columns.
     layout = json.loads(next((out / "array_metadatas").iterdir()).read_text())["array_metadatas"]
     write_shapes = {m["array_metadata"]["param_name"]: m["array_metadata"]["write_shape"] for m in layout}
-    depth, gates, width, mlp = fixture_params[GATING].shape
+    _, gates, width, mlp = fixture_params[GATING].shape
     columns = slice_chunks.column_bounds("BTD,GDF->GBTF", (gates, width, mlp))[0][1]
     assert columns < mlp
     assert write_shapes["params." + GATING.replace("/", ".")] == [1, gates, width, columns]
