@@ -449,11 +449,13 @@ def write_step(step: pathlib.Path, flat: dict[str, np.ndarray]) -> None:
 
 def floor_disk(step: pathlib.Path, out: pathlib.Path, inputs: MergeInputs, out_dtype: str) -> None:
     """The same I/O as `merge_checkpoint` without the math: read each weight and its adapters with Orbax, convert,
-    stream to Orbax slice by slice, checksum the files (manifest), fsync and commit; other leaves passed through.
+    stream to Orbax in the engine's column pieces, checksum the files (manifest), fsync and commit; other leaves
+    passed through.
     """
     from openpi_merge_plugin import adapters as _adapters
     from openpi_merge_plugin import orbax_stream
     from openpi_merge_plugin import output
+    from openpi_merge_plugin import slice_chunks
     from openpi_merge_plugin import sources
 
     source = sources.OrbaxSource(step / "params")
@@ -473,8 +475,17 @@ def floor_disk(step: pathlib.Path, out: pathlib.Path, inputs: MergeInputs, out_d
             if path in by_base:
                 a = by_base[path]
                 w = source.read([a.base_path, a.a_path, a.b_path])[a.base_path]
-                slices = ((index, w[index].astype(out_dtype)) for index in np.ndindex(*a.lead_shape))
-                yield orbax_stream.LeafWrite(path, slices, len(a.lead_shape))
+                lead = len(a.lead_shape)
+                bounds = slice_chunks.column_bounds(a.delta.layer_equation, w.shape[lead:])
+                if bounds is None:  # written in the same pieces as the engine writes
+                    pieces = ((index, w[index].astype(out_dtype)) for index in np.ndindex(*a.lead_shape))
+                else:
+                    pieces = (
+                        ((*index, cols), w[index][..., cols].astype(out_dtype))
+                        for index in np.ndindex(*a.lead_shape)
+                        for cols in (slice(*b) for b in bounds)
+                    )
+                yield orbax_stream.LeafWrite(path, pieces, lead, None if bounds is None else bounds[0][1])
 
     with output.staged_directory(out, overwrite=True) as tmp:
         orbax_stream.save(tmp / "params", structure, stream)
