@@ -13,8 +13,10 @@ a stream and writes each one, slice by slice, before pulling the next.
 Why the result is an ordinary checkpoint: each array is written by the same code path as Orbax's own `ArrayHandler`
 (the same TensorStore spec builder, the same zarr metadata and OCDBT kvstore, the same sharding and ArrayMetadata
 records, typestr `jax.Array`). The only difference is the write shape: a weight with scanned layers is written
-as if it were sharded along its layer axis (one chunk row per layer), which is how Orbax writes an FSDP-sharded
-array. Readers (`restore_params`, `PyTreeCheckpointer.restore`, `metadata`) do not depend on the write shape.
+as if it were sharded along its layer axis (one chunk row per layer), and a large layer slice, which the engine
+merges in column pieces, as if also sharded along its last axis (one chunk per piece); that is how Orbax writes an
+FSDP-sharded array. Readers (`restore_params`, `PyTreeCheckpointer.restore`, `metadata`) do not depend on the write
+shape.
 This module uses Orbax internals below its public API; the project pins orbax-checkpoint <0.12 for that reason
 and the tests compare its output with `PyTreeCheckpointer.save` leaf by leaf, bitwise.
 """
