@@ -731,8 +731,13 @@ def section_save(args: Args, workdir: pathlib.Path) -> dict[str, Any]:
     experts = experts_for(args)
     out = _saves(experts, args.depth, workdir, repeats=args.repeats)
     # The streamed merge's memory at its steady state and at twice that depth: does it grow with the model?
-    mem = _saves(experts, args.memory_depth, workdir, repeats=1, without=False, warmup=False)
-    more = _saves(experts, 2 * args.memory_depth, workdir, repeats=1, without=False, warmup=False)
+    # Also with no write buffer (`host_buffer_mib=0`): the engine's own memory, without written data waiting for
+    # TensorStore.
+    mem, more, mem0, more0 = (
+        _saves(experts, depth, workdir, repeats=1, without=False, warmup=False, host_buffer_bytes=buffer)
+        for buffer in (None, 0)
+        for depth in (args.memory_depth, 2 * args.memory_depth)
+    )
     return {
         **out,
         "depth": args.depth,
@@ -741,6 +746,8 @@ def section_save(args: Args, workdir: pathlib.Path) -> dict[str, Any]:
         "tree_bytes_mem": mem["tree_bytes"],
         "merged_more": more["merged"],
         "tree_bytes_more": more["tree_bytes"],
+        "merged_mem_nobuffer": mem0["merged"],
+        "merged_more_nobuffer": more0["merged"],
     }
 
 
@@ -752,6 +759,7 @@ def _saves(
     repeats: int,
     without: bool = True,
     warmup: bool = True,
+    host_buffer_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Times openpi's `params` item save and the `merged` item's write of the same live params (jax.Arrays)."""
     import jax
@@ -783,8 +791,9 @@ def _saves(
         # What the `merged` item's handler does with openpi's live params (merged_item._merge).
         d = fresh()
         source = sources.InMemorySource(params)
+        buffer = {} if host_buffer_bytes is None else {"host_buffer_bytes": host_buffer_bytes}
         api.write_merged(
-            d, source, inputs.adapters, inputs.resolved, engine.MergeOptions(), source_info={}, output_path=d
+            d, source, inputs.adapters, inputs.resolved, engine.MergeOptions(), source_info={}, output_path=d, **buffer
         )
 
     fns = {"without": save_params, "merged": merged_write} if without else {"merged": merged_write}

@@ -52,6 +52,9 @@ ROWS = {
     "1. merge <= 1.5x the floor, in memory": "merge",
     "2. no slower than PEFT": "merge+peft",
     "4. extra memory <= one layer slice": "save",
+    "4. the same with the default 512 MiB write buffer": "save",
+    "streamed from memory with no write buffer": "save",
+    "**growth per added layer** (no write buffer)": "save",
 }
 
 
