@@ -10,7 +10,8 @@ bf16 base weights, fp32 adapters with openpi's shipped ranks and alphas) at `--d
 1. merge time against a plain dtype-converting copy of the same weights (the floor), in memory and on disk;
 2. PEFT's `merge_and_unload` on a PyTorch model with the same weight shapes, ranks and dtypes (`bench` extra);
 3. the naive merge (every full delta materialised at once): time and peak memory;
-4. the engine's peak extra memory, host and device;
+4. the engine's peak extra memory, host and device (streamed from live params at `--memory-depth` layers and
+   twice that, with the default write buffer and with none);
 5. a save with merge-on-save against one without (and, with openpi, a real tiny training run's saves);
 6. serving: openpi's LLM forward passes with the LoRA config against the merged one (needs openpi).
 
