@@ -272,6 +272,8 @@ def _merge_pieces(
             yield at, piece
             start = time.perf_counter()
             del piece
+        # A slice's checks need all its pieces, so they run after its pieces went out: a consumer that stores them
+        # (a staging directory, `materialize`'s array) discards its work when this raises.
         stats = run.stats
         where = f"{adapter.base_path}" + (f" (layer {index[0] if n_lead == 1 else index})" if n_lead else "")
         if not options.allow_nonfinite:

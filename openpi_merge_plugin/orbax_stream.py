@@ -39,7 +39,7 @@ from orbax.checkpoint._src.serialization import type_handlers as _type_handlers
 from openpi_merge_plugin import sources as _sources
 from openpi_merge_plugin.adapters import ShapeDtype
 
-# Data handed to TensorStore but not yet written, at most (one more slice may be in flight beyond it).
+# Data handed to TensorStore but not yet written, at most (one more piece may be in flight beyond it).
 MAX_INFLIGHT_BYTES = 512 << 20
 
 
@@ -56,17 +56,22 @@ class PendingLeaf:
 Index = tuple[int | slice, ...]
 
 
+def _split(index: Index) -> tuple[tuple[int, ...], slice | None]:
+    """(the ints into the leading axes, the trailing `slice` of the last axis or None)."""
+    if index and isinstance(index[-1], slice):
+        return index[:-1], index[-1]
+    return index, None
+
+
 def region(index: Index) -> tuple[Any, ...]:
     """`index` as a NumPy / TensorStore index: a trailing `slice` addresses the last axis."""
-    if index and isinstance(index[-1], slice):
-        return (*index[:-1], Ellipsis, index[-1])
-    return index
+    ints, columns = _split(index)
+    return ints if columns is None else (*ints, Ellipsis, columns)
 
 
 def _region_shape(shape: tuple[int, ...], index: Index, lead_ndim: int) -> tuple[int, ...] | None:
     """The shape `index` addresses in an array of `shape`; None if it is not a piece of a slice as written."""
-    columns = index[-1] if index and isinstance(index[-1], slice) else None
-    ints = index[:-1] if columns is not None else index
+    ints, columns = _split(index)
     if len(ints) != lead_ndim:
         return None
     rest = shape[lead_ndim:]
@@ -171,7 +176,8 @@ class StreamingArrayHandler(_type_handlers.ArrayHandler):
         )
 
     async def _write_leaf(self, item: LeafWrite, leaf: PendingLeaf, info: Any, inflight: _Inflight):
-        """Writes one leaf slice by slice (as ArrayHandler writes an array sharded on its leading axes)."""
+        """Writes one leaf piece by piece (as ArrayHandler writes an array sharded on its leading axes, and on its
+        last axis when the pieces are column pieces)."""
         import tensorstore as ts
 
         chunk = (1,) * item.lead_ndim + leaf.shape[item.lead_ndim :]

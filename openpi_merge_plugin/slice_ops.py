@@ -1,7 +1,7 @@
 """Per-layer-slice device kernels: merge one slice, or check a stored merged slice, against openpi's LoRA forward.
 
-Everything is float32 on the JAX default device. One jit per (adapter shape, equation); the slice is the unit of
-device memory, so a full-size gemma_2b MLP weight costs one [2, 2048, 16384] slice at a time.
+Everything is float32 on the JAX default device. One jit per (adapter shape, equation). The engine calls
+`merge_slice` on a slice or on a column piece of one (`slice_chunks`), so the device holds one piece at a time.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def merge_slice(
     `layer_eqns` are the layer equation and openpi's two LoRA equations, in letters. With `verify`, a random probe
     goes through openpi's LoRA forward (base einsum + scaled two-step LoRA einsum, all float32) and through the
     plain einsum with the merged weight: `err_max` is max|difference| (`err_stored_max`: with the weight as stored),
-    `want_max` max|LoRA output|; their ratio is the slice's relative error (`slice_chunks.merge` forms it).
+    `want_max` max|LoRA output|; their ratio is the slice's relative error (`slice_chunks.SliceMerge` forms it, over all pieces).
     """
     f32 = jnp.float32
     w32, a32, b32 = w.astype(f32), a.astype(f32), b.astype(f32)
