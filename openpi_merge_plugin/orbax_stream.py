@@ -39,8 +39,9 @@ from orbax.checkpoint._src.serialization import type_handlers as _type_handlers
 from openpi_merge_plugin import sources as _sources
 from openpi_merge_plugin.adapters import ShapeDtype
 
-# Data handed to TensorStore but not yet written, at most (one more piece may be in flight beyond it).
-MAX_INFLIGHT_BYTES = 512 << 20
+# Data handed to TensorStore but not yet written, at most (one more piece may be in flight beyond it). Enough to
+# overlap writing with merging: on the CI machine 64 MiB merges as fast as 512 MiB (docs/benchmark.md §4).
+MAX_INFLIGHT_BYTES = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +200,9 @@ class StreamingArrayHandler(_type_handlers.ArrayHandler):
             if (host.shape, host.dtype) != (want, np.dtype(leaf.dtype)):
                 raise RuntimeError(f"{item.path}{list(index)}: got {host.dtype}{list(host.shape)}, want {want}")
             nbytes = host.nbytes
-            write = store[region(index)].write(host)
+            # As Orbax's own ArrayHandler writes: TensorStore keeps the piece itself, not a copy of it, until written
+            # (pieces are never modified once handed over), so a waiting write holds the piece and its zstd output.
+            write = store[region(index)].write(host, can_reference_source_data_indefinitely=True)
             del value, host
             await inflight.add(write, nbytes)
         return spec.metadata

@@ -25,7 +25,7 @@ class MergeOnSaveOptions:
     tolerance: float = 1e-4
     # Merged data allowed to wait for TensorStore's writes, in MiB, so that writing overlaps merging. TensorStore
     # holds it with its zstd output, up to about twice this; 0 writes each piece before merging the next.
-    host_buffer_mib: int = 512
+    host_buffer_mib: int = 64
     # A failed merge stops training (by default it is logged, recorded in <step>/merged/MERGE_FAILED.json,
     # and training goes on; the LoRA checkpoint is saved either way).
     fatal: bool = False

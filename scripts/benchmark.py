@@ -58,6 +58,8 @@ PI0_SUFFIX_TOKENS = 1 + 50  # state token + action_horizon
 Section = Literal["merge", "peft", "save", "serving", "train", "cli"]
 ALL_SECTIONS: tuple[Section, ...] = ("merge", "peft", "save", "serving", "train")
 OPENPI_SECTIONS = ("serving", "train")
+# Write buffers (`host_buffer_mib`) measured in section 4 besides none and the default.
+BUFFER_SWEEP_MIB = (128, 512)
 
 logger = logging.getLogger("benchmark")
 
@@ -70,7 +72,8 @@ class Args:
     # layer and its memory do not depend on depth; depth only scales the run time.
     depth: int = 2
     # LLM layers for the streamed merge's memory (section 4), measured there and at twice that. Enough fp32 slices
-    # of the largest weight (256 MiB each) to fill the writer's 512 MiB buffer, so that memory is at its steady state.
+    # of the largest weight (256 MiB each) to fill the largest write buffer measured (512 MiB), so that memory is at
+    # its steady state.
     memory_depth: int = 4
     # Layers in the serving prefix pass (gemma_2b over 816 tokens: seconds per layer on a CPU). The suffix pass
     # (action expert, 51 tokens, attending to an 816-token KV cache) runs all 18.
@@ -729,6 +732,8 @@ def section_peft(args: Args, *, accelerator: bool) -> dict[str, Any]:
 
 
 def section_save(args: Args, workdir: pathlib.Path) -> dict[str, Any]:
+    from openpi_merge_plugin import orbax_stream
+
     experts = experts_for(args)
     out = _saves(experts, args.depth, workdir, repeats=args.repeats)
     # The streamed merge's memory at its steady state and at twice that depth: does it grow with the model?
@@ -739,10 +744,23 @@ def section_save(args: Args, workdir: pathlib.Path) -> dict[str, Any]:
         for buffer in (None, 0)
         for depth in (args.memory_depth, 2 * args.memory_depth)
     )
+    # What the write buffer buys: time and memory at twice the depth, per buffer size, the sizes taking turns.
+    sizes = sorted({0, orbax_stream.MAX_INFLIGHT_BYTES >> 20, *BUFFER_SWEEP_MIB})
+    sweep = _saves(
+        experts,
+        2 * args.memory_depth,
+        workdir,
+        repeats=2,
+        without=False,
+        warmup=False,
+        buffers={str(mib): mib << 20 for mib in sizes},
+    )
     return {
         **out,
         "depth": args.depth,
         "memory_depth": args.memory_depth,
+        "host_buffer_mib": orbax_stream.MAX_INFLIGHT_BYTES >> 20,
+        "buffer_sweep": {str(mib): sweep[str(mib)] for mib in sizes},
         "merged_mem": mem["merged"],
         "tree_bytes_mem": mem["tree_bytes"],
         "merged_more": more["merged"],
@@ -761,8 +779,12 @@ def _saves(
     without: bool = True,
     warmup: bool = True,
     host_buffer_bytes: int | None = None,
+    buffers: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Times openpi's `params` item save and the `merged` item's write of the same live params (jax.Arrays)."""
+    """Times openpi's `params` item save and the `merged` item's write of the same live params (jax.Arrays).
+
+    With `buffers` (name -> `host_buffer_bytes`), times one merged write per entry instead, under those names.
+    """
     import jax
     import orbax.checkpoint as ocp
 
@@ -788,16 +810,28 @@ def _saves(
         with ocp.PyTreeCheckpointer() as ckptr:
             ckptr.save(fresh() / "params", {"params": params})
 
-    def merged_write() -> None:
-        # What the `merged` item's handler does with openpi's live params (merged_item._merge).
-        d = fresh()
-        source = sources.InMemorySource(params)
-        buffer = {} if host_buffer_bytes is None else {"host_buffer_bytes": host_buffer_bytes}
-        api.write_merged(
-            d, source, inputs.adapters, inputs.resolved, engine.MergeOptions(), source_info={}, output_path=d, **buffer
-        )
+    def merged_write(host_buffer_bytes: int | None) -> Callable[[], None]:
+        def write() -> None:
+            # What the `merged` item's handler does with openpi's live params (merged_item._merge).
+            d = fresh()
+            source = sources.InMemorySource(params)
+            buffer = {} if host_buffer_bytes is None else {"host_buffer_bytes": host_buffer_bytes}
+            api.write_merged(
+                d,
+                source,
+                inputs.adapters,
+                inputs.resolved,
+                engine.MergeOptions(),
+                source_info={},
+                output_path=d,
+                **buffer,
+            )
 
-    fns = {"without": save_params, "merged": merged_write} if without else {"merged": merged_write}
+        return write
+
+    merged = {"merged": host_buffer_bytes} if buffers is None else buffers
+    fns = {"without": save_params} if without else {}
+    fns.update({name: merged_write(size) for name, size in merged.items()})
     out: dict[str, Any] = measure_all(fns, repeats, warmup=warmup, setup=clean)
     clean()
     out["tree_bytes"] = nbytes(inputs.flat)

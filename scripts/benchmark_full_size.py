@@ -77,25 +77,27 @@ def training_layout(depth: int) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def build_step(step: pathlib.Path, depth: int, seed: int = 0) -> int:
-    """Writes a random LoRA step directory (streamed, so it fits in memory); returns its params' bytes."""
+    """Writes a random LoRA step directory (streamed one leaf at a time, so it fits in memory); returns its params'
+    bytes. Each leaf is one chunk, as `save_state` writes the params of a run on one device (Orbax's write shape is
+    the array's), so a reader has to decode each weight whole, as it would for a real checkpoint."""
     from openpi_merge_plugin import orbax_stream
     from openpi_merge_plugin.adapters import ShapeDtype
 
     layout = training_layout(depth)
     rng = np.random.default_rng(seed)
 
+    def leaf(shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        out = np.empty(shape, dtype)
+        for index in np.ndindex(*shape[:1]):  # filled a layer at a time, to keep the float32 draw small
+            x = rng.random(shape[1:], dtype=np.float32)
+            x -= 0.5
+            x *= 0.04
+            out[index] = x
+        return out
+
     def stream():
         for path, (shape, dtype) in layout.items():
-            lead = 1 if len(shape) >= 3 else 0
-
-            def slices(shape=shape, dtype=dtype, lead=lead):
-                for index in np.ndindex(*shape[:lead]):
-                    x = rng.random(shape[lead:], dtype=np.float32)
-                    x -= 0.5
-                    x *= 0.04
-                    yield index, x.astype(dtype)
-
-            yield orbax_stream.LeafWrite(path, slices(), lead)
+            yield orbax_stream.whole(path, leaf(shape, dtype))
 
     step.mkdir(parents=True)
     orbax_stream.save(step / "params", {p: ShapeDtype(s, d) for p, (s, d) in layout.items()}, stream)

@@ -52,7 +52,10 @@ ROWS = {
     "1. merge <= 1.5x the floor, in memory": "merge",
     "2. no slower than PEFT": "merge+peft",
     "4. extra memory <= one layer slice": "save",
-    "4. the same with the default 512 MiB write buffer": "save",
+    "4. the same with the default 64 MiB write buffer": "save",
+    "write buffer: none": "save",
+    "write buffer: 64 MiB (default)": "save",
+    "write buffer: 512 MiB": "save",
     "streamed from memory with no write buffer": "save",
     "**growth per added layer** (no write buffer)": "save",
 }

@@ -81,3 +81,27 @@ def test_stream_with_a_wrong_slice_shape_fails(tmp_path):
 
     with pytest.raises(RuntimeError, match=r"a/x\[0\]: got float32\[4\]"):
         orbax_stream.save(tmp_path / "params", structure, stream)
+
+
+@pytest.mark.parametrize("max_inflight_bytes", [0, 3 * (2 * 8 * 4), orbax_stream.MAX_INFLIGHT_BYTES])
+def test_pieces_land_in_place_whatever_the_write_buffer(tmp_path, max_inflight_bytes):
+    # 3 layers x 4 column pieces of [2, 8] float32; the middle buffer lets 3 pieces wait for TensorStore at a time.
+    value = np.random.default_rng(0).standard_normal((3, 2, 32)).astype(np.float32)
+    structure = {"w": ShapeDtype(value.shape, "float32")}
+
+    def pieces():
+        for layer in range(3):
+            for start in range(0, 32, 8):
+                yield (layer, slice(start, start + 8)), value[layer, :, start : start + 8].copy()
+
+    def stream():
+        yield orbax_stream.LeafWrite("w", pieces(), lead_ndim=1, columns=8)
+
+    orbax_stream.save(tmp_path / "params", structure, stream, max_inflight_bytes=max_inflight_bytes)
+    assert _leaves(tmp_path / "params")["w"].tobytes() == value.tobytes()
+
+
+def test_merge_on_save_default_buffer_is_the_writers():
+    from openpi_merge_plugin.training_options import MergeOnSaveOptions
+
+    assert MergeOnSaveOptions().host_buffer_mib << 20 == orbax_stream.MAX_INFLIGHT_BYTES
