@@ -229,8 +229,9 @@ def _merge_pieces(
 ) -> Iterator[tuple[orbax_stream.Index, np.ndarray]]:
     busy = 0.0  # time spent here, not in the consumer between pieces
     start = time.perf_counter()
-    arrays = source.read([adapter.base_path, adapter.a_path, adapter.b_path])
-    w, a, b = arrays[adapter.base_path], arrays[adapter.a_path], arrays[adapter.b_path]
+    arrays = source.read([adapter.a_path, adapter.b_path])
+    a, b = arrays[adapter.a_path], arrays[adapter.b_path]
+    w = source.sliced(adapter.base_path)  # the base is read a layer slice at a time where the source can
     del arrays
     base_dtype = np.dtype(w.dtype).name
     weight_report = WeightReport(
@@ -298,7 +299,9 @@ def _merge_pieces(
 
 
 def _slice(x: Any, index: tuple[int, ...], n_lead: int) -> Any:
-    return x[index] if n_lead else x
+    if n_lead or isinstance(x, _sources.SlicedArray):  # a SlicedArray reads [()] whole
+        return x[index]
+    return x
 
 
 def _nbytes(sd: _adapters.ShapeDtype) -> int:

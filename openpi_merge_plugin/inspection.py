@@ -3,7 +3,8 @@
     LoRA step:  plan adapters -> per weight, per layer slice: ||dW|| / ||W|| and bf16 survival (the merge kernel)
     merged dir: the same numbers from manifest.json, plus a fresh check of its file checksums
 
-A LoRA step is read one weight at a time, so memory stays at one weight whatever the checkpoint size.
+A LoRA step is read one weight at a time (a base weight a layer slice at a time, through its decoded chunks), so
+memory stays at about one weight whatever the checkpoint size.
 """
 
 from __future__ import annotations

@@ -327,13 +327,14 @@ def _check_weight(
     tolerance: float,
     seed: int,
 ) -> WeightCheck:
-    """Checks one merged weight, slice by slice; holds only this weight's base, adapters and merged copy."""
+    """Checks one merged weight, slice by slice, reading its base and merged copy a layer slice at a time."""
     path = adapter.base_path
-    arrays = source.read([path, adapter.a_path, adapter.b_path])
-    w, a, b = arrays[path], arrays[adapter.a_path], arrays[adapter.b_path]
+    arrays = source.read([adapter.a_path, adapter.b_path])
+    a, b = arrays[adapter.a_path], arrays[adapter.b_path]
+    w = source.sliced(path)  # base and merged weight are read a layer slice at a time
     check = WeightCheck(path=path, dtype=merged.tree[path].dtype)
     try:
-        stored = merged.read([path])[path]
+        stored = merged.sliced(path)
     except CheckpointError as e:
         check.problem = f"cannot read merged weight {path}: {e}"
         return check
@@ -346,13 +347,19 @@ def _check_weight(
     n_lead = len(adapter.lead_shape)
     failed: list[tuple[Any, float, float, bool]] = []
     for flat_index, index in enumerate(np.ndindex(*adapter.lead_shape)):
+        try:
+            stored_slice = stored[index]
+        except CheckpointError as e:
+            check.problem = f"cannot read merged weight {path}: {e}"
+            return check
+        w_slice = w[index]
         stats = slice_ops.check_slice(
-            stored[index],
-            w[index],
+            stored_slice,
+            w_slice,
             a[index],
             b[index],
             jnp.float32(factor),
-            slice_ops.host_probe(np.random.default_rng([seed, path_hash, flat_index]), layer_eqns[0], w[index].shape),
+            slice_ops.host_probe(np.random.default_rng([seed, path_hash, flat_index]), layer_eqns[0], w_slice.shape),
             delta_eqn=adapter.delta.equation,
             layer_eqns=layer_eqns,
         )

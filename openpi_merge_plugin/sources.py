@@ -1,8 +1,9 @@
-"""Where params are read from: an in-memory tree, or an Orbax params item read one weight at a time."""
+"""Where params are read from: an in-memory tree, or an Orbax params item read a weight (or a layer slice) at a time."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+import logging
 import pathlib
 import re
 from typing import Any, Protocol
@@ -13,6 +14,8 @@ import numpy as np
 from openpi_merge_plugin.adapters import ShapeDtype
 from openpi_merge_plugin.errors import CheckpointError
 
+logger = logging.getLogger("openpi_merge_plugin")
+
 
 class ParamSource(Protocol):
     """Flat '/'-joined paths to arrays; `tree` gives shapes without reading."""
@@ -20,6 +23,10 @@ class ParamSource(Protocol):
     tree: dict[str, ShapeDtype]
 
     def read(self, paths: Iterable[str]) -> dict[str, Any]: ...
+
+    def sliced(self, path: str) -> Any:
+        """The leaf as an array, or as a `SlicedArray` that reads `[index]` (ints into leading axes) on demand."""
+        ...
 
     def sharding(self, path: str) -> jax.sharding.Sharding | None:
         """Where the leaf lives when it is a jax.Array (merged weights go back there), else None."""
@@ -57,6 +64,9 @@ class InMemorySource:
     def read(self, paths: Iterable[str]) -> dict[str, Any]:
         return {p: self.arrays[p] for p in paths}
 
+    def sliced(self, path: str) -> Any:
+        return self.arrays[path]
+
     def sharding(self, path: str) -> jax.sharding.Sharding | None:
         leaf = self.arrays[path]
         return leaf.sharding if isinstance(leaf, jax.Array) else None
@@ -92,6 +102,15 @@ class OrbaxSource:
     def sharding(self, path: str) -> None:
         return None
 
+    def sliced(self, path: str) -> SlicedArray | np.ndarray:
+        """The leaf, read slice by slice (`SlicedArray`); read whole, as `read` does, if TensorStore cannot open it
+        directly (a layout this module does not know: the whole read then works, or raises its usual error)."""
+        try:
+            return SlicedArray.open(self.params_dir, ("params", *self._keys[path]), path)
+        except Exception as e:
+            logger.debug("reading %s whole: %s", path, _short(e))
+            return self.read([path])[path]
+
     def read(self, paths: Iterable[str]) -> dict[str, np.ndarray]:
         paths = list(paths)
         item: dict[str, Any] = {}
@@ -120,6 +139,57 @@ class OrbaxSource:
                 node = node[part]
             out[p] = node
         return out
+
+
+class SlicedArray:
+    """An array of an Orbax (OCDBT) checkpoint, read one slice at a time: `x[index]` reads `index` (ints into its
+    leading axes, `()` for all of it) through TensorStore, with the spec Orbax reads it with.
+
+    A chunk, once decoded, stays cached while this object lives: a weight written by a one-device training run is one
+    zstd chunk, decoded once for all its layer slices instead of being copied whole into a second array first.
+    """
+
+    def __init__(self, store: Any, params_dir: pathlib.Path, path: str):
+        self._store = store
+        self._params_dir = params_dir
+        self.path = path
+        self.shape = tuple(int(d) for d in store.shape)
+        self.dtype = np.dtype(store.dtype.numpy_dtype)
+
+    @classmethod
+    def open(cls, params_dir: pathlib.Path, keys: tuple[str, ...], path: str) -> SlicedArray:
+        import json
+
+        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+        import tensorstore as ts
+
+        if not (params_dir / "manifest.ocdbt").is_file():
+            raise ValueError("not an OCDBT checkpoint")
+        zarr3 = json.loads((params_dir / "_METADATA").read_text()).get("use_zarr3", False)
+        spec = {
+            "driver": ts_utils.ZARR_VER3 if zarr3 else ts_utils.ZARR_VER2,
+            "kvstore": ts_utils.build_kvstore_tspec(params_dir.as_posix(), name=".".join(keys), use_ocdbt=True),
+            "recheck_cached_data": False,
+            "recheck_cached_metadata": False,
+        }
+        context = ts_utils.get_ts_context(use_ocdbt=True)
+        probe = ts.open(ts.Spec(spec), open=True, read=True, context=context).result()
+        # A cache of this store's own (freed with it), with room for the decoded chunks that hold one index of the
+        # first axis (a layer), so that each is decoded once; TensorStore keeps no entry as large as the whole pool,
+        # hence twice that (a limit: only what is read is held).
+        chunk, shape = probe.chunk_layout.read_chunk.shape, probe.shape
+        row = chunk[:1] + tuple(-(-n // c) * c for n, c in zip(shape[1:], chunk[1:], strict=True))
+        row_bytes = int(np.prod(row, dtype=np.int64)) * probe.dtype.numpy_dtype.itemsize
+        spec["cache_pool"] = {"total_bytes_limit": 2 * row_bytes}
+        return cls(ts.open(ts.Spec(spec), open=True, read=True, context=context).result(), params_dir, path)
+
+    def __getitem__(self, index: tuple[int, ...]) -> np.ndarray:
+        try:
+            return self._store[index].read().result()
+        except Exception as e:
+            raise CheckpointError(
+                f"cannot read {self._params_dir} (truncated or corrupted checkpoint?): {self.path}: {_short(e)}"
+            ) from e
 
 
 def _short(e: Exception) -> str:

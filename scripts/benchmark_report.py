@@ -440,7 +440,7 @@ def memory(r: Report) -> list[str]:
         ),
         *_buffer_rows(r),
         r.row(
-            "streamed from disk (`merge_checkpoint`; reads one whole weight at a time)",
+            "streamed from disk (`merge_checkpoint`; reads a base weight a layer slice at a time)",
             "merge",
             lambda m: _fraction(m["runs"]["engine_disk"], m),
         ),
@@ -460,9 +460,10 @@ def memory(r: Report) -> list[str]:
         "and its zstd output meanwhile, so the buffer costs up to about twice its size; with no buffer the rows "
         "below show the engine's own memory, and the buffer rows what other sizes cost and buy (two runs per size, "
         "the sizes taking turns: median time, larger peak). The depth rows are one run each, in one process: the "
-        "allocator makes single peaks vary by ~0.1 GiB. From disk, the merge reads each "
-        "adapted weight whole: a training run on one device writes every weight as a single zstd chunk (Orbax's "
-        "write shape is the array's), which any reader, Orbax's restore included, must decode whole."
+        "allocator makes single peaks vary by ~0.1 GiB. From disk, the merge reads a base "
+        "weight a layer slice at a time through a cache of its own: a chunk holding several layers (a training run "
+        "on one device writes each weight as one zstd chunk up to 2 GiB) is decoded once, and no whole copy of the "
+        "weight is made, where Orbax's restore holds the decoded chunk and a copy of it at once."
     )
     return r.section("4. Peak extra memory of the engine", intro, rows, first="merge path")
 

@@ -135,20 +135,31 @@ def test_json_output_has_the_same_numbers(capsys, lora_inspection, expected):
 
 
 def test_reads_one_weight_at_a_time_with_progress(monkeypatch):
-    reads, done = [], []
-    real = sources.OrbaxSource.read
+    reads, sliced, done = [], [], []
+    real_read, real_sliced = sources.OrbaxSource.read, sources.OrbaxSource.sliced
 
-    def spy(self, paths):
+    def spy_read(self, paths):
         paths = list(paths)
         reads.append(paths)
-        return real(self, paths)
+        return real_read(self, paths)
 
-    monkeypatch.setattr(sources.OrbaxSource, "read", spy)
+    def spy_sliced(self, path):
+        out = real_sliced(self, path)
+        sliced.append((path, type(out)))
+        return out
+
+    monkeypatch.setattr(sources.OrbaxSource, "read", spy_read)
+    monkeypatch.setattr(sources.OrbaxSource, "sliced", spy_sliced)
     ins = inspect_checkpoint(
         FIXTURE_STEP, lora=LoRASource(lora_config=FIXTURE_LORA_CONFIG), progress=lambda path, n: done.append(n)
     )
-    assert sorted(r[0] for r in reads) == sorted(w.path for w in ins.weights)
-    assert all(len(r) == 3 for r in reads)  # base, lora_a, lora_b of one weight; nothing else is read
+    weights = sorted(w.path for w in ins.weights)
+    # Each base weight is opened once and read a layer slice at a time; only its two adapters are read whole.
+    assert sorted(sliced) == [(p, sources.SlicedArray) for p in weights]
+    lora_leaves = [p for p in sources.OrbaxSource(FIXTURE_STEP / "params").tree if "lora" in p]
+    assert len(reads) == len(weights)
+    assert all(len(r) == 2 for r in reads)
+    assert sorted(p for r in reads for p in r) == sorted(lora_leaves)
     assert sum(done) == 30  # 10 weights x 3 layers
 
 

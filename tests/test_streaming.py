@@ -105,3 +105,27 @@ def test_merge_on_save_default_buffer_is_the_writers():
     from openpi_merge_plugin.training_options import MergeOnSaveOptions
 
     assert MergeOnSaveOptions().host_buffer_mib << 20 == orbax_stream.MAX_INFLIGHT_BYTES
+
+
+def test_sliced_reads_equal_whole_reads_bitwise(step_dir, fixture_lora):
+    # The fixture's arrays are one chunk each, as openpi writes them; a merged output is chunked per column piece.
+    merged = merge_checkpoint(step_dir, lora=fixture_lora).output / "params"
+    for params_dir in (FIXTURE_STEP / "params", merged):
+        src = sources.OrbaxSource(params_dir)
+        for path in src.tree:
+            whole = src.read([path])[path]
+            x = src.sliced(path)
+            assert isinstance(x, sources.SlicedArray), path
+            assert (x.shape, x.dtype) == (whole.shape, whole.dtype), path
+            assert x[()].tobytes() == whole.tobytes(), path
+            for layer in range(whole.shape[0] if whole.ndim >= 3 else 0):
+                assert x[(layer,)].tobytes() == whole[layer].tobytes(), (path, layer)
+
+
+def test_sliced_falls_back_to_whole_reads_without_ocdbt(tmp_path):
+    value = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)) as ckptr:
+        ckptr.save(tmp_path / "params", args=ocp.args.PyTreeSave({"params": {"w": value}}))
+    x = sources.OrbaxSource(tmp_path / "params").sliced("w")
+    assert isinstance(x, np.ndarray)
+    assert x.tobytes() == value.tobytes()
