@@ -368,7 +368,7 @@ def _buffer_mib(r: Report) -> int:
 
 
 def _buffer_rows(r: Report) -> list[list[str]]:
-    """One row per write buffer size measured at twice the memory depth: merge time and peak extra host memory."""
+    """One row per write buffer size measured at the memory depth: merge time and peak extra host memory."""
     sizes = next(
         (
             list(r.results[p]["save"]["buffer_sweep"])
@@ -384,7 +384,7 @@ def _buffer_rows(r: Report) -> list[list[str]]:
             run = s["buffer_sweep"][mib]
             base = s["buffer_sweep"][str(default)]
             return (
-                f"{2 * s['memory_depth']} layers: {fmt_time(run)}, {ratio(run, base):.2f}x the default's time; "
+                f"{s['memory_depth']} layers: {fmt_time(run)}, {ratio(run, base):.2f}x the default's time; "
                 f"host +{gib(run['host_extra'])}"
             )
 
