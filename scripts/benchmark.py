@@ -740,8 +740,8 @@ def section_save(args: Args, workdir: pathlib.Path) -> dict[str, Any]:
     # Also with no write buffer (`host_buffer_mib=0`): the engine's own memory, without written data waiting for
     # TensorStore.
     mem, more, mem0, more0 = (
-        _saves(experts, depth, workdir, repeats=1, without=False, warmup=False, host_buffer_bytes=buffer)
-        for buffer in (None, 0)
+        _saves(experts, depth, workdir, repeats=1, without=False, warmup=False, buffers={"merged": buffer})
+        for buffer in (orbax_stream.MAX_INFLIGHT_BYTES, 0)
         for depth in (args.memory_depth, 2 * args.memory_depth)
     )
     # What the write buffer buys: time and memory at the measured depth, per buffer size, the sizes taking turns.
@@ -778,18 +778,19 @@ def _saves(
     repeats: int,
     without: bool = True,
     warmup: bool = True,
-    host_buffer_bytes: int | None = None,
     buffers: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Times openpi's `params` item save and the `merged` item's write of the same live params (jax.Arrays).
 
-    With `buffers` (name -> `host_buffer_bytes`), times one merged write per entry instead, under those names.
+    `buffers` (name -> `host_buffer_bytes`): one merged write per entry, under that name; by default one, "merged",
+    with the default write buffer.
     """
     import jax
     import orbax.checkpoint as ocp
 
     from openpi_merge_plugin import api
     from openpi_merge_plugin import engine
+    from openpi_merge_plugin import orbax_stream
     from openpi_merge_plugin import sources
 
     inputs = merge_inputs(experts, depth)
@@ -810,12 +811,11 @@ def _saves(
         with ocp.PyTreeCheckpointer() as ckptr:
             ckptr.save(fresh() / "params", {"params": params})
 
-    def merged_write(host_buffer_bytes: int | None) -> Callable[[], None]:
+    def merged_write(host_buffer_bytes: int) -> Callable[[], None]:
         def write() -> None:
             # What the `merged` item's handler does with openpi's live params (merged_item._merge).
             d = fresh()
             source = sources.InMemorySource(params)
-            buffer = {} if host_buffer_bytes is None else {"host_buffer_bytes": host_buffer_bytes}
             api.write_merged(
                 d,
                 source,
@@ -824,14 +824,14 @@ def _saves(
                 engine.MergeOptions(),
                 source_info={},
                 output_path=d,
-                **buffer,
+                host_buffer_bytes=host_buffer_bytes,
             )
 
         return write
 
-    merged = {"merged": host_buffer_bytes} if buffers is None else buffers
+    buffers = {"merged": orbax_stream.MAX_INFLIGHT_BYTES} if buffers is None else buffers
     fns = {"without": save_params} if without else {}
-    fns.update({name: merged_write(size) for name, size in merged.items()})
+    fns.update({name: merged_write(size) for name, size in buffers.items()})
     out: dict[str, Any] = measure_all(fns, repeats, warmup=warmup, setup=clean)
     clean()
     out["tree_bytes"] = nbytes(inputs.flat)

@@ -6,6 +6,7 @@ The benchmark itself is not part of the tests.
 """
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -87,6 +88,15 @@ def test_benchmark_tiny_writes_every_row(tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--from-json", str(out.with_suffix(".json")), "--output", str(again)]
     subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=True)
     assert again.read_text() == text
+    # A run without the save section (e.g. `--sections merge`) still renders: its rows say so.
+    raw = json.loads(out.with_suffix(".json").read_text())
+    for results in raw["results"].values():
+        results.pop("save")
+    partial_json, partial = tmp_path / "partial.json", tmp_path / "partial.md"
+    partial_json.write_text(json.dumps(raw))
+    cmd = [sys.executable, str(SCRIPT), "--from-json", str(partial_json), "--output", str(partial)]
+    subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert _rows(partial.read_text())["4. the same with the default write buffer (see section 4)"][0] == "not run"
     for heading in (
         "## 1.",
         "## 2.",
