@@ -19,6 +19,7 @@ from openpi_merge_plugin import engine
 from openpi_merge_plugin import lora_configs
 from openpi_merge_plugin import orbax_stream
 from openpi_merge_plugin import output as _output
+from openpi_merge_plugin import serving
 from openpi_merge_plugin import sources
 from openpi_merge_plugin.errors import CheckpointError
 from openpi_merge_plugin.errors import ConfigError
@@ -79,6 +80,17 @@ def resolve_lora(tree: dict[str, _adapters.ShapeDtype], how: LoRASource) -> Reso
     return lora_configs.infer_shipped(tree)
 
 
+def serving_for(
+    resolved: ResolvedLoRA, structure: dict[str, _adapters.ShapeDtype], run_config: Any | None = None
+) -> serving.ServingConfig:
+    """The openpi config that serves a merge with this structure, checked in this process; or why there is none."""
+    if resolved.config_name is None:
+        return serving.without_openpi_config(resolved.source)
+    from openpi_merge_plugin.openpi_glue import serving_configs
+
+    return serving_configs.check(resolved.config_name, structure, run_config)
+
+
 def merge_checkpoint(
     step_dir: pathlib.Path | str,
     *,
@@ -103,6 +115,7 @@ def merge_checkpoint(
 
     source_info = {"step_dir": str(step_dir), "step": _step_number(step_dir), "params": str(params_dir)}
     structure = engine.merged_structure(source.tree, adapters, options)
+    serving_config = serving_for(resolved, structure)
     needed = sum(int(np.prod(sd.shape, dtype=np.int64)) * np.dtype(sd.dtype).itemsize for sd in structure.values())
     with _output.write_errors(out, needed), _output.staged_directory(out, overwrite=overwrite) as tmp:
         assets = step_dir / "assets"
@@ -114,6 +127,7 @@ def merge_checkpoint(
             options,
             source_info=source_info,
             output_path=out,
+            serving_config=serving_config,
             save_assets=(lambda d: shutil.copytree(assets, d)) if assets.is_dir() else None,
             progress=progress,
         )
@@ -130,6 +144,7 @@ def write_merged(
     *,
     source_info: dict[str, Any],
     output_path: pathlib.Path,
+    serving_config: serving.ServingConfig,
     save_assets: Callable[[pathlib.Path], None] | None = None,
     progress: engine.ProgressFn | None = None,
     host_buffer_bytes: int = orbax_stream.MAX_INFLIGHT_BYTES,
@@ -146,7 +161,7 @@ def write_merged(
         save_assets(directory / "assets")
     report.timings["total"] = time.perf_counter() - start
     report.timings["read_write"] = report.timings["total"] - report.timings.get("merge", 0.0)
-    manifest = build_manifest(source_info, output_path, resolved, options, report)
+    manifest = build_manifest(source_info, output_path, resolved, serving_config, options, report)
     return _output.write_manifest(directory, manifest), report
 
 
@@ -154,6 +169,7 @@ def build_manifest(
     source_info: dict[str, Any],
     out: pathlib.Path,
     resolved: ResolvedLoRA,
+    serving_config: serving.ServingConfig,
     options: engine.MergeOptions,
     report: MergeReport,
 ) -> dict[str, Any]:
@@ -164,7 +180,7 @@ def build_manifest(
         "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "source": source_info,
         "output": str(out),
-        "serving_config": resolved.serving_config,
+        **serving_config.to_json(),
         "lora_config": resolved.to_json(),
         "options": dataclasses.asdict(options),
         "dtype_policy": {

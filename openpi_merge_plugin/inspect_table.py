@@ -65,8 +65,7 @@ def _facts(ins: Inspection) -> list[str]:
     variants = ", ".join(f"expert {i}: {e.get('variant')}" for i, e in experts.items())
     lines = [f"LoRA config: {ins.lora_config.get('source', '?')}" + (f" ({variants})" if variants else "")]
     if ins.kind == "lora":
-        if ins.serving_config:
-            lines.append(f"serve the merged checkpoint with config {ins.serving_config}")
+        lines.append(f"merged: {ins.serving.describe()}")
         return lines
     m = ins.manifest or {}
     source = m.get("source") or {}
@@ -81,7 +80,7 @@ def _facts(ins: Inspection) -> list[str]:
     lines += [
         f"merged from {source.get('step_dir', '?')} by {plugin} ({m.get('created_utc', '?')})",
         f"merged weights stored as {merged_dtype}, strength {strength:g}, {verified}",
-        f"serving config: {ins.serving_config or 'none recorded (merged without --config)'}",
+        ins.serving.describe(),
     ]
     return lines
 

@@ -26,6 +26,7 @@ from openpi_merge_plugin import sources
 from openpi_merge_plugin.errors import CheckpointError
 from openpi_merge_plugin.lora_configs import ResolvedLoRA
 from openpi_merge_plugin.report import WeightReport
+from openpi_merge_plugin.serving import ServingConfig
 
 logger = logging.getLogger("openpi_merge_plugin")
 
@@ -122,7 +123,7 @@ class Inspection:
     step: int | None
     weights: tuple[WeightStats, ...]
     lora_config: dict[str, Any]  # as the manifest records it (`ResolvedLoRA.to_json()`)
-    serving_config: str | None
+    serving: ServingConfig  # what serves the merged checkpoint (for a LoRA step: what a merge would record)
     manifest: dict[str, Any] | None = None  # merged only: the manifest without its weights and files
     checksums: ChecksumStatus | None = None  # merged only; None if not checked
 
@@ -135,7 +136,7 @@ class Inspection:
             "path": str(self.path),
             "kind": self.kind,
             "step": self.step,
-            "serving_config": self.serving_config,
+            **self.serving.to_json(),
             "lora_config": self.lora_config,
             "manifest": self.manifest,
             "checksums": None if self.checksums is None else self.checksums.to_json(),
@@ -207,7 +208,7 @@ def _inspect_lora(
         step=int(step_dir.name) if step_dir.name.isdigit() else None,
         weights=tuple(sorted(weights, key=lambda w: (w.expert, w.path))),
         lora_config=resolved.to_json(),
-        serving_config=resolved.serving_config,
+        serving=api.serving_for(resolved, engine.merged_structure(source.tree, adapters, engine.MergeOptions())),
     )
 
 
@@ -226,7 +227,9 @@ def _inspect_merged(root: pathlib.Path, *, checksums: bool) -> Inspection:
         step=step,
         weights=tuple(sorted(weights, key=lambda w: (w.expert, w.path))),
         lora_config=manifest.get("lora_config") or {},
-        serving_config=manifest.get("serving_config"),
+        serving=ServingConfig(
+            manifest.get("serving_config"), manifest.get("serving_config_reason") or "none recorded in the manifest"
+        ),
         manifest={k: v for k, v in manifest.items() if k not in _MANIFEST_OWN_KEYS},
         checksums=check_files(root, recorded) if checksums else None,
     )

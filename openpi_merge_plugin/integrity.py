@@ -269,7 +269,7 @@ def _resolve_lora(
         return lora
     if lora is not None:
         return api.resolve_lora(tree, lora)
-    recorded = ResolvedLoRA.from_json(manifest["lora_config"], serving_config=manifest.get("serving_config"))
+    recorded = ResolvedLoRA.from_json(manifest["lora_config"])
     return dataclasses.replace(recorded, source=f"recorded in the manifest ({recorded.source})")
 
 

@@ -40,8 +40,7 @@ class ResolvedLoRA:
 
     experts: dict[int, ExpertLoRA]
     source: str
-    config_name: str | None = None
-    serving_config: str | None = None
+    config_name: str | None = None  # the openpi TrainConfig they were read from, if any
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -51,7 +50,7 @@ class ResolvedLoRA:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], *, serving_config: str | None = None) -> ResolvedLoRA:
+    def from_json(cls, data: dict[str, Any]) -> ResolvedLoRA:
         """Reads back `to_json` (a manifest's `lora_config`); raises ConfigError if it is malformed."""
         try:
             experts = {int(i): ExpertLoRA.from_json(e) for i, e in data["experts"].items()}
@@ -59,7 +58,6 @@ class ResolvedLoRA:
                 experts=experts,
                 source=str(data["source"]),
                 config_name=data.get("config_name"),
-                serving_config=serving_config,
             )
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"recorded LoRA config is malformed: {e!r}") from e
@@ -79,7 +77,6 @@ def from_file(path: pathlib.Path | str) -> ResolvedLoRA:
         experts=experts,
         source=f"file {path}",
         config_name=data.get("config_name"),
-        serving_config=data.get("serving_config"),
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from openpi_merge_plugin import serving
 from openpi_merge_plugin.errors import ConfigError
 from openpi_merge_plugin.lora_configs import ResolvedLoRA
 from openpi_merge_plugin.lora_spec import ExpertLoRA
@@ -19,16 +18,20 @@ def openpi_available() -> bool:
     return True
 
 
-def model_variants(model: Any) -> tuple[list[str], Any]:
-    """The gemma variants of a model config (one per expert) and the `get_config` that resolves them."""
-    if hasattr(model, "action_expert_variant"):  # pi0, pi0.5: two experts in openpi.models.gemma
+def model_variants(model: Any) -> tuple[tuple[str, ...], Any]:
+    """The model config's gemma variant fields (one per expert, in expert order) and the gemma module they name.
+
+    Told apart by the fields the model config has, as openpi builds them: pi0 / pi0.5 carry two experts of
+    `openpi.models.gemma`, pi0-FAST one of `openpi.models.gemma_fast`.
+    """
+    if hasattr(model, "action_expert_variant"):
         from openpi.models import gemma
 
-        return [model.paligemma_variant, model.action_expert_variant], gemma.get_config
-    if hasattr(model, "paligemma_variant"):  # pi0-FAST: one expert in openpi.models.gemma_fast
+        return ("paligemma_variant", "action_expert_variant"), gemma
+    if hasattr(model, "paligemma_variant"):
         from openpi.models import gemma_fast
 
-        return [model.paligemma_variant], gemma_fast.get_config
+        return ("paligemma_variant",), gemma_fast
     raise ConfigError(
         f"model config {type(model).__name__} has no gemma variants; the merge supports pi0/pi0.5/pi0-FAST"
     )
@@ -36,17 +39,17 @@ def model_variants(model: Any) -> tuple[list[str], Any]:
 
 def lora_from_model(model: Any, *, config_name: str | None = None) -> ResolvedLoRA:
     """Reads `lora_configs` of each expert's live gemma config, so user-defined variants work."""
-    variants, get_config = model_variants(model)
+    fields, module = model_variants(model)
     experts = {}
-    for i, variant in enumerate(variants):
-        lora_configs = getattr(get_config(variant), "lora_configs", None) or {}
+    for i, field in enumerate(fields):
+        variant = getattr(model, field)
+        lora_configs = getattr(module.get_config(variant), "lora_configs", None) or {}
         specs = {k: LoRASpec.from_openpi(lora_configs[k]) for k in ("attn", "ffn") if lora_configs.get(k) is not None}
         experts[i] = ExpertLoRA(variant, **specs)
     return ResolvedLoRA(
         experts=experts,
         source=f"openpi config {config_name}" if config_name else f"openpi model {type(model).__name__}",
         config_name=config_name,
-        serving_config=serving.serving_config_name(config_name) if config_name else None,
     )
 
 

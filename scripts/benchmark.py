@@ -791,6 +791,7 @@ def _saves(
     from openpi_merge_plugin import api
     from openpi_merge_plugin import engine
     from openpi_merge_plugin import orbax_stream
+    from openpi_merge_plugin import serving
     from openpi_merge_plugin import sources
 
     inputs = merge_inputs(experts, depth)
@@ -824,6 +825,7 @@ def _saves(
                 engine.MergeOptions(),
                 source_info={},
                 output_path=d,
+                serving_config=serving.ServingConfig(None, "benchmark"),
                 host_buffer_bytes=host_buffer_bytes,
             )
 

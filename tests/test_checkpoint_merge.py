@@ -110,7 +110,9 @@ def test_manifest_records_what_was_done_and_checksums_match(merged_fp32):
     assert manifest["verified"] is True
     assert manifest["max_rel_err"] < 1e-5
     assert manifest["dtype_policy"]["merged_weights"] == "float32"
-    assert manifest["serving_config"] is None  # source config unknown without --config
+    # The LoRA config came from a file, not a registered TrainConfig: no serving config, and the manifest says why.
+    assert manifest["serving_config"] is None
+    assert "not from a registered openpi TrainConfig" in manifest["serving_config_reason"]
     by_path = {w["path"]: w for w in manifest["weights"]}
     q0 = by_path["PaliGemma/llm/layers/attn/q_einsum/w"]
     assert (q0["rank"], q0["alpha"], q0["scale"]) == (4, 8.0, 2.0)

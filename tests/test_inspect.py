@@ -166,7 +166,8 @@ def test_reads_one_weight_at_a_time_with_progress(monkeypatch):
 def test_merged_dir_reports_its_manifest_and_checksums(merged_dir, lora_inspection):
     manifest = json.loads((merged_dir / "manifest.json").read_text())
     ins = inspect_checkpoint(merged_dir)
-    assert (ins.kind, ins.step, ins.serving_config) == ("merged", 2, None)
+    assert (ins.kind, ins.step, ins.serving.name) == ("merged", 2, None)
+    assert ins.serving.reason == manifest["serving_config_reason"]
     assert ins.checksums.ok
     assert ins.checksums.files == len(manifest["files"])
     assert ins.lora_config == manifest["lora_config"]
@@ -229,7 +230,7 @@ def test_table_shows_names_and_numbers(capsys, expected, merged_dir):
     code, out, _ = _main(capsys, merged_dir)
     assert code == 0
     assert f"merged checkpoint {merged_dir} (step 2)" in out
-    assert "serving config: none recorded" in out
+    assert "no serving config: the LoRA config came from" in out
     assert "checksums: ok (" in out
     assert "attn/attn_vec_einsum_1" in out
 

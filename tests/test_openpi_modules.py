@@ -22,6 +22,7 @@ from openpi.models import gemma  # noqa: E402
 from openpi.models import model as _model  # noqa: E402
 from openpi.models import pi0_config  # noqa: E402
 from openpi.models import pi0_fast  # noqa: E402
+import openpi.training.config as openpi_config  # noqa: E402
 
 from openpi_merge_plugin import api  # noqa: E402
 from openpi_merge_plugin import equations  # noqa: E402
@@ -225,7 +226,6 @@ def test_lora_from_pi0_config():
             spec = expert.get(kind)
             assert spec == LoRASpec(rank=rank, alpha=float(rank), rslora=False, axes=(-2, -1), label="L")
             assert spec.scaling_value == gemma.get_config(variant).lora_configs[kind].scaling_value == 1.0
-    assert resolved.serving_config is None
 
 
 def test_lora_from_pi0_config_without_lora():
@@ -244,7 +244,6 @@ def test_lora_from_pi0_fast_config():
 def test_lora_from_train_config():
     resolved = openpi_compat.lora_from_train_config("pi0_libero_low_mem_finetune")
     assert resolved.config_name == "pi0_libero_low_mem_finetune"
-    assert resolved.serving_config == "pi0_libero_low_mem_finetune_merged"
     assert sorted(resolved.experts) == [0, 1]
     assert resolved.experts[0].attn == resolved.experts[0].ffn == LoRASpec(rank=16, alpha=16.0)
     assert resolved.experts[1].attn == resolved.experts[1].ffn == LoRASpec(rank=32, alpha=32.0)
@@ -393,3 +392,14 @@ def test_merge_params_reproduces_golden_llm(fixture_variants, golden, output_dty
         err = _rel_err(outs[i], golden[f"out_{i}"])
         assert err < tolerance, (i, err)
         assert _rel_err(golden[f"out_{i}_base"], golden[f"out_{i}"]) > 2 * tolerance
+
+
+def test_serving_twin_of_a_shipped_lora_config_uses_openpi_s_own_plain_variants():
+    from openpi_merge_plugin.openpi_glue import serving_configs
+
+    twin = serving_configs.serving_twin(openpi_config.get_config("pi0_libero_low_mem_finetune"))
+    assert twin.reason is None
+    assert twin.config.name == "pi0_libero_low_mem_finetune_merged"
+    assert (twin.config.model.paligemma_variant, twin.config.model.action_expert_variant) == ("gemma_2b", "gemma_300m")
+    fast = serving_configs.serving_twin(openpi_config.get_config("pi0_fast_libero_low_mem_finetune"))
+    assert fast.config.model.paligemma_variant == "gemma_2b"

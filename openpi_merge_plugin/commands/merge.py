@@ -13,6 +13,7 @@ from openpi_merge_plugin import api
 from openpi_merge_plugin import engine
 from openpi_merge_plugin import summary
 from openpi_merge_plugin.commands import progress as progress_bar
+from openpi_merge_plugin.serving import ServingConfig
 
 
 @dataclasses.dataclass
@@ -76,13 +77,14 @@ def run(args: Args) -> int:
     if args.json:
         print(json.dumps(result.manifest, indent=2))
         return 0
-    serving = result.manifest["serving_config"]
+    serving = ServingConfig(result.manifest["serving_config"], result.manifest["serving_config_reason"])
     summary.render(
         result.report,
         title=f"merged {args.step_dir}",
         footer=[
             f"LoRA config: {result.manifest['lora_config']['source']}",
-            f"output: {result.output}" + (f"  (serve with config {serving})" if serving else ""),
+            f"output: {result.output}",
+            serving.describe(),
         ],
     )
     return 0

@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 import orbax.checkpoint.future as future
 
 from openpi_merge_plugin import output as _output
+from openpi_merge_plugin.serving import ServingConfig
 
 logger = logging.getLogger("openpi_merge_plugin")
 
@@ -155,6 +156,7 @@ def _merge(directory: pathlib.Path, request: MergeRequest) -> dict[str, Any]:
     source = sources.InMemorySource(params)
     resolved = openpi_compat.lora_from_model(config.model, config_name=config.name)
     adapters = engine.plan(source.tree, resolved)
+    serving_config = api.serving_for(resolved, engine.merged_structure(source.tree, adapters, options), config)
     manifest, _ = api.write_merged(
         directory,
         source,
@@ -168,6 +170,7 @@ def _merge(directory: pathlib.Path, request: MergeRequest) -> dict[str, Any]:
             "train_config": config.name,
         },
         output_path=request.step_dir / ITEM,
+        serving_config=serving_config,
         save_assets=request.save_assets,
         host_buffer_bytes=opts.host_buffer_mib << 20,
     )
@@ -186,14 +189,14 @@ def _report(request: MergeRequest, manifest: dict[str, Any], seconds: float) -> 
     }
     logger.info(
         "Merged the LoRA adapters of step %d into %s in %.1fs: %d weights, max relative error %.1e, "
-        "||dW||/||W|| up to %.2e (serve with config %s)",
+        "||dW||/||W|| up to %.2e (%s)",
         request.step,
         manifest["output"],
         seconds,
         len(weights),
         numbers["merge/max_rel_err"],
         numbers["merge/delta_rel_norm_max"],
-        manifest["serving_config"],
+        ServingConfig(manifest["serving_config"], manifest["serving_config_reason"]).describe(),
     )
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
