@@ -24,7 +24,13 @@ logger = logging.getLogger("openpi_merge_plugin")
 DISABLE_ENV = "OPENPI_MERGE_PLUGIN_DISABLE"
 # The openpi modules `openpi_glue.PATCHES` patches; checked before anything is imported for a module's lookup.
 PATCHED_MODULES = frozenset(
-    {"openpi.models.gemma", "openpi.training.config", "openpi.training.data_loader", "openpi.training.checkpoints"}
+    {
+        "openpi.models.gemma",
+        "openpi.models.gemma_fast",
+        "openpi.training.config",
+        "openpi.training.data_loader",
+        "openpi.training.checkpoints",
+    }
 )
 
 

@@ -1,6 +1,7 @@
 """The openpi glue: patches applied to openpi's own modules as they are imported (see `bootstrap`).
 
-    openpi.models.gemma           + the `dummy_lora` variant used by the smoke-test config
+    openpi.models.gemma           + the `dummy_lora` variant used by the smoke-test configs
+    openpi.models.gemma_fast      + the `dummy_fast_lora` variant used by the pi0-FAST smoke-test config
     openpi.training.config        + TrainConfig fields (source-level, before the config list is built),
                                     serving configs resolved by `get_config`, the configs shipped in configs/
     openpi.training.data_loader   remembers which TrainConfig each data loader was made for
@@ -43,6 +44,7 @@ def _lazy(module: str, name: str) -> Callable[..., Any]:
 
 PATCHES: dict[str, Patch] = {
     "openpi.models.gemma": Patch(after_import=_lazy("shipped_configs", "add_dummy_lora_variant")),
+    "openpi.models.gemma_fast": Patch(after_import=_lazy("shipped_configs", "add_dummy_fast_lora_variant")),
     "openpi.training.config": Patch(
         transform_source=_lazy("config_fields", "transform_source"),
         after_import=_lazy("config_fields", "after_import"),

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
+import importlib
 import json
 import pathlib
-import typing
 from typing import Any
 
 from openpi_merge_plugin import openpi_glue
+from openpi_merge_plugin.openpi_glue import variants
 
 CONFIGS_FILE = "openpi_train_configs.json"
 DUMMY_LORA = "dummy_lora"
+DUMMY_FAST_LORA = "dummy_fast_lora"
 
 
 def configs_file() -> pathlib.Path:
@@ -30,27 +31,40 @@ def add_dummy_lora_variant(gemma: Any) -> None:
     Attention uses rank 4, alpha 8 (scale 2); the FFN rank 2, alpha 4 with rsLoRA (scale 4/sqrt(2)), so a merge
     of it exercises both of openpi's scaling rules.
     """
-    original = gemma.get_config
-    if getattr(original, "openpi_merge_plugin_patched", False):
-        return
+    variants.register(gemma, DUMMY_LORA, lambda: dataclasses.replace(gemma.get_config("dummy"), lora_configs=_lora()))
 
-    @functools.wraps(original)
-    def get_config(variant: str) -> Any:
-        if variant == DUMMY_LORA:
-            from openpi.models import lora
 
-            return dataclasses.replace(
-                original("dummy"),
-                lora_configs={
-                    "attn": lora.LoRAConfig(rank=4, alpha=8.0),
-                    "ffn": lora.LoRAConfig(rank=2, alpha=4.0, rslora=True),
-                },
-            )
-        return original(variant)
+def add_dummy_fast_lora_variant(gemma_fast: Any) -> None:
+    """`dummy_fast_lora`: a pi0-FAST gemma of the `dummy` size (width 64, depth 4, a 2048-token vocabulary, which
+    holds the fake data's tokens), with `dummy_lora`'s LoRA configs. openpi ships no small gemma_fast variant."""
 
-    get_config.openpi_merge_plugin_patched = True  # type: ignore[attr-defined]
-    gemma.get_config = get_config
-    gemma.Variant = typing.Literal[(*typing.get_args(gemma.Variant), DUMMY_LORA)]
+    def make() -> Any:
+        import ml_collections
+
+        return ml_collections.ConfigDict(
+            {
+                "variant": DUMMY_FAST_LORA,
+                "width": 64,
+                "depth": 4,
+                "mlp_dim": 128,
+                "num_heads": 8,
+                "num_kv_heads": 1,
+                "head_dim": 16,
+                "norm_eps": 1e-6,
+                "vocab_size": 2048,
+                "scan": True,
+                "remat_policy": "nothing_saveable",
+                "lora_configs": _lora(),
+            }
+        )
+
+    variants.register(gemma_fast, DUMMY_FAST_LORA, make)
+
+
+def _lora() -> dict[str, Any]:
+    from openpi.models import lora
+
+    return {"attn": lora.LoRAConfig(rank=4, alpha=8.0), "ffn": lora.LoRAConfig(rank=2, alpha=4.0, rslora=True)}
 
 
 def register(config_module: Any) -> None:
@@ -69,9 +83,17 @@ def register(config_module: Any) -> None:
 
 
 def build(base: Any, entry: dict[str, Any]) -> Any:
-    """`base` with the entry's model and train changes (and the model's own freeze filter if the model changed)."""
+    """`base` with the entry's model and train changes (and the model's own freeze filter if the model changed).
+
+    `model` replaces fields of the base's model config, or, with `model_class` ("module.Class"), makes a model config
+    of that class from them.
+    """
     changes: dict[str, Any] = {"name": entry["name"], **entry.get("train", {})}
-    if entry.get("model"):
-        model = dataclasses.replace(base.model, **entry["model"])
+    if entry.get("model") or entry.get("model_class"):
+        if entry.get("model_class"):
+            module, cls = entry["model_class"].rsplit(".", 1)
+            model = getattr(importlib.import_module(module), cls)(**entry.get("model", {}))
+        else:
+            model = dataclasses.replace(base.model, **entry["model"])
         changes |= {"model": model, "freeze_filter": model.get_freeze_filter()}
     return dataclasses.replace(base, **changes)
