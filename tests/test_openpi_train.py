@@ -5,7 +5,6 @@ unmodified scripts/train.py in a subprocess, as a user would; `run_openpi_script
 encoder so that a CPU step takes a second (see there).
 """
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -27,15 +26,14 @@ if "merge_lora_on_save" not in openpi_config.TrainConfig.__dataclass_fields__:
         "the plugin's start-up hook is not active in this interpreter (reinstall the package)", allow_module_level=True
     )
 
-import openpi  # noqa: E402
-
-OPENPI_REPO = pathlib.Path(os.environ.get("OPENPI_REPO", pathlib.Path(openpi.__file__).resolve().parents[2]))
-TRAIN_SCRIPT = OPENPI_REPO / "scripts" / "train.py"
-if not TRAIN_SCRIPT.is_file():
-    pytest.skip(f"openpi's scripts/train.py not found under {OPENPI_REPO} (set OPENPI_REPO)", allow_module_level=True)
-
 sys.path.insert(0, str(REPO / "tests" / "openpi_support"))
 import run_openpi_script  # noqa: E402,F401  (the same tiny SigLIP in this process, to load the checkpoints)
+import training  # noqa: E402
+
+if not training.TRAIN_SCRIPT.is_file():
+    pytest.skip(
+        f"openpi's scripts/train.py not found under {training.OPENPI_REPO} (set OPENPI_REPO)", allow_module_level=True
+    )
 
 from openpi_merge_plugin import api  # noqa: E402
 from openpi_merge_plugin import integrity  # noqa: E402
@@ -43,35 +41,12 @@ from openpi_merge_plugin import sources  # noqa: E402
 from openpi_merge_plugin.errors import IntegrityError  # noqa: E402
 
 pytestmark = pytest.mark.openpi
-RUNNER = REPO / "tests" / "openpi_support" / "run_openpi_script.py"
 CONFIG = "debug_lora"
 
 
-def _train(base: pathlib.Path, exp: str, *flags: str, devices: int = 1, check: bool = True, kill: str = "") -> str:
+def _train(base: pathlib.Path, exp: str, *flags: str, devices: int = 1, check: bool = True, kill: str = ""):
     """Runs openpi's scripts/train.py on the debug_lora config; returns its log."""
-    env = {
-        **os.environ,
-        "OPENPI_MERGE_TEST_KILL": kill,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}" if devices > 1 else "",
-        "JAX_PLATFORMS": "cpu",
-        "WANDB_MODE": "disabled",
-    }
-    cmd = [sys.executable, str(RUNNER), str(TRAIN_SCRIPT), CONFIG, "--exp-name", exp]
-    cmd += ["--checkpoint-base-dir", str(base / "ckpt"), "--assets-base-dir", str(base / "assets")]
-    cmd += ["--batch-size", "8", "--num-train-steps", "10", "--save-interval", "5", *flags]
-    # Own process group, output to a file: data loader workers of a killed trainer must not outlive the test.
-    log_file = base / f"train-{exp}-{len(list(base.glob('train-*.log')))}.log"
-    with open(log_file, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=base, start_new_session=True)
-        try:
-            proc.wait(timeout=1200)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-    log = log_file.read_text()
-    if check:
-        assert proc.returncode == 0, log[-5000:]
-    return log if check else (proc.returncode, log)
+    return training.train(base, CONFIG, exp, *flags, devices=devices, check=check, kill=kill)
 
 
 def _ckpt(base: pathlib.Path, exp: str) -> pathlib.Path:
@@ -195,6 +170,32 @@ def test_final_only_with_ema_merges_the_saved_ema_params(tmp_path):
     raw = raw.read([path])[path]
     assert merged.tobytes() == ema.tobytes()
     assert not np.array_equal(merged, raw)
+
+
+@pytest.mark.parametrize("config", ["debug_pi05_lora", "debug_pi0_fast_lora"])
+def test_shipped_pi05_and_pi0_fast_configs_merge_on_save(config, tmp_path):
+    """The tiny pi0.5 (adaRMS action expert) and pi0-FAST (gemma_fast) configs shipped in configs/: every save
+    merges, the merge is what the offline command gives, and the manifest's serving config resolves and loads it.
+    (tests/test_openpi_serving_twins.py serves such merges and compares their actions and logits.)"""
+    log = training.train(tmp_path, config, "shipped", "--keep-period", "5")
+    for step in (5, 9):
+        step_dir = training.step_dir(tmp_path, config, "shipped", step)
+        assert f"Merged the LoRA adapters of step {step} into {step_dir / 'merged'}" in log
+        assert integrity.verify_merged(step_dir / "merged").ok
+    offline = api.merge_checkpoint(step_dir, output=tmp_path / "offline", lora=api.LoRASource(config=config))
+    got, want = _leaves(step_dir / "merged" / "params"), _leaves(offline.output / "params")
+    assert got.keys() == want.keys()
+    assert all(got[p].tobytes() == want[p].tobytes() for p in want)
+    manifest = json.loads((step_dir / "merged" / "manifest.json").read_text())
+    assert manifest["serving_config"] == f"{config}_merged"
+    serving = openpi_config.get_config(manifest["serving_config"])
+    serving.model.load(_model_restore(step_dir / "merged" / "params"))  # strict: every param present, same shapes
+
+
+def _model_restore(params_dir: pathlib.Path):
+    from openpi.models import model as _model
+
+    return _model.restore_params(params_dir)
 
 
 def test_failed_merge_is_recorded_and_training_goes_on(tmp_path):

@@ -4,7 +4,8 @@
 
 openpi's smallest model (the `dummy` gemma variants) still carries a full-size So400m SigLIP image encoder, which
 makes a CPU train step take minutes. The tests shrink it in this process, before the script runs; nothing in openpi
-is edited. The LLM (which is what carries the LoRA adapters) is untouched.
+is edited. The LLM (which is what carries the LoRA adapters) is untouched. It also registers the variants and train
+configs of `user_variants.py`, as a user's launcher would.
 
 For the crash-safety tests, `OPENPI_MERGE_TEST_KILL=<function>:<n>` SIGKILLs this process at the n-th call of one of
 the plugin's functions during training (`merge_slice`: a layer slice of a merge on save; `move_into`: the commit
@@ -28,6 +29,8 @@ def _tiny_decode_variant(variant):
 
 
 siglip.decode_variant = _tiny_decode_variant
+
+import user_variants  # noqa: E402,F401  (the tests' own variants and configs, registered as users do)
 
 
 def _kill_at(spec: str) -> None:
