@@ -17,8 +17,9 @@ as if it were sharded along its layer axis (one chunk row per layer), and a larg
 merges in column pieces, as if also sharded along its last axis (one chunk per piece); that is how Orbax writes an
 FSDP-sharded array. Readers (`restore_params`, `PyTreeCheckpointer.restore`, `metadata`) do not depend on the write
 shape.
-This module uses Orbax internals below its public API; the project pins orbax-checkpoint <0.12 for that reason
-and the tests compare its output with `PyTreeCheckpointer.save` leaf by leaf, bitwise.
+Below Orbax's public API it needs the spec builders `ArrayHandler` itself uses; those, which moved between Orbax
+versions, come from `orbax_compat`. The tests compare its output with `PyTreeCheckpointer.save` leaf by leaf,
+bitwise, and read it with the other end of the supported version range (`tests/test_stacks.py`).
 """
 
 from __future__ import annotations
@@ -26,16 +27,16 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Callable, Iterator, Mapping, Sequence
-import contextlib
 import dataclasses
 import pathlib
 from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from orbax.checkpoint import multihost
-from orbax.checkpoint._src.serialization import type_handlers as _type_handlers
 
+from openpi_merge_plugin import orbax_compat
 from openpi_merge_plugin import sources as _sources
 from openpi_merge_plugin.adapters import ShapeDtype
 
@@ -114,8 +115,6 @@ def save(
     them (in any order), each consumed before the next is requested. At most `max_inflight_bytes` of written data
     wait for TensorStore at a time (plus the slice being handed over).
     """
-    import orbax.checkpoint as ocp
-
     handler = StreamingArrayHandler(stream, max_inflight_bytes)
     registry = ocp.type_handlers.create_type_handler_registry((PendingLeaf, handler), (jax.Array, handler))
     tree = _sources.unflatten({p: PendingLeaf(p, tuple(sd.shape), sd.dtype) for p, sd in structure.items()})
@@ -123,13 +122,11 @@ def save(
         ckptr.save(pathlib.Path(directory).resolve(), args=ocp.args.PyTreeSave({"params": tree}))
 
 
-class StreamingArrayHandler(_type_handlers.ArrayHandler):
+class StreamingArrayHandler(ocp.type_handlers.ArrayHandler):
     """Orbax ArrayHandler whose `serialize` writes PendingLeaf values pulled from a stream, slice by slice."""
 
     def __init__(self, stream: Stream, max_inflight_bytes: int = MAX_INFLIGHT_BYTES):
-        from orbax.checkpoint._src.metadata import array_metadata_store
-
-        super().__init__(array_metadata_store=array_metadata_store.Store())
+        super().__init__(array_metadata_store=orbax_compat.array_metadata_store())
         self._stream = stream
         self._max_inflight_bytes = max_inflight_bytes
         self._written: set[str] = set()
@@ -139,7 +136,7 @@ class StreamingArrayHandler(_type_handlers.ArrayHandler):
         return [(s, s) for s in sizes]
 
     async def serialize(self, values, infos, args=None):
-        import orbax.checkpoint.future as future
+        from orbax.checkpoint import future
 
         if not all(isinstance(v, PendingLeaf) for v in values):
             raise TypeError("StreamingArrayHandler only writes PendingLeaf placeholders")
@@ -149,6 +146,8 @@ class StreamingArrayHandler(_type_handlers.ArrayHandler):
     async def _write_all(self, targets: dict[str, tuple[PendingLeaf, Any]]) -> None:
         import tensorstore as ts
 
+        for _, info in targets.values():
+            await orbax_compat.await_path_creation(info)
         sharding_txn = ts.Transaction()
         sharding = _single_device_sharding()
         array_metadatas = []
@@ -161,11 +160,13 @@ class StreamingArrayHandler(_type_handlers.ArrayHandler):
                 array_metadatas.append(await self._write_leaf(item, leaf, info, inflight))
                 await self._write_sharding(info, sharding, sharding_txn)
                 self._written.add(item.path)
-        finally:
-            # Also on error: no TensorStore write may land after the caller has removed the staging directory.
-            for write in inflight.drain():
-                with contextlib.suppress(Exception):  # the error being raised is the first one
-                    await write
+        except BaseException:
+            # No TensorStore write may land after the caller has removed the staging directory; the error being
+            # raised is the first one.
+            await inflight.drain(raise_first=False)
+            raise
+        # The writes still waiting may fail too (a full disk): every one is awaited, and the first error raised.
+        await inflight.drain(raise_first=True)
         missing = sorted(set(targets) - self._written)
         if missing:
             raise RuntimeError(f"the merge stream ended without producing {len(missing)} leaves, e.g. {missing[:3]}")
@@ -184,16 +185,14 @@ class StreamingArrayHandler(_type_handlers.ArrayHandler):
         chunk = (1,) * item.lead_ndim + leaf.shape[item.lead_ndim :]
         if item.columns is not None:
             chunk = (*chunk[:-1], item.columns)
-        spec = _type_handlers._build_array_write_spec(  # noqa: SLF001
+        spec, metadata = orbax_compat.array_write_spec(
             info,
             global_shape=leaf.shape,
-            local_shape=chunk,
+            write_shape=chunk,
             dtype=np.dtype(leaf.dtype),
-            use_ocdbt=info.is_ocdbt_checkpoint,
-            process_index=_type_handlers.get_process_index_for_subdir(info.is_ocdbt_checkpoint),
             metadata_key=self._metadata_key,
         )
-        store = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
+        store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
         for index, value in item.slices:
             host = np.asarray(value)
             want = _region_shape(leaf.shape, index, item.lead_ndim)
@@ -205,22 +204,19 @@ class StreamingArrayHandler(_type_handlers.ArrayHandler):
             write = store[region(index)].write(host, can_reference_source_data_indefinitely=True)
             del value, host
             await inflight.add(write, nbytes)
-        return spec.metadata
+        return metadata
 
     async def _write_sharding(self, info: Any, serialized: str, txn: Any) -> None:
         import tensorstore as ts
 
-        spec = _type_handlers.get_sharding_tensorstore_spec(info.parent_dir.as_posix(), info.name)
-        store = await ts.open(spec, open=True, context=info.ts_context)
+        store = await ts.open(orbax_compat.sharding_spec(info), open=True, context=info.ts_context)
         await store.with_transaction(txn).write(serialized)
 
 
 def _single_device_sharding() -> str:
     """Leaves are recorded as living on one host device, as a jax.Array saved from a one-device process is."""
-    from orbax.checkpoint._src.metadata import sharding as sharding_metadata
-
-    device = jax.devices("cpu")[0]
-    return sharding_metadata.from_jax_sharding(jax.sharding.SingleDeviceSharding(device)).to_serialized_string()
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    return ocp.metadata.SingleDeviceShardingMetadata.from_jax_sharding(sharding).to_serialized_string()
 
 
 class _Inflight:
@@ -240,7 +236,15 @@ class _Inflight:
             self._bytes -= size
             await oldest
 
-    def drain(self) -> Iterator[Any]:
+    async def drain(self, *, raise_first: bool) -> None:
+        """Waits for every pending write; then raises the first one's error if `raise_first`."""
+        first: Exception | None = None
         while self._writes:
-            yield self._writes.popleft()[0]
+            write, _ = self._writes.popleft()
+            try:
+                await write
+            except Exception as e:
+                first = first or e
         self._bytes = 0
+        if raise_first and first is not None:
+            raise first

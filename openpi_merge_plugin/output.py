@@ -18,6 +18,7 @@ import re
 import shutil
 import uuid
 
+from openpi_merge_plugin import orbax_compat
 from openpi_merge_plugin.errors import MergeError
 from openpi_merge_plugin.errors import OutputExistsError
 
@@ -69,10 +70,14 @@ def _errno_of(e: BaseException) -> int | None:
     while e is not None:
         if isinstance(e, OSError) and e.errno is not None:
             return e.errno
-        # TensorStore: "... [OS error 27: EFBIG File too large]"; shutil.copytree: "[Errno 28] No space left ..."
-        found = re.search(r"\[OS error (\d+):|\[Errno (\d+)\]", str(e))
+        # TensorStore names the errno in its text (in a form that depends on its version); shutil.copytree:
+        # "[Errno 28] No space left ...".
+        code = orbax_compat.os_error_code(str(e))
+        if code is not None:
+            return code
+        found = re.search(r"\[Errno (\d+)\]", str(e))
         if found:
-            return int(found.group(1) or found.group(2))
+            return int(found.group(1))
         e = e.__cause__ or e.__context__
     return None
 

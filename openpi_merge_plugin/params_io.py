@@ -27,7 +27,8 @@ def save_params(params_dir: pathlib.Path, flat: MutableMapping[str, Any]) -> Non
     tree = _sources.unflatten(converted)
     del converted
     with ocp.PyTreeCheckpointer() as ckptr:
-        ckptr.save(pathlib.Path(params_dir).resolve(), {"params": tree})
+        # `args=` (rather than the bare item, which later Orbax releases deprecate) works on every supported version.
+        ckptr.save(pathlib.Path(params_dir).resolve(), args=ocp.args.PyTreeSave({"params": tree}))
 
 
 def _as_jax(x: Any, device: jax.Device) -> jax.Array:

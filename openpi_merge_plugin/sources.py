@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
+from openpi_merge_plugin import orbax_compat
 from openpi_merge_plugin.adapters import ShapeDtype
 from openpi_merge_plugin.errors import CheckpointError
 
@@ -82,9 +83,7 @@ class OrbaxSource:
         params_dir = self.params_dir
         self._ocp = ocp
         try:
-            with ocp.PyTreeCheckpointer() as ckptr:
-                metadata = ckptr.metadata(params_dir)
-            root = metadata["params"]
+            root = orbax_compat.tree_metadata(params_dir)["params"]
         except Exception as e:  # orbax raises many types for a directory that is not a checkpoint
             if (params_dir / "_METADATA").is_file() or (params_dir / "manifest.ocdbt").is_file():
                 raise CheckpointError(
@@ -160,19 +159,21 @@ class SlicedArray:
     def open(cls, params_dir: pathlib.Path, keys: tuple[str, ...], path: str) -> SlicedArray:
         import json
 
-        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
         import tensorstore as ts
 
         if not (params_dir / "manifest.ocdbt").is_file():
             raise ValueError("not an OCDBT checkpoint")
-        zarr3 = json.loads((params_dir / "_METADATA").read_text()).get("use_zarr3", False)
-        spec = {
-            "driver": ts_utils.ZARR_VER3 if zarr3 else ts_utils.ZARR_VER2,
-            "kvstore": ts_utils.build_kvstore_tspec(params_dir.as_posix(), name=".".join(keys), use_ocdbt=True),
-            "recheck_cached_data": False,
-            "recheck_cached_metadata": False,
-        }
-        context = ts_utils.get_ts_context(use_ocdbt=True)
+        tree_metadata = json.loads((params_dir / "_METADATA").read_text())
+        context = orbax_compat.ts_context()
+        spec = orbax_compat.array_read_spec(
+            params_dir,
+            ".".join(keys),
+            use_zarr3=tree_metadata.get("use_zarr3", False),
+            # As Orbax reads: a chunk that is not there is an error, unless chunks equal to the fill value were not
+            # written.
+            missing_is_error=tree_metadata.get("store_array_data_equal_to_fill_value", False),
+            context=context,
+        )
         probe = ts.open(ts.Spec(spec), open=True, read=True, context=context).result()
         # A cache of this store's own (freed with it), with room for the decoded chunks that hold one index of the
         # first axis (a layer), so that each is decoded once; TensorStore keeps no entry as large as the whole pool,

@@ -108,10 +108,11 @@ def build_step(step: pathlib.Path, depth: int, seed: int = 0) -> int:
 def naive_copy(args: NaiveCopy) -> None:
     import orbax.checkpoint as ocp
 
+    from openpi_merge_plugin import orbax_compat
     from openpi_merge_plugin import sources
 
     with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(args.step / "params")
+        meta = orbax_compat.tree_metadata(args.step / "params")
         restore_args = {"params": _as_numpy_restore(meta["params"])}
         tree = ckptr.restore(args.step / "params", args=ocp.args.PyTreeRestore(meta, restore_args=restore_args))
     flat = sources.flatten(tree["params"])

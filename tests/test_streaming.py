@@ -11,6 +11,7 @@ import pytest
 from openpi_merge_plugin import MergeOptions
 from openpi_merge_plugin import engine
 from openpi_merge_plugin import merge_checkpoint
+from openpi_merge_plugin import orbax_compat
 from openpi_merge_plugin import orbax_stream
 from openpi_merge_plugin import params_io
 from openpi_merge_plugin import sources
@@ -42,9 +43,8 @@ def test_streamed_checkpoint_equals_whole_tree_save_bitwise(step_dir, fixture_lo
         assert got[path].tobytes() == want[path].tobytes(), path
     # Same tree, same value types in Orbax's own metadata, so every reader treats both alike.
     assert _value_types(streamed) == _value_types(reference)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        meta_got = sources.flatten(ckptr.metadata(streamed)["params"])
-        meta_want = sources.flatten(ckptr.metadata(reference)["params"])
+    meta_got = sources.flatten(orbax_compat.tree_metadata(streamed)["params"])
+    meta_want = sources.flatten(orbax_compat.tree_metadata(reference)["params"])
     assert {p: (m.shape, m.dtype) for p, m in meta_got.items()} == {p: (m.shape, m.dtype) for p, m in meta_want.items()}
 
 
@@ -129,3 +129,23 @@ def test_sliced_falls_back_to_whole_reads_without_ocdbt(tmp_path):
     x = sources.OrbaxSource(tmp_path / "params").sliced("w")
     assert isinstance(x, np.ndarray)
     assert x.tobytes() == value.tobytes()
+
+
+def test_a_write_that_fails_after_the_last_piece_is_an_error():
+    # Small checkpoints fit the write buffer whole, so every write is still pending when the stream ends: their
+    # errors (a full disk) must come out of the save, not be dropped.
+    import asyncio
+
+    async def write(*, fails: bool) -> None:
+        await asyncio.sleep(0)
+        if fails:
+            raise OSError(27, "File too large")
+
+    async def save() -> None:
+        inflight = orbax_stream._Inflight(orbax_stream.MAX_INFLIGHT_BYTES)  # noqa: SLF001
+        for fails in (False, True, False):
+            await inflight.add(asyncio.ensure_future(write(fails=fails)), 8)
+        await inflight.drain(raise_first=True)
+
+    with pytest.raises(OSError, match="File too large"):
+        asyncio.run(save())
