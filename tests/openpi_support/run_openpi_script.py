@@ -33,6 +33,28 @@ siglip.decode_variant = _tiny_decode_variant
 import user_variants  # noqa: E402,F401  (the tests' own variants and configs, registered as users do)
 
 
+def _shim_create_data_loader_framework() -> None:
+    """openpi 2d70d96's create_data_loader requires `framework=` and its own scripts/train.py does not pass it, so
+    that train.py fails with a TypeError, plugin or not (fixed upstream later). Passes the JAX default it later got,
+    only when the checkout needs it; nothing changes at 15a9616 or c23745b."""
+    import inspect
+
+    import openpi.training.data_loader as data_loader
+
+    framework = inspect.signature(data_loader.create_data_loader).parameters.get("framework")
+    if framework is None or framework.default is not inspect.Parameter.empty:
+        return
+    original = data_loader.create_data_loader
+
+    def create_data_loader(*args, framework="jax", **kwargs):
+        return original(*args, framework=framework, **kwargs)
+
+    data_loader.create_data_loader = create_data_loader
+
+
+_shim_create_data_loader_framework()
+
+
 def _kill_at(spec: str) -> None:
     from openpi_merge_plugin import slice_ops
     from openpi_merge_plugin.openpi_glue import merged_item
