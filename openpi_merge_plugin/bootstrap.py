@@ -15,13 +15,13 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import logging
-import os
 import sys
 from typing import Any
 
+from openpi_merge_plugin import disabled
+
 logger = logging.getLogger("openpi_merge_plugin")
 
-DISABLE_ENV = "OPENPI_MERGE_PLUGIN_DISABLE"
 # The openpi modules `openpi_glue.PATCHES` patches; checked before anything is imported for a module's lookup.
 PATCHED_MODULES = frozenset(
     {
@@ -32,10 +32,6 @@ PATCHED_MODULES = frozenset(
         "openpi.training.checkpoints",
     }
 )
-
-
-def disabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def install() -> None:

@@ -7,7 +7,7 @@ Same interface as the `openpi-merge-lora` command; see `python scripts/merge_lor
 
 import sys
 
-from openpi_merge_plugin import cli
+from openpi_merge_plugin.cli import app as cli
 
 if __name__ == "__main__":
     sys.exit(cli.main())

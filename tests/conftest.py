@@ -15,8 +15,8 @@ from helpers import REPO
 import numpy as np
 import pytest
 
-from openpi_merge_plugin import lora_configs
-from openpi_merge_plugin import sources
+from openpi_merge_plugin.checkpoint import sources
+from openpi_merge_plugin.lora import configs as lora_configs
 
 
 @pytest.fixture

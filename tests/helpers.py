@@ -5,7 +5,7 @@ import json
 import pathlib
 import shutil
 
-from openpi_merge_plugin import params_io
+from openpi_merge_plugin.checkpoint import params_io
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "data" / "openpi-15a9616" / "lora-tiny"

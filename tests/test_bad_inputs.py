@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from openpi_merge_plugin import cli
-from openpi_merge_plugin import engine
-from openpi_merge_plugin import integrity
-from openpi_merge_plugin import openpi_compat
-from openpi_merge_plugin import output
-from openpi_merge_plugin import sources
+from openpi_merge_plugin.checkpoint import output
+from openpi_merge_plugin.checkpoint import sources
+from openpi_merge_plugin.checks import integrity
+from openpi_merge_plugin.lora import openpi_configs as openpi_compat
+from openpi_merge_plugin.merge import engine
 
 FAULT_RUNNER = REPO / "tests" / "fault_runner.py"
 QA = "PaliGemma/llm/layers/attn/q_einsum/lora_a"
@@ -343,12 +343,15 @@ def test_two_merges_racing_on_the_same_output(step_dir, merge_env, tmp_path):
         wait = [str(sync / wait_for)] if wait_for else []
         return {"target": target, "n": 1, "action": "barrier", "arrive": str(sync / arrive), "wait_for": wait}
 
-    commit = "openpi_merge_plugin.output:_commit"
+    commit = "openpi_merge_plugin.checkpoint.output:_commit"
     # Deterministic worst case: a has written everything and is about to commit when b starts (and looks for
     # leftovers of earlier merges to clean up); then both commit at the same moment.
     faults = {
         "a": [barrier(commit, "a-commit", "b-commit")],
-        "b": [barrier("openpi_merge_plugin.output:leftovers", "b-start", "a-commit"), barrier(commit, "b-commit")],
+        "b": [
+            barrier("openpi_merge_plugin.checkpoint.output:leftovers", "b-start", "a-commit"),
+            barrier(commit, "b-commit"),
+        ],
     }
     procs = []
     for name in ("a", "b"):

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from openpi_merge_plugin import MergeOptions
-from openpi_merge_plugin import equations as eq
-from openpi_merge_plugin import lora_configs
 from openpi_merge_plugin import merge_checkpoint
-from openpi_merge_plugin import output as _output
-from openpi_merge_plugin import sources
+from openpi_merge_plugin.checkpoint import output as _output
+from openpi_merge_plugin.checkpoint import sources
+from openpi_merge_plugin.lora import configs as lora_configs
+from openpi_merge_plugin.lora import equations as eq
 
 HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -5,7 +5,7 @@ import sys
 from helpers import FIXTURE_LORA_CONFIG
 from helpers import REPO
 
-from openpi_merge_plugin import cli
+from openpi_merge_plugin.cli import app as cli
 
 
 def test_cli_merges_prints_a_summary_and_refuses_a_second_run(step_dir, capsys):

@@ -21,16 +21,16 @@ from helpers import tree_digest
 import pytest
 
 from openpi_merge_plugin import cli
-from openpi_merge_plugin import integrity
-from openpi_merge_plugin import output
+from openpi_merge_plugin.checkpoint import output
+from openpi_merge_plugin.checks import integrity
 
 FAULT_RUNNER = REPO / "tests" / "fault_runner.py"
 ALL = os.environ.get("OPENPI_MERGE_ALL_KILL_POINTS") == "1"
 
-READ = "openpi_merge_plugin.sources:OrbaxSource.read"  # 12 calls: batches of plain leaves, then each weight
-MERGE_SLICE = "openpi_merge_plugin.slice_ops:merge_slice"  # 30 calls: 10 weights x 3 layers
-WRITE_LEAF = "openpi_merge_plugin.orbax_stream:StreamingArrayHandler._write_leaf"  # 50 calls: every leaf
-WRITE_SHARDING = "openpi_merge_plugin.orbax_stream:StreamingArrayHandler._write_sharding"  # 50 calls
+READ = "openpi_merge_plugin.checkpoint.sources:OrbaxSource.read"  # 12 calls: batches of plain leaves, then each weight
+MERGE_SLICE = "openpi_merge_plugin.merge.slice_ops:merge_slice"  # 30 calls: 10 weights x 3 layers
+WRITE_LEAF = "openpi_merge_plugin.checkpoint.orbax_stream:StreamingArrayHandler._write_leaf"  # 50 calls: every leaf
+WRITE_SHARDING = "openpi_merge_plugin.checkpoint.orbax_stream:StreamingArrayHandler._write_sharding"  # 50 calls
 RENAME = "os:rename"
 
 
@@ -77,12 +77,12 @@ KILL_POINTS = [
     KillPoint("assets-copy", "shutil:copytree", 1),
     KillPoint("assets-copy-after", "shutil:copytree", 1, "kill_after", default=False),
     # The manifest: checksums, the file itself (killed half-written), fsync.
-    KillPoint("checksums", "openpi_merge_plugin.output:file_checksums", 1, default=False),
-    KillPoint("checksums-after", "openpi_merge_plugin.output:file_checksums", 1, "kill_after"),
+    KillPoint("checksums", "openpi_merge_plugin.checkpoint.output:file_checksums", 1, default=False),
+    KillPoint("checksums-after", "openpi_merge_plugin.checkpoint.output:file_checksums", 1, "kill_after"),
     KillPoint("manifest-half-written", "pathlib:Path.write_text", 1, "kill_half_write", match="manifest.json"),
-    KillPoint("manifest-after", "openpi_merge_plugin.output:write_manifest", 1, "kill_after", default=False),
-    KillPoint("fsync", "openpi_merge_plugin.output:_fsync_tree", 1, default=False),
-    KillPoint("fsync-after", "openpi_merge_plugin.output:_fsync_tree", 1, "kill_after"),
+    KillPoint("manifest-after", "openpi_merge_plugin.checkpoint.output:write_manifest", 1, "kill_after", default=False),
+    KillPoint("fsync", "openpi_merge_plugin.checkpoint.output:_fsync_tree", 1, default=False),
+    KillPoint("fsync-after", "openpi_merge_plugin.checkpoint.output:_fsync_tree", 1, "kill_after"),
     # The commit: one rename of the staging directory to merged/.
     KillPoint("commit-rename", RENAME, 2, match=".merged.tmp-"),
     KillPoint("commit-rename-after", RENAME, 2, "kill_after", match=".merged.tmp-"),

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from openpi_merge_plugin import equations as eq
+from openpi_merge_plugin.lora import equations as eq
 
 
 def test_lora_equations_match_the_ones_openpi_built_for_the_fixture():

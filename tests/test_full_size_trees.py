@@ -6,8 +6,8 @@ from helpers import TREES
 import numpy as np
 import pytest
 
-from openpi_merge_plugin import adapters as _adapters
-from openpi_merge_plugin import lora_configs
+from openpi_merge_plugin.lora import adapters as _adapters
+from openpi_merge_plugin.lora import configs as lora_configs
 
 
 def _tree(name: str) -> tuple[dict, dict[str, _adapters.ShapeDtype]]:

@@ -16,10 +16,10 @@ import pytest
 
 from openpi_merge_plugin import cli
 from openpi_merge_plugin import inspect_checkpoint
-from openpi_merge_plugin import lora_configs
 from openpi_merge_plugin import merge_checkpoint
-from openpi_merge_plugin import sources
-from openpi_merge_plugin.api import LoRASource
+from openpi_merge_plugin.checkpoint import sources
+from openpi_merge_plugin.lora import configs as lora_configs
+from openpi_merge_plugin.pipeline.checkpoint_merge import LoRASource
 
 RTOL = 1e-5  # float32 kernel against a float64 reference
 # The weight openpi's LoRA term amounts to, per layer, written out by hand for each adapted module of the fixture.

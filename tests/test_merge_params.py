@@ -12,10 +12,10 @@ import pytest
 
 from openpi_merge_plugin import MergeOptions
 from openpi_merge_plugin import errors
-from openpi_merge_plugin import lora_configs
 from openpi_merge_plugin import merge_params
-from openpi_merge_plugin import slice_ops
-from openpi_merge_plugin import sources
+from openpi_merge_plugin.checkpoint import sources
+from openpi_merge_plugin.lora import configs as lora_configs
+from openpi_merge_plugin.merge import slice_ops
 
 Q = "PaliGemma/llm/layers/attn/q_einsum/w"
 LINEAR = "PaliGemma/llm/layers/mlp/linear"

@@ -24,14 +24,14 @@ from openpi.models import pi0_config  # noqa: E402
 from openpi.models import pi0_fast  # noqa: E402
 import openpi.training.config as openpi_config  # noqa: E402
 
-from openpi_merge_plugin import api  # noqa: E402
-from openpi_merge_plugin import equations  # noqa: E402
-from openpi_merge_plugin import openpi_compat  # noqa: E402
-from openpi_merge_plugin.engine import MergeOptions  # noqa: E402
-from openpi_merge_plugin.engine import merge_params  # noqa: E402
-from openpi_merge_plugin.lora_configs import ResolvedLoRA  # noqa: E402
-from openpi_merge_plugin.lora_spec import ExpertLoRA  # noqa: E402
-from openpi_merge_plugin.lora_spec import LoRASpec  # noqa: E402
+from openpi_merge_plugin.lora import equations  # noqa: E402
+from openpi_merge_plugin.lora import openpi_configs as openpi_compat  # noqa: E402
+from openpi_merge_plugin.lora.configs import ResolvedLoRA  # noqa: E402
+from openpi_merge_plugin.lora.spec import ExpertLoRA  # noqa: E402
+from openpi_merge_plugin.lora.spec import LoRASpec  # noqa: E402
+from openpi_merge_plugin.merge.engine import MergeOptions  # noqa: E402
+from openpi_merge_plugin.merge.engine import merge_params  # noqa: E402
+from openpi_merge_plugin.pipeline import checkpoint_merge as api  # noqa: E402
 
 pytestmark = [
     pytest.mark.openpi,
@@ -395,7 +395,7 @@ def test_merge_params_reproduces_golden_llm(fixture_variants, golden, output_dty
 
 
 def test_serving_twin_of_a_shipped_lora_config_uses_openpi_s_own_plain_variants():
-    from openpi_merge_plugin.openpi_glue import serving_configs
+    from openpi_merge_plugin.serving import twins as serving_configs
 
     twin = serving_configs.serving_twin(openpi_config.get_config("pi0_libero_low_mem_finetune"))
     assert twin.reason is None

@@ -35,10 +35,10 @@ if not training.TRAIN_SCRIPT.is_file():
         f"openpi's scripts/train.py not found under {training.OPENPI_REPO} (set OPENPI_REPO)", allow_module_level=True
     )
 
-from openpi_merge_plugin import api  # noqa: E402
-from openpi_merge_plugin import integrity  # noqa: E402
-from openpi_merge_plugin import sources  # noqa: E402
+from openpi_merge_plugin.checkpoint import sources  # noqa: E402
+from openpi_merge_plugin.checks import integrity  # noqa: E402
 from openpi_merge_plugin.errors import IntegrityError  # noqa: E402
+from openpi_merge_plugin.pipeline import checkpoint_merge as api  # noqa: E402
 
 pytestmark = pytest.mark.openpi
 CONFIG = "debug_lora"

@@ -13,11 +13,11 @@ import flax.nnx as nnx
 import ml_collections
 import pytest
 
-from openpi_merge_plugin import api
-from openpi_merge_plugin.adapters import ShapeDtype
-from openpi_merge_plugin.lora_configs import ResolvedLoRA
-from openpi_merge_plugin.openpi_glue import serving_configs
-from openpi_merge_plugin.openpi_glue import variants
+from openpi_merge_plugin.lora.adapters import ShapeDtype
+from openpi_merge_plugin.lora.configs import ResolvedLoRA
+from openpi_merge_plugin.pipeline import checkpoint_merge as api
+from openpi_merge_plugin.serving import twins as serving_configs
+from openpi_merge_plugin.serving import variants
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,9 +10,9 @@ from openpi_merge_plugin import MergeOptions
 from openpi_merge_plugin import errors
 from openpi_merge_plugin import merge_checkpoint
 from openpi_merge_plugin import merge_params
-from openpi_merge_plugin import slice_chunks
-from openpi_merge_plugin import slice_ops
-from openpi_merge_plugin import sources
+from openpi_merge_plugin.checkpoint import sources
+from openpi_merge_plugin.merge import slice_chunks
+from openpi_merge_plugin.merge import slice_ops
 
 GATING = "PaliGemma/llm/layers/mlp/gating_einsum"
 

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 
 from openpi_merge_plugin import MergeOptions
-from openpi_merge_plugin import engine
 from openpi_merge_plugin import merge_checkpoint
-from openpi_merge_plugin import params_io
-from openpi_merge_plugin import sources
 from openpi_merge_plugin import verify_merged
+from openpi_merge_plugin.checkpoint import params_io
+from openpi_merge_plugin.checkpoint import sources
+from openpi_merge_plugin.merge import engine
 
 OTHER = os.environ.get("OPENPI_MERGE_OTHER_PYTHON")
 READER = pathlib.Path(__file__).with_name("stack_reader.py")

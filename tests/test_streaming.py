@@ -9,13 +9,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 from openpi_merge_plugin import MergeOptions
-from openpi_merge_plugin import engine
 from openpi_merge_plugin import merge_checkpoint
-from openpi_merge_plugin import orbax_compat
-from openpi_merge_plugin import orbax_stream
-from openpi_merge_plugin import params_io
-from openpi_merge_plugin import sources
-from openpi_merge_plugin.adapters import ShapeDtype
+from openpi_merge_plugin.checkpoint import orbax_compat
+from openpi_merge_plugin.checkpoint import orbax_stream
+from openpi_merge_plugin.checkpoint import params_io
+from openpi_merge_plugin.checkpoint import sources
+from openpi_merge_plugin.lora.adapters import ShapeDtype
+from openpi_merge_plugin.merge import engine
 
 
 def _leaves(params_dir: pathlib.Path) -> dict[str, np.ndarray]:
@@ -102,7 +102,7 @@ def test_pieces_land_in_place_whatever_the_write_buffer(tmp_path, max_inflight_b
 
 
 def test_merge_on_save_default_buffer_is_the_writers():
-    from openpi_merge_plugin.training_options import MergeOnSaveOptions
+    from openpi_merge_plugin.openpi_glue.training_options import MergeOnSaveOptions
 
     assert MergeOnSaveOptions().host_buffer_mib << 20 == orbax_stream.MAX_INFLIGHT_BYTES
 

@@ -11,11 +11,11 @@ import pytest
 from openpi_merge_plugin import MergeError
 from openpi_merge_plugin import MergeOptions
 from openpi_merge_plugin import cli
-from openpi_merge_plugin import integrity
-from openpi_merge_plugin import lora_configs
 from openpi_merge_plugin import merge_checkpoint
-from openpi_merge_plugin import output as _output
 from openpi_merge_plugin import verify_merged
+from openpi_merge_plugin.checkpoint import output as _output
+from openpi_merge_plugin.checks import integrity
+from openpi_merge_plugin.lora import configs as lora_configs
 
 ATTN = [
     f"PaliGemma/llm/layers/attn/{m}/w"

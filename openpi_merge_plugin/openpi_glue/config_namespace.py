@@ -5,7 +5,7 @@ from typing import Annotated  # noqa: F401 (used by the generated annotations)
 
 import tyro
 
-from openpi_merge_plugin.training_options import MergeOnSaveOptions  # noqa: F401 (the field's type)
+from openpi_merge_plugin.openpi_glue.training_options import MergeOnSaveOptions  # noqa: F401 (the field's type)
 
 
 def tyro_help(text: str):

@@ -30,8 +30,8 @@ import uuid
 import orbax.checkpoint as ocp
 import orbax.checkpoint.future as future
 
-from openpi_merge_plugin import output as _output
-from openpi_merge_plugin.serving import ServingConfig
+from openpi_merge_plugin.checkpoint import output as _output
+from openpi_merge_plugin.serving.names import ServingConfig
 
 logger = logging.getLogger("openpi_merge_plugin")
 
@@ -143,10 +143,10 @@ def remove_stale_staging(checkpoint_dir: pathlib.Path) -> None:
 
 
 def _merge(directory: pathlib.Path, request: MergeRequest) -> dict[str, Any]:
-    from openpi_merge_plugin import api
-    from openpi_merge_plugin import engine
-    from openpi_merge_plugin import openpi_compat
-    from openpi_merge_plugin import sources
+    from openpi_merge_plugin.checkpoint import sources
+    from openpi_merge_plugin.lora import openpi_configs as openpi_compat
+    from openpi_merge_plugin.merge import engine
+    from openpi_merge_plugin.pipeline import checkpoint_merge as api
 
     config, opts = request.config, request.config.merge_lora
     options = engine.MergeOptions(

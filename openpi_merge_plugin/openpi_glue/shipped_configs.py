@@ -9,7 +9,7 @@ import pathlib
 from typing import Any
 
 from openpi_merge_plugin import openpi_glue
-from openpi_merge_plugin.openpi_glue import variants
+from openpi_merge_plugin.serving import variants
 
 CONFIGS_FILE = "openpi_train_configs.json"
 DUMMY_LORA = "dummy_lora"

@@ -56,7 +56,7 @@ _shim_create_data_loader_framework()
 
 
 def _kill_at(spec: str) -> None:
-    from openpi_merge_plugin import slice_ops
+    from openpi_merge_plugin.merge import slice_ops
     from openpi_merge_plugin.openpi_glue import merged_item
 
     name, n = spec.split(":")

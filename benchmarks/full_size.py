@@ -1,0 +1,207 @@
+"""`python scripts/benchmark_full_size.py` (see its docstring): a full-size pi0 LoRA checkpoint, the streaming
+merge against a naive restore-convert-save copy."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import tyro
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TREE = REPO / "tests" / "data" / "openpi-15a9616" / "trees" / "pi0_lora.json"
+LLM_LAYERS = "PaliGemma/llm/layers/"
+
+
+@dataclasses.dataclass
+class Run:
+    """Build the checkpoints and measure."""
+
+    # Where to build checkpoints and outputs (needs about 40 GB free); default: a temporary directory.
+    workdir: pathlib.Path | None = None
+    # Skip the full-depth case.
+    half_only: bool = False
+    # Skip the naive copy at full depth (it needs more memory than a 24 GB machine has).
+    skip_full_naive: bool = True
+
+
+@dataclasses.dataclass
+class NaiveCopy:
+    """Child process: restore the whole params item, convert adapted weights to float32, drop LoRA leaves, save."""
+
+    step: tyro.conf.Positional[pathlib.Path]
+    output: tyro.conf.Positional[pathlib.Path]
+
+
+@dataclasses.dataclass
+class CheckBitwise:
+    """Child process: the streamed merge of STEP (at MERGED) equals the in-memory merge, leaf by leaf, bitwise."""
+
+    step: tyro.conf.Positional[pathlib.Path]
+    merged: tyro.conf.Positional[pathlib.Path]
+
+
+def training_layout(depth: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Path -> (shape, dtype) of a pi0 LoRA training checkpoint's params with `depth` LLM layers."""
+    params = json.loads(TREE.read_text())["params"]
+    out = {}
+    for path, leaf in params.items():
+        shape = list(leaf["shape"])
+        if path.startswith(LLM_LAYERS):
+            shape[0] = depth
+        out[f"{path}/value"] = (tuple(shape), "bfloat16" if leaf["frozen"] else "float32")
+    return out
+
+
+def build_step(step: pathlib.Path, depth: int, seed: int = 0) -> int:
+    """Writes a random LoRA step directory (streamed one leaf at a time, so it fits in memory); returns its params'
+    bytes. Each leaf is one chunk, as `save_state` writes the params of a run on one device (Orbax's write shape is
+    the array's), so a reader has to decode each weight whole, as it would for a real checkpoint."""
+    from openpi_merge_plugin.checkpoint import orbax_stream
+    from openpi_merge_plugin.lora.adapters import ShapeDtype
+
+    layout = training_layout(depth)
+    rng = np.random.default_rng(seed)
+
+    def leaf(shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        out = np.empty(shape, dtype)
+        for index in np.ndindex(*shape[:1]):  # filled a layer at a time, to keep the float32 draw small
+            x = rng.random(shape[1:], dtype=np.float32)
+            x -= 0.5
+            x *= 0.04
+            out[index] = x
+        return out
+
+    def stream():
+        for path, (shape, dtype) in layout.items():
+            yield orbax_stream.whole(path, leaf(shape, dtype))
+
+    step.mkdir(parents=True)
+    orbax_stream.save(step / "params", {p: ShapeDtype(s, d) for p, (s, d) in layout.items()}, stream)
+    (step / "assets").mkdir()
+    return sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in layout.values())
+
+
+def naive_copy(args: NaiveCopy) -> None:
+    import orbax.checkpoint as ocp
+
+    from openpi_merge_plugin.checkpoint import orbax_compat
+    from openpi_merge_plugin.checkpoint import sources
+
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = orbax_compat.tree_metadata(args.step / "params")
+        restore_args = {"params": _as_numpy_restore(meta["params"])}
+        tree = ckptr.restore(args.step / "params", args=ocp.args.PyTreeRestore(meta, restore_args=restore_args))
+    flat = sources.flatten(tree["params"])
+    lora = {p for p in flat if "lora" in p}
+    adapted = {p.replace("_lora_a", "").replace("lora_a", "w") for p in lora if p.endswith(("lora_a", "_lora_a"))}
+    out = {p: (v.astype(np.float32) if p in adapted else v) for p, v in flat.items() if p not in lora}
+    del tree, flat
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(args.output.resolve(), {"params": sources.unflatten(out)})
+
+
+def _as_numpy_restore(meta):
+    import orbax.checkpoint as ocp
+
+    if isinstance(meta, dict):
+        return {k: _as_numpy_restore(v) for k, v in meta.items()}
+    return ocp.RestoreArgs(restore_type=np.ndarray)
+
+
+def check_bitwise(args: CheckBitwise) -> None:
+    from openpi_merge_plugin.checkpoint import params_io
+    from openpi_merge_plugin.checkpoint import sources
+    from openpi_merge_plugin.merge import engine
+    from openpi_merge_plugin.pipeline import checkpoint_merge as api
+
+    source = sources.OrbaxSource(args.step / "params")
+    merged = sources.OrbaxSource(args.merged / "params")
+    resolved = api.resolve_lora(source.tree, api.LoRASource())
+    adapters = engine.plan(source.tree, resolved)
+    adapted = {a.base_path: a for a in adapters}
+    dropped = {p for a in adapters for p in (a.a_path, a.b_path)}
+    assert set(merged.tree) == set(source.tree) - dropped, "merged structure differs"
+    compared = 0
+    for path in merged.tree:
+        got = merged.read([path])[path]
+        if path in adapted:
+            a = adapted[path]
+            sub = source.read([a.base_path, a.a_path, a.b_path])
+            flat = engine.merge_params(sources.unflatten(sub), resolved).params
+            with tempfile.TemporaryDirectory(dir=args.merged.parent) as tmp:
+                params_io.save_params(pathlib.Path(tmp) / "params", sources.flatten(flat))
+                want = sources.OrbaxSource(pathlib.Path(tmp) / "params").read([path])[path]
+        else:
+            want = source.read([path])[path]
+        if got.dtype != want.dtype or got.shape != want.shape or got.tobytes() != want.tobytes():
+            raise SystemExit(f"{path}: streamed output differs from the in-memory path")
+        compared += 1
+    print(f"bitwise equal: {compared} leaves ({len(adapted)} merged)")
+
+
+def _timed(cmd: list[str]) -> tuple[float, float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) / 1e6
+    if proc.returncode != 0:
+        killed = "killed" if proc.returncode < 0 or "signal 9" in proc.stderr else f"exit {proc.returncode}"
+        return wall, rss, f"failed ({killed}): {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"
+    return wall, rss, proc.stdout.strip()
+
+
+def run(args: Run) -> None:
+    me = [sys.executable, str(REPO / "scripts" / "benchmark_full_size.py")]
+    merge_cli = [sys.executable, "-m", "openpi_merge_plugin.cli", "--no-progress"]
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp_name:
+        tmp = pathlib.Path(tmp_name)
+        for depth in (9,) if args.half_only else (9, 18):
+            step = tmp / f"depth{depth}" / "100"
+            start = time.perf_counter()
+            nbytes = build_step(step, depth)
+            print(f"built depth {depth}: {nbytes / 1e9:.2f} GB of params in {time.perf_counter() - start:.0f}s")
+            label = f"{depth}/18 layers, {nbytes / 1e9:.1f} GB params"
+            if depth == 9 or not args.skip_full_naive:
+                wall, rss, note = _timed([*me, "naive-copy", str(step), str(tmp / f"naive{depth}")])
+                rows.append(("naive restore-convert-save copy", label, wall, rss, note))
+                shutil.rmtree(tmp / f"naive{depth}", ignore_errors=True)
+            wall, rss, _ = _timed([*merge_cli, str(step), "--output", str(tmp / f"merged{depth}")])
+            manifest = json.loads((tmp / f"merged{depth}" / "manifest.json").read_text())
+            note = f"max rel err {manifest['max_rel_err']:.1e}; merge math {manifest['timings_s']['merge']:.0f}s"
+            if depth == 9:
+                _, _, check = _timed([*me, "check-bitwise", str(step), str(tmp / f"merged{depth}")])
+                note += f"; {check}"
+            rows.append(("openpi-merge-lora (streaming, fp32 out)", label, wall, rss, note))
+            shutil.rmtree(step.parent)
+            shutil.rmtree(tmp / f"merged{depth}")
+    import os
+
+    print(
+        f"machine: {platform.node()}, {os.cpu_count()} cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, CPU"
+    )
+    print("| run | checkpoint | wall (s) | peak RSS (GB) | notes |")
+    print("|---|---|---|---|---|")
+    for name, label, wall, rss, note in rows:
+        print(f"| {name} | {label} | {wall:.0f} | {rss:.1f} | {note} |")
+    naive = {r[1]: r[2] for r in rows if r[0].startswith("naive")}
+    for name, label, wall, _, _ in rows:
+        if name.startswith("openpi") and label in naive:
+            print(f"streaming merge / naive copy at {label}: {wall / naive[label]:.2f}x")
+
+
+def main() -> None:
+    """`python scripts/benchmark_full_size.py`: the subcommand `run`, or a child process's."""
+    cmd = tyro.extras.subcommand_cli_from_dict({"run": Run, "naive-copy": NaiveCopy, "check-bitwise": CheckBitwise})
+    {Run: run, NaiveCopy: naive_copy, CheckBitwise: check_bitwise}[type(cmd)](cmd)

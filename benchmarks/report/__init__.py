@@ -1,0 +1,1 @@
+"""The markdown of `scripts/benchmark.py`, one module per table; `page.render` puts them together."""

@@ -1,0 +1,212 @@
+"""Committing a merged checkpoint: write into a temporary sibling, manifest last, then one atomic rename.
+
+The temporary directory is flock()ed for as long as its merge runs, so the cleanup of leftovers of killed merges
+never removes the directory of a merge that is still running (the kernel drops the lock when a process dies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import uuid
+
+from openpi_merge_plugin.checkpoint import orbax_compat
+from openpi_merge_plugin.errors import MergeError
+from openpi_merge_plugin.errors import OutputExistsError
+
+MANIFEST = "manifest.json"
+# Written instead of a checkpoint when a merge on save fails (training goes on).
+FAILURE_MARKER = "MERGE_FAILED.json"
+_TMP_MARK = ".tmp-"
+# Write failures the user can fix (space, file-size limit, read-only filesystem), with what to do about them.
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "free space on its filesystem and run again",
+    errno.EDQUOT: "free space or raise the disk quota and run again",
+    errno.EFBIG: "a file is larger than the file-size limit (ulimit -f) or the filesystem allows",
+    errno.EROFS: "the filesystem is read-only",
+}
+
+
+def check_output(output: pathlib.Path, *, overwrite: bool) -> None:
+    """Fails early, before any work, if `output` cannot be written."""
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"output {output} already exists (pass --overwrite to replace it)")
+    parent = output.parent
+    if not parent.is_dir():
+        raise MergeError(f"cannot write {output}: parent directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MergeError(f"cannot write {output}: parent directory {parent} is not writable")
+
+
+@contextlib.contextmanager
+def write_errors(output: pathlib.Path, needed_bytes: int) -> Iterator[None]:
+    """Turns a failed write (disk full, file-size limit, read-only filesystem) into a MergeError saying so.
+
+    The error may come as an OSError or as TensorStore's error text ("[OS error 28: ENOSPC ...]").
+    """
+    try:
+        yield
+    except MergeError:
+        raise
+    except Exception as e:
+        code = _errno_of(e)
+        if code not in _WRITE_ERRNOS:
+            raise
+        raise MergeError(
+            f"cannot write {output}: {os.strerror(code)} ({errno.errorcode[code]}): {_WRITE_ERRNOS[code]} "
+            f"(the merged checkpoint needs up to {_human(needed_bytes)}); nothing was written"
+        ) from e
+
+
+def _errno_of(e: BaseException) -> int | None:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e.errno
+        # TensorStore names the errno in its text (in a form that depends on its version); shutil.copytree:
+        # "[Errno 28] No space left ...".
+        code = orbax_compat.os_error_code(str(e))
+        if code is not None:
+            return code
+        found = re.search(r"\[Errno (\d+)\]", str(e))
+        if found:
+            return int(found.group(1))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def leftovers(output: pathlib.Path) -> list[pathlib.Path]:
+    """Temporary directories of earlier merges into `output` that did not finish."""
+    return sorted(output.parent.glob(f".{output.name}{_TMP_MARK}*"))
+
+
+@contextlib.contextmanager
+def staged_directory(output: pathlib.Path, *, overwrite: bool) -> Iterator[pathlib.Path]:
+    """Yields a fresh temporary sibling of `output`; on clean exit renames it to `output` atomically.
+
+    On any error the temporary directory is removed and `output` is left as it was.
+    """
+    for stale in leftovers(output):
+        _remove_if_abandoned(stale)
+    tmp, lock = _locked_tmp(output)
+    try:
+        yield tmp
+        _commit(tmp, output, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        os.close(lock)
+
+
+def _locked_tmp(output: pathlib.Path) -> tuple[pathlib.Path, int]:
+    while True:
+        tmp = output.parent / f".{output.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}"
+        tmp.mkdir()
+        lock = _try_lock(tmp)
+        if lock is None:
+            continue
+        # Between mkdir and flock another merge may have taken it for a leftover and removed it: take a new one.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(tmp).st_ino == os.fstat(lock).st_ino:
+                return tmp, lock
+        os.close(lock)
+
+
+def _remove_if_abandoned(path: pathlib.Path) -> None:
+    lock = _try_lock(path)
+    if lock is None:
+        return  # a running merge holds it
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        os.close(lock)
+
+
+def _try_lock(path: pathlib.Path) -> int | None:
+    """A descriptor of `path` holding an exclusive flock, or None if another process holds it (or it is gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:
+        pass  # a filesystem without flock: no protection against a concurrent merge, as without the lock
+    return fd
+
+
+def _commit(tmp: pathlib.Path, output: pathlib.Path, *, overwrite: bool) -> None:
+    _fsync_tree(tmp)
+    appeared = f"output {output} appeared while merging (another merge?); nothing was replaced"
+    if output.exists() and not overwrite:
+        raise OutputExistsError(appeared)
+    trash = output.parent / f".{output.name}{_TMP_MARK}old-{uuid.uuid4().hex[:12]}"
+    try:
+        if output.exists():
+            output.rename(trash)
+        tmp.rename(output)  # atomic; fails if another merge committed `output` in the meantime
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOENT):
+            raise
+        # With --overwrite the old output was being replaced anyway; the other merge's output stays.
+        raise OutputExistsError(appeared) from e
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fsync_tree(root: pathlib.Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_checksums(
+    root: pathlib.Path, on_bytes: Callable[[int], None] | None = None
+) -> dict[str, dict[str, int | str]]:
+    """sha256 and size of every file under `root` except the manifest, keyed by relative path.
+
+    `on_bytes(n)` is called after each chunk of n bytes hashed (for progress bars).
+    """
+    out: dict[str, dict[str, int | str]] = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+                    if on_bytes is not None:
+                        on_bytes(len(chunk))
+            out[path.relative_to(root).as_posix()] = {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+    return out
+
+
+def write_manifest(root: pathlib.Path, manifest: dict) -> dict:
+    """Adds the checksums of everything already in `root` and writes manifest.json (the last file written)."""
+    manifest = {**manifest, "files": file_checksums(root)}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return manifest

@@ -1,0 +1,3 @@
+from openpi_merge_plugin.cli.app import entrypoint
+
+entrypoint()

@@ -1,0 +1,71 @@
+"""`openpi-merge-lora inspect DIR`: what a LoRA step or a merged checkpoint holds, as a table, JSON or a picture."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+
+import tyro
+
+from openpi_merge_plugin.checks import inspection
+from openpi_merge_plugin.cli import inspect_plot
+from openpi_merge_plugin.cli import inspect_table
+from openpi_merge_plugin.cli import progress as progress_bar
+from openpi_merge_plugin.pipeline import checkpoint_merge as api
+
+
+@dataclasses.dataclass
+class Args:
+    """Show each adapted weight's rank, alpha, scale, ||dW||/||W|| per layer and what bfloat16 keeps of it.
+
+    Exits 1 if a merged checkpoint's files do not match the checksums in its manifest.
+    """
+
+    # An openpi LoRA step directory (holds params/) or a merged checkpoint (holds manifest.json).
+    path: tyro.conf.Positional[pathlib.Path]
+    # LoRA step only: registered openpi TrainConfig the checkpoint was trained with (needs openpi installed).
+    config: str | None = None
+    # LoRA step only: JSON file with the LoRA config of each expert (see configs/).
+    lora_config: pathlib.Path | None = None
+    # LoRA step only: one LoRA alpha for every adapter (ranks are read from the checkpoint).
+    alpha: float | None = None
+    # LoRA step only, with --alpha: the adapters were trained with rsLoRA (scale alpha/sqrt(rank)).
+    rslora: bool = False
+    # Also draw heat maps of ||dW||/||W|| and of the bf16-surviving fraction per (layer, weight) to this file.
+    plot: pathlib.Path | None = None
+    # Print the numbers as JSON instead of the table.
+    json: bool = False
+    # Merged checkpoint only: re-hash every file and compare with the manifest (reads the whole checkpoint).
+    checksums: bool = True
+    # Show a progress bar.
+    progress: bool = True
+
+
+def inspect(args: Args) -> inspection.Inspection:
+    given = args.config or args.lora_config or args.alpha is not None
+    lora = (
+        api.LoRASource(config=args.config, lora_config=args.lora_config, alpha=args.alpha, rslora=args.rslora)
+        if given
+        else None
+    )
+    with progress_bar.slice_bar("inspecting", enabled=args.progress) as bar:
+        return inspection.inspect_checkpoint(
+            args.path, lora=lora, checksums=args.checksums, progress=bar.progress, on_plan=bar.on_plan
+        )
+
+
+def run(args: Args) -> int:
+    """Inspects, then prints the table (or JSON) and writes the picture if asked."""
+    if args.plot is not None:
+        inspect_plot.check_can_plot(args.plot)
+    result = inspect(args)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        inspect_table.render(result)
+    if args.plot is not None:
+        inspect_plot.save(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0 if result.checksums is None or result.checksums.ok else 1

@@ -1,1 +1,0 @@
-"""Subcommands of `openpi-merge-lora`; each module has an `Args` dataclass and `run(args) -> exit code`."""

@@ -1,0 +1,1 @@
+"""The LoRA model: specs, where the LoRA config comes from, openpi's LoRA equations, and adapter discovery."""

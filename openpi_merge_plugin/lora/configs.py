@@ -1,0 +1,121 @@
+"""Where the LoRA configs of a checkpoint come from: openpi's live config, a file, explicit options, or shapes.
+
+openpi does not record the LoRA config in its checkpoints, and alpha cannot be read off the weights. The sources,
+most to least authoritative:
+1. `--config NAME` with openpi importable: `gemma.get_config(variant).lora_configs` of the registered TrainConfig.
+2. `--lora-config FILE`: a JSON file like those in `configs/`.
+3. `--alpha A` (with `--rslora`): one alpha for every adapter, rank read from the shapes.
+4. Nothing: each expert's (width, rank) must match one of openpi's shipped LoRA variants exactly, else an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+from openpi_merge_plugin.errors import ConfigError
+from openpi_merge_plugin.lora import adapters as _adapters
+from openpi_merge_plugin.lora.spec import ExpertLoRA
+from openpi_merge_plugin.lora.spec import LoRASpec
+
+# openpi 15a9616 `gemma.get_config` / `gemma_fast.get_config`: the LoRA variants it ships, with their widths.
+SHIPPED_VARIANTS: dict[str, tuple[int, ExpertLoRA]] = {
+    "gemma_2b_lora": (
+        2048,
+        ExpertLoRA("gemma_2b_lora", attn=LoRASpec(rank=16, alpha=16.0), ffn=LoRASpec(rank=16, alpha=16.0)),
+    ),
+    "gemma_300m_lora": (
+        1024,
+        ExpertLoRA("gemma_300m_lora", attn=LoRASpec(rank=32, alpha=32.0), ffn=LoRASpec(rank=32, alpha=32.0)),
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedLoRA:
+    """LoRA configs per expert index, and where they came from (recorded in the manifest)."""
+
+    experts: dict[int, ExpertLoRA]
+    source: str
+    config_name: str | None = None  # the openpi TrainConfig they were read from, if any
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "config_name": self.config_name,
+            "experts": {str(i): e.to_json() for i, e in sorted(self.experts.items())},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ResolvedLoRA:
+        """Reads back `to_json` (a manifest's `lora_config`); raises ConfigError if it is malformed."""
+        try:
+            experts = {int(i): ExpertLoRA.from_json(e) for i, e in data["experts"].items()}
+            return cls(
+                experts=experts,
+                source=str(data["source"]),
+                config_name=data.get("config_name"),
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"recorded LoRA config is malformed: {e!r}") from e
+
+
+def from_file(path: pathlib.Path | str) -> ResolvedLoRA:
+    """Reads a LoRA config file: `{"experts": [{"variant", "attn": {...}, "ffn": {...}}, ...]}`."""
+    path = pathlib.Path(path)
+    try:
+        data = json.loads(path.read_text())
+        experts = {i: ExpertLoRA.from_json(e) for i, e in enumerate(data["experts"])}
+    except FileNotFoundError as e:
+        raise ConfigError(f"LoRA config file {path} does not exist") from e
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"LoRA config file {path} is malformed: {e!r}") from e
+    return ResolvedLoRA(
+        experts=experts,
+        source=f"file {path}",
+        config_name=data.get("config_name"),
+    )
+
+
+def uniform(tree: Mapping[str, _adapters.ShapeDtype], alpha: float, *, rslora: bool = False) -> ResolvedLoRA:
+    """One alpha (and rsLoRA flag) for every adapter; ranks read from the checkpoint."""
+    experts: dict[int, dict[str, LoRASpec]] = {}
+    for (expert, kind), ranks in _adapters.adapter_ranks(tree).items():
+        if len(ranks) != 1:
+            raise ConfigError(
+                f"expert {expert} has {kind} adapters of several ranks {sorted(ranks)}; pass a config file"
+            )
+        experts.setdefault(expert, {})[kind] = LoRASpec(rank=ranks.pop(), alpha=alpha, rslora=rslora)
+    return ResolvedLoRA(
+        experts={i: ExpertLoRA("custom", **kinds) for i, kinds in experts.items()},
+        source=f"options (alpha={alpha}, rslora={rslora})",
+    )
+
+
+def infer_shipped(tree: Mapping[str, _adapters.ShapeDtype]) -> ResolvedLoRA:
+    """Matches each expert's width and ranks to openpi's shipped LoRA variants; refuses to guess otherwise."""
+    widths = _adapters.expert_widths(tree)
+    ranks = _adapters.adapter_ranks(tree)
+    experts = {}
+    for expert in sorted({e for e, _ in ranks}):
+        width = widths.get(expert)
+        for variant_width, lora in SHIPPED_VARIANTS.values():
+            if width == variant_width and all(
+                (spec := lora.get(kind)) is not None and r == {spec.rank}
+                for (e, kind), r in ranks.items()
+                if e == expert
+            ):
+                experts[expert] = lora
+                break
+        else:
+            found = {kind: sorted(r) for (e, kind), r in ranks.items() if e == expert}
+            raise ConfigError(
+                f"cannot tell the LoRA alpha of expert {expert} (width {width}, ranks {found}): it matches none of "
+                f"openpi's shipped LoRA variants {sorted(SHIPPED_VARIANTS)}. Pass --config NAME (openpi installed), "
+                "--lora-config FILE, or --alpha"
+            )
+    names = ", ".join(f"expert {i}: {e.variant}" for i, e in experts.items())
+    return ResolvedLoRA(experts=experts, source=f"inferred from shapes ({names})")

@@ -1,0 +1,1 @@
+"""Whole jobs on checkpoints: merge a LoRA step into `merged/`, export it for PyTorch."""

@@ -1,0 +1,195 @@
+"""Merging an openpi step directory on disk: check input, plan, merge, write, manifest, commit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import dataclasses
+import datetime as dt
+import logging
+import pathlib
+import shutil
+import time
+from typing import Any
+
+import numpy as np
+
+from openpi_merge_plugin import __version__
+from openpi_merge_plugin.checkpoint import orbax_stream
+from openpi_merge_plugin.checkpoint import output as _output
+from openpi_merge_plugin.checkpoint import sources
+from openpi_merge_plugin.errors import CheckpointError
+from openpi_merge_plugin.errors import ConfigError
+from openpi_merge_plugin.lora import adapters as _adapters
+from openpi_merge_plugin.lora import configs as lora_configs
+from openpi_merge_plugin.lora.configs import ResolvedLoRA
+from openpi_merge_plugin.merge import engine
+from openpi_merge_plugin.merge.report import MergeReport
+from openpi_merge_plugin.serving import names as serving
+
+logger = logging.getLogger("openpi_merge_plugin")
+
+MANIFEST_FORMAT_VERSION = 1
+DEFAULT_OUTPUT_NAME = "merged"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASource:
+    """Where to take LoRA configs from (see `lora_configs`); at most one of these should be set."""
+
+    config: str | None = None
+    lora_config: pathlib.Path | None = None
+    alpha: float | None = None
+    rslora: bool = False
+
+
+@dataclasses.dataclass
+class CheckpointMergeResult:
+    output: pathlib.Path
+    report: MergeReport
+    manifest: dict[str, Any]
+
+
+def check_step_dir(step_dir: pathlib.Path) -> pathlib.Path:
+    """Returns the params item of an openpi step directory, or raises a CheckpointError saying what is wrong."""
+    if not step_dir.exists():
+        raise CheckpointError(f"checkpoint {step_dir} does not exist")
+    if not step_dir.is_dir():
+        raise CheckpointError(f"checkpoint {step_dir} is a file, not an openpi step directory")
+    params_dir = step_dir / "params"
+    if not params_dir.is_dir():
+        hint = ""
+        if any(p.name.isdigit() for p in step_dir.iterdir() if p.is_dir()):
+            steps = sorted(int(p.name) for p in step_dir.iterdir() if p.is_dir() and p.name.isdigit())
+            hint = f" (it holds steps {steps}: pass one of them, e.g. {step_dir / str(steps[-1])})"
+        raise CheckpointError(f"{step_dir} is not an openpi checkpoint step: it has no params/ directory{hint}")
+    return params_dir
+
+
+def resolve_lora(tree: dict[str, _adapters.ShapeDtype], how: LoRASource) -> ResolvedLoRA:
+    chosen = [n for n, v in (("--config", how.config), ("--lora-config", how.lora_config), ("--alpha", how.alpha)) if v]
+    if len(chosen) > 1:
+        raise ConfigError(f"give only one of {', '.join(chosen)}")
+    if how.config:
+        from openpi_merge_plugin.lora import openpi_configs as openpi_compat
+
+        return openpi_compat.lora_from_train_config(how.config)
+    if how.lora_config:
+        return lora_configs.from_file(how.lora_config)
+    if how.alpha is not None:
+        return lora_configs.uniform(tree, how.alpha, rslora=how.rslora)
+    return lora_configs.infer_shipped(tree)
+
+
+def serving_for(
+    resolved: ResolvedLoRA, structure: dict[str, _adapters.ShapeDtype], run_config: Any | None = None
+) -> serving.ServingConfig:
+    """The openpi config that serves a merge with this structure, checked in this process; or why there is none."""
+    if resolved.config_name is None:
+        return serving.without_openpi_config(resolved.source)
+    from openpi_merge_plugin.serving import twins as serving_configs
+
+    return serving_configs.check(resolved.config_name, structure, run_config)
+
+
+def merge_checkpoint(
+    step_dir: pathlib.Path | str,
+    *,
+    output: pathlib.Path | str | None = None,
+    lora: LoRASource | ResolvedLoRA | None = None,
+    options: engine.MergeOptions | None = None,
+    overwrite: bool = False,
+    progress: engine.ProgressFn | None = None,
+    on_plan: Callable[[list[_adapters.Adapter]], None] | None = None,
+) -> CheckpointMergeResult:
+    """Merges the LoRA checkpoint at `step_dir` into `<step_dir>/merged` (or `output`). Never modifies the input."""
+    step_dir = pathlib.Path(step_dir).resolve()
+    options = options or engine.MergeOptions()
+    params_dir = check_step_dir(step_dir)
+    out = pathlib.Path(output).resolve() if output is not None else step_dir / DEFAULT_OUTPUT_NAME
+    _output.check_output(out, overwrite=overwrite)
+    source = sources.OrbaxSource(params_dir)
+    resolved = lora if isinstance(lora, ResolvedLoRA) else resolve_lora(source.tree, lora or LoRASource())
+    adapters = engine.plan(source.tree, resolved)
+    if on_plan is not None:
+        on_plan(adapters)
+
+    source_info = {"step_dir": str(step_dir), "step": _step_number(step_dir), "params": str(params_dir)}
+    structure = engine.merged_structure(source.tree, adapters, options)
+    serving_config = serving_for(resolved, structure)
+    needed = sum(int(np.prod(sd.shape, dtype=np.int64)) * np.dtype(sd.dtype).itemsize for sd in structure.values())
+    with _output.write_errors(out, needed), _output.staged_directory(out, overwrite=overwrite) as tmp:
+        assets = step_dir / "assets"
+        manifest, report = write_merged(
+            tmp,
+            source,
+            adapters,
+            resolved,
+            options,
+            source_info=source_info,
+            output_path=out,
+            serving_config=serving_config,
+            save_assets=(lambda d: shutil.copytree(assets, d)) if assets.is_dir() else None,
+            progress=progress,
+        )
+    logger.info("merged %d adapted weights of %s into %s", len(adapters), step_dir, out)
+    return CheckpointMergeResult(output=out, report=report, manifest=manifest)
+
+
+def write_merged(
+    directory: pathlib.Path,
+    source: sources.ParamSource,
+    adapters: list[_adapters.Adapter],
+    resolved: ResolvedLoRA,
+    options: engine.MergeOptions,
+    *,
+    source_info: dict[str, Any],
+    output_path: pathlib.Path,
+    serving_config: serving.ServingConfig,
+    save_assets: Callable[[pathlib.Path], None] | None = None,
+    progress: engine.ProgressFn | None = None,
+    host_buffer_bytes: int = orbax_stream.MAX_INFLIGHT_BYTES,
+) -> tuple[dict[str, Any], MergeReport]:
+    """Writes `params/` (streamed, one layer slice at a time), `assets/` and, last, `manifest.json` into `directory`.
+
+    `directory` is a staging directory (the caller commits it); the manifest names `output_path`, its final place.
+    """
+    start = time.perf_counter()
+    report = MergeReport()
+    structure, stream = engine.write_stream(source, adapters, options, report, progress)
+    orbax_stream.save(directory / "params", structure, stream, max_inflight_bytes=host_buffer_bytes)
+    if save_assets is not None:
+        save_assets(directory / "assets")
+    report.timings["total"] = time.perf_counter() - start
+    report.timings["read_write"] = report.timings["total"] - report.timings.get("merge", 0.0)
+    manifest = build_manifest(source_info, output_path, resolved, serving_config, options, report)
+    return _output.write_manifest(directory, manifest), report
+
+
+def build_manifest(
+    source_info: dict[str, Any],
+    out: pathlib.Path,
+    resolved: ResolvedLoRA,
+    serving_config: serving.ServingConfig,
+    options: engine.MergeOptions,
+    report: MergeReport,
+) -> dict[str, Any]:
+    return {
+        "format_version": MANIFEST_FORMAT_VERSION,
+        "plugin": "openpi-merge-plugin",
+        "plugin_version": __version__,
+        "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "source": source_info,
+        "output": str(out),
+        **serving_config.to_json(),
+        "lora_config": resolved.to_json(),
+        "options": dataclasses.asdict(options),
+        "dtype_policy": {
+            "merged_weights": options.output_dtype,
+            "other_leaves": "unchanged (bitwise, same dtype)",
+        },
+        **report.to_json(),
+    }
+
+
+def _step_number(step_dir: pathlib.Path) -> int | None:
+    return int(step_dir.name) if step_dir.name.isdigit() else None
