@@ -185,6 +185,14 @@ def _fsync_tree(root: pathlib.Path) -> None:
         os.close(fd)
 
 
+def sha256_of(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def file_checksums(
     root: pathlib.Path, on_bytes: Callable[[int], None] | None = None
 ) -> dict[str, dict[str, int | str]]:

@@ -37,6 +37,8 @@ logger = logging.getLogger("openpi_merge_plugin")
 
 FAILURE_MARKER = _output.FAILURE_MARKER
 ITEM = "merged"  # the item name, and so the directory name in each step
+PYTORCH_ITEM = "merged_pytorch"  # written next to it, with merge_lora.export_pytorch
+_PYTORCH_STAGING = ".pytorch"  # inside the staging directory until the step is committed
 
 
 @dataclasses.dataclass
@@ -125,14 +127,47 @@ def write_staged(request: MergeRequest) -> pathlib.Path | None:
         return directory
     request.outcome.manifest = manifest
     _report(request, manifest, time.perf_counter() - start)
+    if options.export_pytorch:
+        _export_pytorch(directory, request)
     return directory
+
+
+def _export_pytorch(directory: pathlib.Path, request: MergeRequest) -> None:
+    """openpi's PyTorch checkpoint of the merge just staged, staged beside it; a failure is logged and recorded."""
+    from openpi_merge_plugin.pipeline import pytorch_export
+
+    target = directory / _PYTORCH_STAGING
+    target.mkdir()
+    try:
+        start = time.perf_counter()
+        manifest = pytorch_export.write_export(
+            target,
+            directory,
+            request.config.merge_lora.export_precision,
+            pytorch_export.model_info_from_model(request.config.model, config_name=request.config.name),
+            request.step_dir / PYTORCH_ITEM,
+            source_info={"merged": str(request.step_dir / ITEM), "merged_on_the_way": False},
+        )
+        logger.info(
+            "Exported the merged step %d for PyTorch (%d tensors, %s) in %.1fs",
+            request.step,
+            manifest["tensors"],
+            manifest["precision"],
+            time.perf_counter() - start,
+        )
+    except Exception as e:
+        logger.error("openpi-merge-plugin: the PyTorch export of step %d FAILED: %s", request.step, e)
+        for child in target.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        marker = {"step": request.step, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        (target / FAILURE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
 
 def move_into(staging: pathlib.Path, directory: pathlib.Path) -> None:
     """Moves everything in `staging` into `directory` (made by Orbax), then removes `staging`."""
     directory.mkdir(parents=True, exist_ok=True)
     for child in staging.iterdir():
-        child.rename(directory / child.name)
+        child.rename(directory.parent / PYTORCH_ITEM if child.name == _PYTORCH_STAGING else directory / child.name)
     staging.rmdir()
 
 

@@ -26,6 +26,11 @@ class MergeOnSaveOptions:
     # Merged data allowed to wait for TensorStore's writes, in MiB, so that writing overlaps merging. TensorStore
     # holds it with its zstd output, up to about twice this; 0 writes each piece before merging the next.
     host_buffer_mib: int = 64
+    # Also write openpi's PyTorch checkpoint (model.safetensors, config.json) to <step>/merged_pytorch, on the same
+    # saves as <step>/merged (pi0 and pi0.5).
+    export_pytorch: bool = False
+    # Tensor dtype of that export (upstream's converter's precision rules).
+    export_precision: Literal["float32", "bfloat16"] = "float32"
     # A failed merge stops training (by default it is logged, recorded in <step>/merged/MERGE_FAILED.json,
     # and training goes on; the LoRA checkpoint is saved either way).
     fatal: bool = False

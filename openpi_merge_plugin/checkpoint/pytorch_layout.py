@@ -1,0 +1,384 @@
+"""The tensors of upstream openpi's PyTorch export (`examples/convert_jax_model_to_pytorch.py` at 15a9616).
+
+`build_layout` maps a merged JAX params structure (`path -> (shape, dtype)`, no `params` root) to the entries of the
+`model.safetensors` that upstream's converter writes with `safetensors.torch.save_model(PI0Pytorch(cfg))`: names,
+shapes, dtypes and file order, plus a `Recipe` per entry that `apply` turns into the tensor's values. Only numpy is
+used; reading arrays and writing the file are the caller's (see `safetensors_stream`).
+
+Precision, as upstream: the converter copies float32 values into a `PI0Pytorch` built with the config's `dtype`,
+whose bfloat16 parameters round them (round to nearest even), then casts the whole model to `precision`. So with
+precision "bfloat16" every tensor is `bf16(x)`; with "float32" a tensor is `f32(bf16(x))` if its parameter is
+bfloat16 in PI0Pytorch (`param_dtype`), else exactly `x`. With model dtype "float32" no parameter is bfloat16
+(`to_bfloat16_for_selected_params("float32")` is a plain `.to(float32)`), so nothing is rounded in float32 output.
+
+Fixed by PI0Pytorch, whatever the JAX model: vocabulary 257152, SigLIP So400m/14 at 224 px, and a multimodal
+projector of output width 2048 (gemma_2b's). A paligemma variant of another width cannot be loaded by upstream's
+PyTorch model, so it is refused unless `allow_projector_patch` (the file then has the JAX width and loads only into
+a PI0Pytorch patched with `vision_config.projection_dim = width`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+import json
+import math
+from typing import Any, Literal
+
+import ml_dtypes
+import numpy as np
+
+Precision = Literal["float32", "bfloat16"]
+
+VOCAB_SIZE = 257152
+PROJECTION_DIM = 2048  # PaliGemmaWithExpertModel: vision_config.projection_dim = 2048
+VISION = {"width": 1152, "depth": 27, "mlp_dim": 4304, "num_heads": 16, "head_dim": 72, "patch": 14, "positions": 256}
+
+PG = "paligemma_with_expert.paligemma."
+VM = PG + "model.vision_tower.vision_model."
+LM = PG + "model.language_model."
+EX = "paligemma_with_expert.gemma_expert."
+LM_HEAD = PG + "lm_head.weight"
+EMBED_TOKENS = LM + "embed_tokens.weight"  # tied to LM_HEAD; save_model keeps the smaller name, LM_HEAD
+EXPERT_LM_HEAD = EX + "lm_head.weight"  # no JAX source (random init upstream, never used): written as zeros
+
+# to_bfloat16_for_selected_params: parameters (names relative to paligemma_with_expert) kept in float32.
+KEEP_FLOAT32 = (
+    "vision_tower.vision_model.embeddings.patch_embedding.weight",
+    "vision_tower.vision_model.embeddings.patch_embedding.bias",
+    "vision_tower.vision_model.embeddings.position_embedding.weight",
+    "input_layernorm",
+    "post_attention_layernorm",
+    "model.norm",
+)
+SOURCE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
+_NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+class LayoutError(ValueError):
+    """The JAX params, dims or options do not describe a model upstream's PyTorch export can hold."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmaDims:
+    """One expert's dims, as `openpi.models.gemma.get_config(variant)` gives them."""
+
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, config: Any) -> GemmaDims:
+        """From any object with these attributes (e.g. openpi's `gemma.Config`)."""
+        return cls(**{f.name: int(getattr(config, f.name)) for f in dataclasses.fields(cls)})
+
+
+Op = tuple[str, tuple[int, ...]]  # ("transpose", axes) or ("reshape", shape)
+T: Op = ("transpose", (1, 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How one output tensor is made: `source[layer][split]`, as float32, then `ops`, then rounding and cast."""
+
+    source: str | None  # JAX path; None: zeros
+    source_shape: tuple[int, ...] | None
+    layer: int | None  # index on the scanned depth axis
+    split: int | None  # index on the next axis (kv_einsum: k/v, gating_einsum: gate/up)
+    ops: tuple[Op, ...]
+    round_bf16: bool  # values are bf16(x), whatever the output dtype
+    dtype: Precision  # output dtype
+    shape: tuple[int, ...]  # output shape
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One entry of model.safetensors."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype: "F32" or "BF16"
+    param_dtype: str  # dtype of the PI0Pytorch parameter under the config's dtype
+    recipe: Recipe
+    aliases: tuple[str, ...] = ()  # tied state-dict names that save_model drops in favour of this one
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _NP_DTYPES[self.recipe.dtype].itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """All entries in file order (by name: one dtype), and the header metadata save_model writes."""
+
+    tensors: tuple[TensorSpec, ...]
+    metadata: dict[str, str]
+    pi05: bool
+    precision: Precision
+    model_dtype: Precision
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def by_name(self) -> dict[str, TensorSpec]:
+        return {t.name: t for t in self.tensors}
+
+    def state_dict_names(self) -> list[str]:
+        """The names of PI0Pytorch's state dict (tied aliases included), sorted."""
+        return sorted([t.name for t in self.tensors] + [a for t in self.tensors for a in t.aliases])
+
+
+def detect_pi05(params: Mapping[str, Any]) -> bool:
+    """Whether the tree is pi0.5's (time_mlp_* and adaRMS expert norms) rather than pi0's (state_proj, ...)."""
+    keys = set(params)
+    five = {"time_mlp_in/kernel", "PaliGemma/llm/final_norm_1/Dense_0/kernel"} <= keys
+    zero = {"state_proj/kernel", "PaliGemma/llm/final_norm_1/scale"} <= keys
+    if five == zero:
+        raise LayoutError("cannot tell pi0 from pi0.5: the tree has neither or both of their projection/norm params")
+    return five
+
+
+def param_dtype(name: str, model_dtype: Precision) -> str:
+    """The dtype of PI0Pytorch's parameter `name` when built with `Pi0Config.dtype == model_dtype`."""
+    prefix = "paligemma_with_expert."
+    if model_dtype == "float32" or not name.startswith(prefix):
+        return "float32"
+    rel = name[len(prefix) :]
+    return "float32" if any(s in rel for s in KEEP_FLOAT32) else "bfloat16"
+
+
+def _expected_jax_shapes(pg: GemmaDims, ae: GemmaDims, action_dim: int, *, pi05: bool) -> dict[str, tuple[int, ...]]:
+    v = VISION
+    dv, lv, fv, nv, hv, p = v["width"], v["depth"], v["mlp_dim"], v["num_heads"], v["head_dim"], v["patch"]
+    e = "PaliGemma/img/Transformer/encoderblock/"
+    shapes = {
+        "PaliGemma/img/embedding/kernel": (p, p, 3, dv),
+        "PaliGemma/img/embedding/bias": (dv,),
+        "PaliGemma/img/pos_embedding": (1, v["positions"], dv),
+        "PaliGemma/img/Transformer/encoder_norm/scale": (dv,),
+        "PaliGemma/img/Transformer/encoder_norm/bias": (dv,),
+        "PaliGemma/img/head/kernel": (dv, pg.width),
+        "PaliGemma/img/head/bias": (pg.width,),
+        "PaliGemma/llm/embedder/input_embedding": (VOCAB_SIZE, pg.width),
+    }
+    for ln in ("LayerNorm_0", "LayerNorm_1"):
+        shapes[f"{e}{ln}/scale"] = shapes[f"{e}{ln}/bias"] = (lv, dv)
+    shapes[f"{e}MlpBlock_0/Dense_0/kernel"], shapes[f"{e}MlpBlock_0/Dense_0/bias"] = (lv, dv, fv), (lv, fv)
+    shapes[f"{e}MlpBlock_0/Dense_1/kernel"], shapes[f"{e}MlpBlock_0/Dense_1/bias"] = (lv, fv, dv), (lv, dv)
+    for j in ("query", "key", "value"):
+        shapes[f"{e}MultiHeadDotProductAttention_0/{j}/kernel"] = (lv, dv, nv, hv)
+        shapes[f"{e}MultiHeadDotProductAttention_0/{j}/bias"] = (lv, nv, hv)
+    shapes[f"{e}MultiHeadDotProductAttention_0/out/kernel"] = (lv, nv, hv, dv)
+    shapes[f"{e}MultiHeadDotProductAttention_0/out/bias"] = (lv, dv)
+    for sfx, c, ada in (("", pg, False), ("_1", ae, pi05)):
+        t = "PaliGemma/llm/layers/"
+        shapes[f"{t}attn/q_einsum{sfx}/w"] = (c.depth, c.num_heads, c.width, c.head_dim)
+        shapes[f"{t}attn/kv_einsum{sfx}/w"] = (c.depth, 2, c.num_kv_heads, c.width, c.head_dim)
+        shapes[f"{t}attn/attn_vec_einsum{sfx}/w"] = (c.depth, c.num_heads, c.head_dim, c.width)
+        shapes[f"{t}mlp{sfx}/gating_einsum"] = (c.depth, 2, c.width, c.mlp_dim)
+        shapes[f"{t}mlp{sfx}/linear"] = (c.depth, c.mlp_dim, c.width)
+        for norm in ("pre_attention_norm", "pre_ffw_norm"):
+            if ada:
+                shapes[f"{t}{norm}{sfx}/Dense_0/kernel"] = (c.depth, c.width, 3 * c.width)
+                shapes[f"{t}{norm}{sfx}/Dense_0/bias"] = (c.depth, 3 * c.width)
+            else:
+                shapes[f"{t}{norm}{sfx}/scale"] = (c.depth, c.width)
+        if ada:
+            shapes[f"PaliGemma/llm/final_norm{sfx}/Dense_0/kernel"] = (c.width, 3 * c.width)
+            shapes[f"PaliGemma/llm/final_norm{sfx}/Dense_0/bias"] = (3 * c.width,)
+        else:
+            shapes[f"PaliGemma/llm/final_norm{sfx}/scale"] = (c.width,)
+    w = ae.width
+    projs = {"action_in_proj": (action_dim, w), "action_out_proj": (w, action_dim)}
+    if pi05:
+        projs |= {"time_mlp_in": (w, w), "time_mlp_out": (w, w)}
+    else:
+        projs |= {"state_proj": (action_dim, w), "action_time_mlp_in": (2 * w, w), "action_time_mlp_out": (w, w)}
+    for k, s in projs.items():
+        shapes[f"{k}/kernel"], shapes[f"{k}/bias"] = s, (s[1],)
+    return shapes
+
+
+def _check_tree(params: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], dims_note: str) -> None:
+    problems = []
+    missing = sorted(set(expected) - set(params))
+    extra = sorted(set(params) - set(expected))
+    if missing:
+        problems.append(f"missing params: {missing}")
+    if extra:
+        problems.append(f"params PI0Pytorch has no place for (unmerged LoRA leaves?): {extra}")
+    for path in sorted(set(expected) & set(params)):
+        shape, dtype = params[path]
+        if tuple(shape) != expected[path]:
+            problems.append(f"{path}: shape {tuple(shape)}, expected {expected[path]}")
+        if str(dtype) not in SOURCE_DTYPES:
+            problems.append(f"{path}: dtype {dtype} is not one of {SOURCE_DTYPES}")
+    if problems:
+        raise LayoutError(f"JAX params do not match {dims_note}:\n  " + "\n  ".join(problems))
+
+
+def build_layout(
+    params: Mapping[str, tuple[tuple[int, ...], str]],
+    *,
+    paligemma: GemmaDims,
+    action_expert: GemmaDims,
+    action_dim: int,
+    precision: Precision = "bfloat16",
+    model_dtype: Precision = "bfloat16",
+    pi05: bool | None = None,
+    allow_projector_patch: bool = False,
+) -> Layout:
+    """The entries of upstream's model.safetensors for these params, in file order.
+
+    `pi05` is `Pi0Config.pi05`; None detects it from the tree (`detect_pi05`), and a value the tree contradicts is an
+    error. `model_dtype` is `Pi0Config.dtype`. Dims are checked against every shape of `params`.
+    """
+    if precision not in _ST_DTYPES:
+        raise LayoutError(f"precision must be 'float32' or 'bfloat16', not {precision!r}")
+    if model_dtype not in _ST_DTYPES:
+        raise LayoutError(f"model dtype (Pi0Config.dtype) must be 'float32' or 'bfloat16', not {model_dtype!r}")
+    tree_pi05 = detect_pi05(params)
+    if pi05 is not None and bool(pi05) != tree_pi05:
+        raise LayoutError(f"config says pi05={pi05}, but the params are those of {'pi0.5' if tree_pi05 else 'pi0'}")
+    pi05 = tree_pi05
+    pg, ae = paligemma, action_expert
+    for f in ("depth", "num_heads", "num_kv_heads", "head_dim"):
+        if getattr(pg, f) != getattr(ae, f):
+            raise LayoutError(f"paligemma and action expert must have equal {f} (JAX scans them together): {pg}, {ae}")
+    expected = _expected_jax_shapes(pg, ae, action_dim, pi05=pi05)
+    _check_tree(params, expected, f"paligemma {pg}, action expert {ae}, action_dim={action_dim}, pi05={pi05}")
+    if pg.width != PROJECTION_DIM and not allow_projector_patch:
+        raise LayoutError(
+            f"paligemma width {pg.width} != {PROJECTION_DIM}: upstream's PI0Pytorch hard-codes the multimodal "
+            f"projector to ({PROJECTION_DIM}, {VISION['width']}), so it cannot load this model (JAX img/head is "
+            f"({VISION['width']}, {pg.width})); pass allow_projector_patch=True to write the JAX width anyway"
+        )
+
+    entries: list[TensorSpec] = []
+
+    def add(name, src, ops=(), *, layer=None, split=None, zeros_shape=None, aliases=()):
+        if src is None:
+            src_shape, shape = None, tuple(zeros_shape)
+        else:
+            src_shape = tuple(params[src][0])
+            shape = src_shape[(layer is not None) + (split is not None) :]
+            for op, arg in ops:
+                shape = tuple(shape[i] for i in arg) if op == "transpose" else tuple(arg)
+        pdt = param_dtype(name, model_dtype)
+        rounded = precision == "bfloat16" or pdt == "bfloat16"
+        recipe = Recipe(src, src_shape, layer, split, tuple(ops), round_bf16=rounded, dtype=precision, shape=shape)
+        entries.append(TensorSpec(name, shape, _ST_DTYPES[precision], pdt, recipe, tuple(aliases)))
+
+    # SigLIP
+    dv, nv, hv = VISION["width"], VISION["num_heads"], VISION["head_dim"]
+    img, e = "PaliGemma/img/", "PaliGemma/img/Transformer/encoderblock/"
+    add(VM + "embeddings.patch_embedding.weight", img + "embedding/kernel", [("transpose", (3, 2, 0, 1))])
+    add(VM + "embeddings.patch_embedding.bias", img + "embedding/bias")
+    add(VM + "embeddings.position_embedding.weight", img + "pos_embedding", [("reshape", (VISION["positions"], dv))])
+    for i in range(VISION["depth"]):
+        p = f"{VM}encoder.layers.{i}."
+        add(p + "layer_norm1.weight", e + "LayerNorm_0/scale", layer=i)
+        add(p + "layer_norm1.bias", e + "LayerNorm_0/bias", layer=i)
+        add(p + "layer_norm2.weight", e + "LayerNorm_1/scale", layer=i)
+        add(p + "layer_norm2.bias", e + "LayerNorm_1/bias", layer=i)
+        add(p + "mlp.fc1.weight", e + "MlpBlock_0/Dense_0/kernel", [T], layer=i)
+        add(p + "mlp.fc1.bias", e + "MlpBlock_0/Dense_0/bias", layer=i)
+        add(p + "mlp.fc2.weight", e + "MlpBlock_0/Dense_1/kernel", [T], layer=i)
+        add(p + "mlp.fc2.bias", e + "MlpBlock_0/Dense_1/bias", layer=i)
+        a = e + "MultiHeadDotProductAttention_0/"
+        for j, t in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+            add(p + f"self_attn.{t}.weight", a + f"{j}/kernel", [("reshape", (dv, nv * hv)), T], layer=i)
+            add(p + f"self_attn.{t}.bias", a + f"{j}/bias", [("reshape", (nv * hv,))], layer=i)
+        add(p + "self_attn.out_proj.weight", a + "out/kernel", [("reshape", (nv * hv, dv)), T], layer=i)
+        add(p + "self_attn.out_proj.bias", a + "out/bias", layer=i)
+    add(VM + "post_layernorm.weight", img + "Transformer/encoder_norm/scale")
+    add(VM + "post_layernorm.bias", img + "Transformer/encoder_norm/bias")
+    add(PG + "model.multi_modal_projector.linear.weight", img + "head/kernel", [T])
+    add(PG + "model.multi_modal_projector.linear.bias", img + "head/bias")
+    add(LM_HEAD, "PaliGemma/llm/embedder/input_embedding", aliases=[EMBED_TOKENS])
+
+    # Gemma experts
+    for prefix, sfx, c, ada in ((LM, "", pg, False), (EX + "model.", "_1", ae, pi05)):
+        t = "PaliGemma/llm/layers/"
+        n, k, h, w = c.num_heads, c.num_kv_heads, c.head_dim, c.width
+        for i in range(c.depth):
+            p = f"{prefix}layers.{i}."
+            qkv = [("transpose", (0, 2, 1)), ("reshape", (n * h, w))]
+            add(p + "self_attn.q_proj.weight", f"{t}attn/q_einsum{sfx}/w", qkv, layer=i)
+            qkv = [("transpose", (0, 2, 1)), ("reshape", (k * h, w))]
+            add(p + "self_attn.k_proj.weight", f"{t}attn/kv_einsum{sfx}/w", qkv, layer=i, split=0)
+            add(p + "self_attn.v_proj.weight", f"{t}attn/kv_einsum{sfx}/w", qkv, layer=i, split=1)
+            o = [("reshape", (n * h, w)), T]
+            add(p + "self_attn.o_proj.weight", f"{t}attn/attn_vec_einsum{sfx}/w", o, layer=i)
+            add(p + "mlp.gate_proj.weight", f"{t}mlp{sfx}/gating_einsum", [T], layer=i, split=0)
+            add(p + "mlp.up_proj.weight", f"{t}mlp{sfx}/gating_einsum", [T], layer=i, split=1)
+            add(p + "mlp.down_proj.weight", f"{t}mlp{sfx}/linear", [T], layer=i)
+            for jn, tn in (("pre_attention_norm", "input_layernorm"), ("pre_ffw_norm", "post_attention_layernorm")):
+                if ada:
+                    add(p + f"{tn}.dense.weight", f"{t}{jn}{sfx}/Dense_0/kernel", [T], layer=i)
+                    add(p + f"{tn}.dense.bias", f"{t}{jn}{sfx}/Dense_0/bias", layer=i)
+                else:
+                    add(p + f"{tn}.weight", f"{t}{jn}{sfx}/scale", layer=i)
+        if ada:
+            add(prefix + "norm.dense.weight", f"PaliGemma/llm/final_norm{sfx}/Dense_0/kernel", [T])
+            add(prefix + "norm.dense.bias", f"PaliGemma/llm/final_norm{sfx}/Dense_0/bias")
+        else:
+            add(prefix + "norm.weight", f"PaliGemma/llm/final_norm{sfx}/scale")
+    add(EXPERT_LM_HEAD, None, zeros_shape=(VOCAB_SIZE, ae.width))
+
+    # Projections
+    projs = ["action_in_proj", "action_out_proj"]
+    projs += ["time_mlp_in", "time_mlp_out"] if pi05 else ["state_proj", "action_time_mlp_in", "action_time_mlp_out"]
+    for k in projs:
+        add(f"{k}.weight", f"{k}/kernel", [T])
+        add(f"{k}.bias", f"{k}/bias")
+
+    entries.sort(key=lambda s: s.name)
+    return Layout(tuple(entries), {EMBED_TOKENS: LM_HEAD}, pi05, precision, model_dtype)
+
+
+def apply(recipe: Recipe, array: Any = None) -> np.ndarray:
+    """The output tensor (C-contiguous) from the whole source array or its layer slice (None for zeros)."""
+    out_dtype = _NP_DTYPES[recipe.dtype]
+    if recipe.source is None:
+        return np.zeros(recipe.shape, out_dtype)
+    a = np.asarray(array)
+    if recipe.layer is not None and a.shape == recipe.source_shape:
+        a = a[recipe.layer]
+    want = recipe.source_shape[1:] if recipe.layer is not None else recipe.source_shape
+    if a.shape != want:
+        what = f"layer {recipe.layer} of " if recipe.layer is not None else ""
+        raise LayoutError(f"{what}{recipe.source}: got shape {a.shape}, expected {want} (or {recipe.source_shape})")
+    if str(a.dtype) not in SOURCE_DTYPES:
+        raise LayoutError(f"{recipe.source}: dtype {a.dtype} is not one of {SOURCE_DTYPES}")
+    if recipe.split is not None:
+        a = a[recipe.split]
+    a = a.astype(np.float32, copy=False)  # upstream restores with dtype="float32"
+    for op, arg in recipe.ops:
+        a = a.transpose(arg) if op == "transpose" else a.reshape(arg)
+    if recipe.round_bf16:
+        a = a.astype(ml_dtypes.bfloat16)
+    return np.ascontiguousarray(a.astype(out_dtype, copy=False))
+
+
+def config_json(
+    *, action_dim: int, action_horizon: int, paligemma_variant: str, action_expert_variant: str, precision: Precision
+) -> str:
+    """The text of upstream's config.json (`json.dump(..., indent=2)`, no trailing newline)."""
+    if precision not in _ST_DTYPES:
+        raise LayoutError(f"precision must be 'float32' or 'bfloat16', not {precision!r}")
+    d = {
+        "action_dim": action_dim,
+        "action_horizon": action_horizon,
+        "paligemma_variant": paligemma_variant,
+        "action_expert_variant": action_expert_variant,
+        "precision": precision,
+    }
+    return json.dumps(d, indent=2)

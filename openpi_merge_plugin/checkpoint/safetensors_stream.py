@@ -1,0 +1,191 @@
+"""A `.safetensors` writer that streams: the header comes from shapes and dtypes, then tensors go one at a time.
+
+The bytes are those `safetensors` (`save_file`, `torch.save_model`) writes for the same tensors: u64 little-endian
+header length; compact JSON, `__metadata__` first (if given), then one `{"dtype","shape","data_offsets"}` entry per
+tensor in data order, padded with spaces to a multiple of 8; then the raw little-endian data, contiguous. Data
+order is safetensors': by dtype (F32 before BF16), then by name (byte order). A metadata dict of more than one key
+is written in its own order (safetensors' order there is a hash map's, so not reproducible).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import struct
+import sys
+from typing import Any, BinaryIO
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16)}
+_RANK = {"F32": 0, "BF16": 1}  # safetensors sorts dtypes by its enum, descending: F32 > BF16
+CHUNK_BYTES = 64 << 20
+
+
+class SafetensorsWriteError(RuntimeError):
+    """A tensor out of order, of the wrong shape/dtype/size, or a file left incomplete."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorHeader:
+    """One entry: name, safetensors dtype ("F32" or "BF16"), shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+def _entries(tensors: Iterable[Any]) -> list[TensorHeader]:
+    """Any objects with .name, .dtype, .shape, in safetensors' data order."""
+    out = [TensorHeader(t.name, t.dtype, tuple(int(d) for d in t.shape)) for t in tensors]
+    for t in out:
+        if t.dtype not in DTYPES:
+            raise SafetensorsWriteError(f"{t.name}: dtype {t.dtype!r} not supported (only {sorted(DTYPES)})")
+    names = [t.name for t in out]
+    if len(set(names)) != len(names):
+        raise SafetensorsWriteError("duplicate tensor names")
+    return sorted(out, key=lambda t: (_RANK[t.dtype], t.name.encode()))
+
+
+def header_bytes(tensors: Iterable[Any], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The first bytes of the file: length prefix and padded JSON header."""
+    header: dict[str, Any] = {}
+    if metadata is not None:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise SafetensorsWriteError("metadata keys and values must be str")
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for t in _entries(tensors):
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def file_size(tensors: Iterable[Any], metadata: Mapping[str, str] | None = None) -> int:
+    entries = _entries(tensors)
+    return len(header_bytes(entries, metadata)) + sum(t.nbytes for t in entries)
+
+
+def _raw(array: np.ndarray) -> memoryview:
+    a = np.ascontiguousarray(array)
+    if sys.byteorder == "big":
+        a = a.byteswap()
+    return memoryview(a.reshape(-1).view(np.uint8))
+
+
+class StreamWriter:
+    """Writes the header on open; then `write` (or `write_zeros`) each tensor in `order`; `close` checks the size.
+
+    Leaving a `with` block by an exception removes the incomplete file.
+    """
+
+    def __init__(self, path: str | os.PathLike, tensors: Iterable[Any], metadata: Mapping[str, str] | None = None):
+        self.path = pathlib.Path(path)
+        self.order: list[TensorHeader] = _entries(tensors)
+        self._header = header_bytes(self.order, metadata)
+        self.size = len(self._header) + sum(t.nbytes for t in self.order)
+        self._next = 0
+        self._f: BinaryIO | None = open(self.path, "wb")  # noqa: SIM115
+        self._written = self._f.write(self._header)
+
+    @property
+    def next(self) -> TensorHeader | None:
+        """The tensor to write next (None when all are written)."""
+        return self.order[self._next] if self._next < len(self.order) else None
+
+    def _expect(self, name: str) -> TensorHeader:
+        if self._f is None:
+            raise SafetensorsWriteError(f"{self.path}: writer is closed")
+        t = self.next
+        if t is None or t.name != name:
+            raise SafetensorsWriteError(f"{self.path}: got {name!r}, expected {t.name if t else 'no more tensors'!r}")
+        return t
+
+    def _put(self, t: TensorHeader, chunks: Iterable[memoryview]) -> None:
+        n = sum(self._f.write(c) for c in chunks)
+        self._written += n
+        if n != t.nbytes:
+            raise SafetensorsWriteError(f"{self.path}: {t.name} wrote {n} bytes, expected {t.nbytes}")
+        self._next += 1
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Write the next tensor; its dtype and shape must be the declared ones."""
+        t = self._expect(name)
+        array = np.asarray(array)
+        if array.dtype != DTYPES[t.dtype] or tuple(array.shape) != t.shape:
+            raise SafetensorsWriteError(
+                f"{self.path}: {name} is {array.dtype}{list(array.shape)}, declared {t.dtype}{list(t.shape)}"
+            )
+        self._put(t, [_raw(array)])
+
+    def write_zeros(self, name: str) -> None:
+        """Write the next tensor as zeros, in chunks of at most CHUNK_BYTES."""
+        t = self._expect(name)
+        zero = memoryview(bytes(min(t.nbytes, CHUNK_BYTES)))
+        self._put(t, (zero[: min(CHUNK_BYTES, t.nbytes - i)] for i in range(0, t.nbytes, CHUNK_BYTES)))
+
+    def close(self) -> None:
+        """Finish the file: every tensor must have been written, and the file must have the planned size."""
+        if self._f is None:
+            return
+        f, self._f = self._f, None
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        if self.next is not None:
+            raise SafetensorsWriteError(f"{self.path}: closed before {self.next.name} ({len(self.order)} tensors)")
+        if self._written != self.size or self.path.stat().st_size != self.size:
+            raise SafetensorsWriteError(f"{self.path}: {self.path.stat().st_size} bytes, expected {self.size}")
+
+    def abort(self) -> None:
+        """Close and delete the incomplete file."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> StreamWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
+
+
+def write(
+    path: str | os.PathLike,
+    tensors: Sequence[Any],
+    produce: Callable[[Any], np.ndarray | None],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write `tensors` (objects with .name/.dtype/.shape), asking `produce(t)` for each in file order.
+
+    `produce` gets the caller's own object; None from it writes zeros. At most one tensor is held at a time.
+    """
+    by_name = {t.name: t for t in tensors}
+    with StreamWriter(path, tensors, metadata) as w:
+        while (t := w.next) is not None:
+            array = produce(by_name[t.name])
+            if array is None:
+                w.write_zeros(t.name)
+            else:
+                w.write(t.name, array)
+            del array
+

@@ -1,0 +1,324 @@
+"""Export a merged checkpoint as openpi's PyTorch checkpoint: `model.safetensors`, `config.json`, `assets/`, manifest.
+
+What upstream's `examples/convert_jax_model_to_pytorch.py` writes, without its three problems: the source is the
+merged params (or a LoRA step, merged on the way), the dimensions come from the params' own shapes (checked against
+the config's variants when openpi is here), and the file is streamed one tensor (one layer slice) at a time. Needs
+numpy and `safetensors` only; torch is needed only to verify against the real model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import dataclasses
+import datetime as dt
+import json
+import logging
+import pathlib
+import shutil
+import tempfile
+import time
+from typing import Any, Literal
+
+import numpy as np
+
+from openpi_merge_plugin import __version__
+from openpi_merge_plugin.checkpoint import output as _output
+from openpi_merge_plugin.checkpoint import pytorch_layout as layout
+from openpi_merge_plugin.checkpoint import safetensors_stream
+from openpi_merge_plugin.checkpoint import sources
+from openpi_merge_plugin.errors import CheckpointError
+from openpi_merge_plugin.errors import ConfigError
+from openpi_merge_plugin.pipeline import checkpoint_merge
+
+logger = logging.getLogger("openpi_merge_plugin")
+
+DEFAULT_OUTPUT_NAME = "merged_pytorch"
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT_VERSION = 1
+Precision = Literal["float32", "bfloat16"]
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the export needs to know of the openpi model config beyond the params."""
+
+    paligemma_variant: str
+    action_expert_variant: str
+    action_horizon: int
+    model_dtype: Precision = "bfloat16"  # Pi0Config.dtype: which params PI0Pytorch rounds to bf16 on load
+    pi05: bool | None = None  # None: told from the params
+    config_name: str | None = None  # the openpi TrainConfig it came from
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    output: pathlib.Path
+    manifest: dict[str, Any]
+
+
+def dims_from_params(tree: dict[str, Any], suffix: str) -> layout.GemmaDims:
+    """One expert's dims read off its params ('' = PaliGemma, '_1' = the action expert); structure, not names."""
+    base = "PaliGemma/llm/layers/"
+    if f"{base}attn/qkv_einsum{suffix}/w" in tree:
+        raise ConfigError(
+            f"expert {suffix or '0'} uses qkv_einsum (as many kv heads as heads): PI0Pytorch's checkpoint layout, "
+            "like upstream's converter, covers q_einsum + kv_einsum (openpi's variants) only"
+        )
+    try:
+        depth, heads, width, head_dim = tree[f"{base}attn/q_einsum{suffix}/w"].shape
+        kv_heads = tree[f"{base}attn/kv_einsum{suffix}/w"].shape[2]
+        mlp_dim = tree[f"{base}mlp{suffix}/gating_einsum"].shape[-1]
+    except KeyError as e:
+        raise ConfigError(
+            f"not a pi0/pi0.5 params tree: no {e.args[0]} (pi0-FAST has no PyTorch model upstream)"
+        ) from e
+    return layout.GemmaDims(width, depth, mlp_dim, heads, kv_heads, head_dim)
+
+
+def model_info_from_model(model: Any, *, config_name: str | None = None) -> ModelInfo:
+    """The export's model info from an openpi model config (pi0 / pi0.5)."""
+    if not hasattr(model, "action_expert_variant"):
+        raise ConfigError(
+            f"{config_name or 'the config'} is {type(model).__name__}: only pi0 and pi0.5 have a PyTorch model upstream"
+        )
+    return ModelInfo(
+        model.paligemma_variant,
+        model.action_expert_variant,
+        int(model.action_horizon),
+        model_dtype=str(model.dtype),
+        pi05=bool(getattr(model, "pi05", False)),
+        config_name=config_name,
+    )
+
+
+def model_info_from_openpi(config_name: str) -> ModelInfo:
+    """The export's model info from a registered openpi TrainConfig (its serving twin's variants are LoRA-free)."""
+    try:
+        import openpi.training.config as _config
+    except ImportError as e:
+        raise ConfigError(f"--config {config_name} needs openpi importable here ({e}); or pass --action-horizon") from e
+    try:
+        model = _config.get_config(config_name).model
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return model_info_from_model(model, config_name=config_name)
+
+
+def export_pytorch(
+    src: pathlib.Path | str,
+    *,
+    output: pathlib.Path | str | None = None,
+    precision: Precision = "float32",
+    model: ModelInfo | None = None,
+    lora: checkpoint_merge.LoRASource | None = None,
+    overwrite: bool = False,
+    allow_projector_patch: bool = False,
+    progress: ProgressFn | None = None,
+) -> ExportResult:
+    """Writes the PyTorch checkpoint of `src` (a merged directory, or a LoRA step: merged on the way).
+
+    Default output: `<step>/merged_pytorch`. Atomic like the merged checkpoint; the source is never modified.
+    """
+    src = pathlib.Path(src).resolve()
+    merged_dir, step_dir = _merged_source(src)
+    out = pathlib.Path(output).resolve() if output is not None else step_dir / DEFAULT_OUTPUT_NAME
+    _output.check_output(out, overwrite=overwrite)
+    scratch = None
+    try:
+        if merged_dir is None:  # a LoRA step: merged first (streamed, verified) into a scratch sibling of `out`
+            scratch = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
+            merged_dir = checkpoint_merge.merge_checkpoint(step_dir, output=scratch / "merged", lora=lora).output
+            source_info = {"lora_step": str(step_dir), "merged_on_the_way": True}
+        else:
+            source_info = {"merged": str(merged_dir), "merged_on_the_way": False}
+        with _output.staged_directory(out, overwrite=overwrite) as tmp:
+            manifest = write_export(
+                tmp,
+                merged_dir,
+                precision,
+                model,
+                out,
+                source_info=source_info,
+                allow_projector_patch=allow_projector_patch,
+                progress=progress,
+            )
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    logger.info("exported %s to %s (%s)", src, out, precision)
+    return ExportResult(out, manifest)
+
+
+def _merged_source(src: pathlib.Path) -> tuple[pathlib.Path | None, pathlib.Path]:
+    """(merged dir or None for a LoRA step, the step dir)."""
+    if (src / _output.MANIFEST).is_file() and (src / "params").is_dir():
+        return src, src.parent
+    if (src / "params").is_dir():
+        checkpoint_merge.check_step_dir(src)
+        return None, src
+    raise CheckpointError(f"{src} is neither a merged checkpoint (params/ and manifest.json) nor a LoRA step (params/)")
+
+
+def write_export(
+    directory: pathlib.Path,
+    merged_dir: pathlib.Path,
+    precision: Precision,
+    model: ModelInfo | None,
+    output_path: pathlib.Path,
+    *,
+    source_info: dict[str, Any] | None = None,
+    allow_projector_patch: bool = False,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Writes model.safetensors (streamed), config.json, assets/ and, last, manifest.json into `directory`."""
+    start = time.perf_counter()
+    merged_manifest = json.loads((merged_dir / _output.MANIFEST).read_text())
+    source = sources.OrbaxSource(merged_dir / "params")
+    model = model or _model_info_from_manifest(merged_manifest)
+    tree = {p: (tuple(sd.shape), sd.dtype) for p, sd in source.tree.items()}
+    if any("lora_" in p.rsplit("/", 1)[-1] for p in tree):
+        raise CheckpointError(f"{merged_dir} still holds LoRA leaves: not a merged checkpoint")
+    paligemma, expert = dims_from_params(source.tree, ""), dims_from_params(source.tree, "_1")
+    _check_variants(model, paligemma, expert)
+    action_dim = int(source.tree["action_in_proj/kernel"].shape[0])
+    try:
+        plan = _plan(tree, paligemma, expert, action_dim, precision, model, allow_projector_patch=allow_projector_patch)
+    except layout.LayoutError as e:
+        raise ConfigError(f"{merged_dir}: {e}") from e
+    done = [0]
+
+    def produce(spec: layout.TensorSpec) -> np.ndarray | None:
+        done[0] += 1
+        if progress is not None:
+            progress("export", done[0], len(plan))
+        return None if spec.recipe.source is None else layout.apply(spec.recipe, _read(source, spec.recipe))
+
+    safetensors_stream.write(directory / MODEL_FILE, plan.tensors, produce, plan.metadata)
+    (directory / CONFIG_FILE).write_text(
+        layout.config_json(
+            action_dim=action_dim,
+            action_horizon=model.action_horizon,
+            paligemma_variant=model.paligemma_variant,
+            action_expert_variant=model.action_expert_variant,
+            precision=precision,
+        )
+    )
+    if (merged_dir / "assets").is_dir():
+        shutil.copytree(merged_dir / "assets", directory / "assets")
+    readback = verify_file(directory / MODEL_FILE, plan, source)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "plugin": "openpi-merge-plugin",
+        "plugin_version": __version__,
+        "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "format": "pytorch",
+        "source": {
+            **(source_info or {"merged": str(merged_dir)}),
+            "step": merged_manifest.get("source", {}).get("step"),
+            "merged_manifest_sha256": _output.sha256_of(merged_dir / _output.MANIFEST),
+        },
+        "output": str(output_path),
+        "serving_config": merged_manifest.get("serving_config"),
+        "serving_config_reason": merged_manifest.get("serving_config_reason"),
+        "lora_config": merged_manifest.get("lora_config"),
+        "model": {**dataclasses.asdict(model), "pi05": plan.pi05, "action_dim": action_dim},
+        "precision": precision,
+        "precision_rules": (
+            "bfloat16: every tensor bf16(x); float32: f32(bf16(x)) for every parameter PI0Pytorch holds in bfloat16 "
+            f"under Pi0Config.dtype={model.model_dtype!r}, x exactly for the rest (as upstream's converter)"
+        ),
+        "tensors": len(plan),
+        "tied": plan.metadata,
+        "verification": {
+            "merge": {k: merged_manifest.get(k) for k in ("verified", "max_rel_err") if k in merged_manifest},
+            "file": readback,
+        },
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return _output.write_manifest(directory, manifest)
+
+
+def _plan(tree, paligemma, expert, action_dim, precision, model, *, allow_projector_patch) -> layout.Layout:
+    return layout.build_layout(
+        tree,
+        paligemma=paligemma,
+        action_expert=expert,
+        action_dim=action_dim,
+        precision=precision,
+        model_dtype=model.model_dtype,
+        pi05=model.pi05,
+        allow_projector_patch=allow_projector_patch,
+    )
+
+
+def verify_file(path: pathlib.Path, plan: layout.Layout, source: sources.OrbaxSource) -> dict[str, Any]:
+    """Reads the file back with the safetensors library and checks every tensor, bitwise, against its recipe."""
+    from safetensors import safe_open
+
+    checked = 0
+    with safe_open(str(path), framework="numpy") as f:
+        names = set(f.keys())
+        if names != {t.name for t in plan.tensors}:
+            raise CheckpointError(f"{path}: the file's tensors are not the layout's")
+        for spec in plan.tensors:
+            got = f.get_tensor(spec.name)
+            recipe = spec.recipe
+            if recipe.source is None:
+                ok = not np.any(got.view(np.uint8))
+            else:
+                want = layout.apply(recipe, _read(source, recipe))
+                ok = got.shape == want.shape and got.tobytes() == want.tobytes()
+            if not ok:
+                raise CheckpointError(f"{path}: tensor {spec.name} does not read back as written")
+            checked += 1
+    return {"reader": "safetensors.safe_open", "tensors_checked": checked, "bitwise": True}
+
+
+def _read(source: sources.OrbaxSource, recipe: layout.Recipe) -> np.ndarray:
+    """The recipe's source: one layer slice of a scanned leaf, or the whole leaf."""
+    if recipe.layer is None:
+        return source.read([recipe.source])[recipe.source]
+    return np.asarray(source.sliced(recipe.source)[(recipe.layer,)])
+
+
+def _model_info_from_manifest(manifest: dict[str, Any]) -> ModelInfo:
+    """From the openpi config the merged manifest names: its serving config, else the LoRA config."""
+    names = [manifest.get("serving_config"), (manifest.get("lora_config") or {}).get("config_name")]
+    problems = []
+    for name in filter(None, names):
+        try:
+            return model_info_from_openpi(name)
+        except ConfigError as e:
+            problems.append(str(e))
+    why = "; ".join(problems) or "the manifest names no openpi config"
+    raise ConfigError(
+        f"the export needs the model config (action_horizon, variants, dtype) and cannot get it: {why}. Pass "
+        "--config NAME with openpi importable, or --action-horizon N (variants are then the manifest's)"
+    )
+
+
+def model_info_from_manifest_variants(
+    merged_dir: pathlib.Path, *, action_horizon: int, model_dtype: Precision = "bfloat16"
+) -> ModelInfo:
+    """Without openpi: the variant names the merged manifest records for each expert, and the given horizon."""
+    manifest = json.loads((pathlib.Path(merged_dir) / _output.MANIFEST).read_text())
+    experts = (manifest.get("lora_config") or {}).get("experts") or {}
+    variants = [(experts.get(str(i)) or {}).get("variant") or "unknown" for i in (0, 1)]
+    return ModelInfo(variants[0], variants[1], action_horizon, model_dtype=model_dtype)
+
+
+def _check_variants(model: ModelInfo, paligemma: layout.GemmaDims, expert: layout.GemmaDims) -> None:
+    """With openpi here, the params' dims must be the config's variants' (LoRA variants have the same dims)."""
+    try:
+        from openpi.models import gemma
+    except ImportError:
+        return
+    for variant, dims in ((model.paligemma_variant, paligemma), (model.action_expert_variant, expert)):
+        try:
+            want = layout.GemmaDims.of(gemma.get_config(variant))
+        except Exception:  # an unknown variant name (e.g. taken from a manifest): the params decide
+            continue
+        if want != dims:
+            raise ConfigError(f"variant {variant!r} has dims {want}, but the params have {dims}")

@@ -1,0 +1,150 @@
+"""`openpi-merge-lora export --format pytorch` on the bundled fixture (runs without openpi and torch).
+
+The fixture is a real pi0 tree whose SigLIP and vocabulary are shrunk, sizes that upstream's PI0Pytorch fixes; the
+layout is told those sizes here. That the layout is upstream's, tensor for tensor, is tests/test_pytorch_layout.py
+(fixtures from upstream's converter); that openpi's PyTorch model serves the export is
+tests/test_openpi_pytorch_export.py.
+"""
+
+import json
+
+from helpers import FIXTURE
+from helpers import FIXTURE_LORA_CONFIG
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+from openpi_merge_plugin.checkpoint import output as _output
+from openpi_merge_plugin.checkpoint import pytorch_layout
+from openpi_merge_plugin.checkpoint import sources
+from openpi_merge_plugin.cli import app as cli
+from openpi_merge_plugin.errors import MergeError
+from openpi_merge_plugin.pipeline import checkpoint_merge as api
+from openpi_merge_plugin.pipeline import pytorch_export
+
+MODEL = json.loads((FIXTURE / "model_config.json").read_text())["pi0_config"]
+
+
+@pytest.fixture
+def tiny_vision(monkeypatch, fixture_params):
+    """The fixture's SigLIP and vocabulary sizes, read off its params."""
+    kernel = fixture_params["PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel"]
+    depth, width, heads, head_dim = kernel.shape
+    vision = {
+        "width": width,
+        "depth": depth,
+        "mlp_dim": fixture_params["PaliGemma/img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"].shape[-1],
+        "num_heads": heads,
+        "head_dim": head_dim,
+        "patch": fixture_params["PaliGemma/img/embedding/kernel"].shape[0],
+        "positions": fixture_params["PaliGemma/img/pos_embedding"].shape[1],
+    }
+    monkeypatch.setattr(pytorch_layout, "VISION", vision)
+    monkeypatch.setattr(pytorch_layout, "VOCAB_SIZE", fixture_params["PaliGemma/llm/embedder/input_embedding"].shape[0])
+
+
+@pytest.fixture
+def merged(step_dir, fixture_lora):
+    return api.merge_checkpoint(step_dir, lora=fixture_lora).output
+
+
+def _model(merged_dir):
+    return pytorch_export.model_info_from_manifest_variants(merged_dir, action_horizon=MODEL["action_horizon"])
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_export_of_a_merged_checkpoint_holds_every_tensor_as_laid_out(merged, tiny_vision, precision):
+    before = {p.relative_to(merged): p.read_bytes() for p in merged.rglob("*") if p.is_file()}
+    result = pytorch_export.export_pytorch(
+        merged, precision=precision, model=_model(merged), allow_projector_patch=True
+    )
+    out = merged.parent / "merged_pytorch"
+    assert result.output == out
+    assert sorted(p.name for p in out.iterdir()) == ["assets", "config.json", "manifest.json", "model.safetensors"]
+    assert {p.relative_to(merged): p.read_bytes() for p in merged.rglob("*") if p.is_file()} == before
+
+    source = sources.OrbaxSource(merged / "params")
+    params = source.read(source.tree)
+    layout = pytorch_layout.build_layout(
+        {p: (tuple(a.shape), str(a.dtype)) for p, a in params.items()},
+        paligemma=pytorch_export.dims_from_params(source.tree, ""),
+        action_expert=pytorch_export.dims_from_params(source.tree, "_1"),
+        action_dim=MODEL["action_dim"],
+        precision=precision,
+        allow_projector_patch=True,
+    )
+    tensors = load_file(out / "model.safetensors")
+    assert sorted(tensors) == sorted(t.name for t in layout.tensors)
+    dtype = {"float32": np.float32, "bfloat16": pytorch_layout.ml_dtypes.bfloat16}[precision]
+    for spec in layout.tensors:
+        want = pytorch_layout.apply(spec.recipe, params.get(spec.recipe.source))
+        got = tensors[spec.name]
+        assert got.dtype == dtype, spec.name
+        assert got.tobytes() == want.tobytes(), spec.name
+    # The merged q_einsum of layer 1 of the action expert, transposed as PI0Pytorch's q_proj (out, in), and rounded
+    # to bf16 in both precisions (PI0Pytorch holds it in bf16 under the config's dtype, as upstream's converter).
+    q = params["PaliGemma/llm/layers/attn/q_einsum_1/w"][1].astype(np.float32)  # (heads, width, head_dim)
+    got_q = tensors["paligemma_with_expert.gemma_expert.model.layers.1.self_attn.q_proj.weight"].astype(np.float32)
+    want_q = q.transpose(0, 2, 1).reshape(-1, q.shape[1]).astype(pytorch_layout.ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(got_q, want_q.astype(np.float32))
+    # ... while the action projections, float32 in PI0Pytorch, are exact in float32 output.
+    exact = params["action_in_proj/kernel"].astype(np.float32).T
+    got_exact = tensors["action_in_proj.weight"].astype(np.float32)
+    assert (np.array_equal(got_exact, exact)) == (precision == "float32")
+    with safe_open(str(out / "model.safetensors"), framework="numpy") as f:
+        assert f.metadata() == {pytorch_layout.EMBED_TOKENS: pytorch_layout.LM_HEAD}  # tied, as save_model writes
+
+    assert json.loads((out / "config.json").read_text()) == {
+        "action_dim": MODEL["action_dim"],
+        "action_horizon": MODEL["action_horizon"],
+        "paligemma_variant": MODEL["paligemma_variant"],
+        "action_expert_variant": MODEL["action_expert_variant"],
+        "precision": precision,
+    }
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"] == _output.file_checksums(out)
+    assert manifest["precision"] == precision
+    assert manifest["source"]["merged_on_the_way"] is False
+    assert manifest["verification"]["file"]["tensors_checked"] == len(layout.tensors)
+    assert manifest["verification"]["merge"]["verified"] is True
+    assert manifest["lora_config"] == json.loads((merged / "manifest.json").read_text())["lora_config"]
+    assert (out / "assets" / "fixture_robot" / "norm_stats.json").is_file()
+
+
+def test_export_of_a_lora_step_merges_on_the_way_and_leaves_the_step_alone(step_dir, tiny_vision, merged):
+    from_merged = pytorch_export.export_pytorch(
+        merged, output=step_dir.parent / "a", model=_model(merged), allow_projector_patch=True
+    )
+    before = sorted(p.relative_to(step_dir) for p in step_dir.rglob("*"))
+    from_step = pytorch_export.export_pytorch(
+        step_dir,
+        output=step_dir.parent / "b",
+        model=_model(merged),
+        lora=api.LoRASource(lora_config=FIXTURE_LORA_CONFIG),
+        allow_projector_patch=True,
+    )
+    assert sorted(p.relative_to(step_dir) for p in step_dir.rglob("*")) == before
+    assert from_step.manifest["source"]["merged_on_the_way"] is True
+    a = (from_merged.output / "model.safetensors").read_bytes()
+    assert (from_step.output / "model.safetensors").read_bytes() == a
+    assert not list(step_dir.parent.glob(".b.merging-*"))  # the on-the-way merge is gone
+
+
+def test_upstream_dimensions_are_required_unless_the_projector_patch_is_asked_for(merged, tiny_vision):
+    with pytest.raises(MergeError, match="hard-codes the multimodal projector"):
+        pytorch_export.export_pytorch(merged, model=_model(merged))
+    assert not (merged.parent / "merged_pytorch").exists()
+    assert not list(merged.parent.glob(".merged_pytorch*"))  # nothing half-written left behind
+
+
+def test_cli_export_refuses_a_second_run_and_names_what_is_missing(merged, tiny_vision, capsys):
+    argv = ["export", str(merged), "--action-horizon", "50", "--allow-projector-patch", "--no-progress"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"to {merged.parent / 'merged_pytorch'}" in out
+    assert "bitwise as laid out" in out
+    assert cli.main(argv) == 1
+    assert "exists" in capsys.readouterr().err
+    with pytest.raises(MergeError, match="needs the model config"):
+        pytorch_export.export_pytorch(merged, output=merged.parent / "c", allow_projector_patch=True)

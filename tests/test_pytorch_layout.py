@@ -1,0 +1,299 @@
+"""The PyTorch export layout and the streaming safetensors writer, against fixtures made by upstream openpi 15a9616.
+
+Fixtures (tests/data/pytorch, see PROVENANCE.md): PI0Pytorch state-dict listings, JAX param shapes, and the
+header, config.json and per-tensor sha256 of upstream's converter run on checkpoints whose values `gen` makes.
+"""
+
+import base64
+import collections
+import functools
+import gzip
+import hashlib
+import importlib.util
+import json
+import pathlib
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors import safe_open
+import safetensors.numpy
+
+from openpi_merge_plugin.checkpoint import pytorch_layout as pl
+from openpi_merge_plugin.checkpoint import safetensors_stream as ss
+
+DATA = pathlib.Path(__file__).parent / "data" / "pytorch"
+VISION_LAYERS = (0, 26)  # SigLIP layers whose values are checked (each is ~15M values)
+RUNS = ["pi0_float32", "pi0_bfloat16", "pi05_float32", "pi05_bfloat16", "pi0_float32_dtype-float32"]
+
+
+@functools.cache
+def _fixture(name: str):
+    with gzip.open(DATA / name) as f:
+        return json.load(f)
+
+
+@functools.cache
+def _make_fixtures():
+    spec = importlib.util.spec_from_file_location("make_fixtures", DATA / "make_fixtures.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _dims(variant: str) -> pl.GemmaDims:
+    return pl.GemmaDims(**_fixture("jax_shapes.json.gz")["dims"][variant])
+
+
+def _tree(raw: dict) -> dict:
+    return {p: (tuple(s), d) for p, (s, d) in raw.items()}
+
+
+def _layout(tree, case: str, precision: str, model_dtype: str = "bfloat16", **kw) -> pl.Layout:
+    cfg = _fixture("jax_shapes.json.gz")["configs"][case]
+    kw.setdefault("allow_projector_patch", cfg["paligemma_variant"] == "dummy")
+    return pl.build_layout(
+        _tree(tree),
+        paligemma=_dims(cfg["paligemma_variant"]),
+        action_expert=_dims(cfg["action_expert_variant"]),
+        action_dim=cfg["action_dim"],
+        precision=precision,
+        model_dtype=model_dtype,
+        pi05=cfg["pi05"],
+        **kw,
+    )
+
+
+def _sha(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("model_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("size", ["dummy", "full"])
+@pytest.mark.parametrize("kind", ["pi0", "pi05"])
+def test_layout_matches_pi0pytorch_state_dict(kind, size, model_dtype):
+    listing = _fixture("state_dicts.json.gz")[
+        f"{kind}_{'dummy-projector-patch' if size == 'dummy' else 'full'}_{model_dtype}"
+    ]
+    want = {n: (s, d) for n, s, d in listing["state_dict"]}
+    for precision in ("float32", "bfloat16"):
+        layout = _layout(
+            _fixture("jax_shapes.json.gz")["trees"][f"{kind}_{size}"], f"{kind}_{size}", precision, model_dtype
+        )
+        got = {t.name: (list(t.shape), t.param_dtype) for t in layout}
+        got |= {a: got[t.name] for t in layout for a in t.aliases}
+        assert got == want
+        assert layout.state_dict_names() == sorted(want)
+        names = [t.name for t in layout]
+        assert names == sorted(names)
+        assert {t.dtype for t in layout} == {"F32" if precision == "float32" else "BF16"}
+        # save_model keeps the smallest name of each tied group and records the others in the metadata.
+        assert listing["tied"] == [[pl.LM_HEAD, pl.EMBED_TOKENS]]
+        assert layout.metadata == {g[1]: g[0] for g in listing["tied"]}
+        assert pl.EMBED_TOKENS not in names
+        assert len(layout) == len(want) - 1
+
+
+@pytest.mark.parametrize("kind", ["pi0", "pi05"])
+def test_projector_width_refused_unless_patched(kind):
+    """PI0Pytorch hard-codes the projector to 2048 rows, so a "dummy" paligemma (width 64) cannot be loaded."""
+    sd = _fixture("state_dicts.json.gz")
+    plain, patched = (
+        sd[f"{kind}_dummy_bfloat16"]["state_dict"],
+        sd[f"{kind}_dummy-projector-patch_bfloat16"]["state_dict"],
+    )
+    diff = [(a[0], a[1], b[1]) for a, b in zip(plain, patched, strict=True) if a != b]
+    proj = pl.PG + "model.multi_modal_projector.linear."
+    assert diff == [(proj + "weight", [2048, 1152], [64, 1152]), (proj + "bias", [2048], [64])]
+    tree = _fixture("jax_shapes.json.gz")["trees"][f"{kind}_dummy"]
+    with pytest.raises(pl.LayoutError, match="hard-codes the multimodal projector"):
+        _layout(tree, f"{kind}_dummy", "bfloat16", allow_projector_patch=False)
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_header_and_config_equal_upstream(run):
+    conv = _fixture("converted.json.gz")
+    r = conv["runs"][run]
+    layout = _layout(conv["trees"][r["kind"]], f"{r['kind']}_dummy", r["precision"], r["model_dtype"])
+    header = base64.b64decode(r["header"])
+    assert ss.header_bytes(layout.tensors, layout.metadata) == header
+    assert ss.file_size(layout.tensors, layout.metadata) == r["file_size"]
+    assert set(r["tensors"]) == {t.name for t in layout} - {pl.EXPERT_LM_HEAD}
+    cfg = _fixture("jax_shapes.json.gz")["configs"][f"{r['kind']}_dummy"]
+    text = pl.config_json(
+        action_dim=cfg["action_dim"],
+        action_horizon=cfg["action_horizon"],
+        paligemma_variant=cfg["paligemma_variant"],
+        action_expert_variant=cfg["action_expert_variant"],
+        precision=r["precision"],
+    )
+    assert text == r["config_json"]
+
+
+@pytest.mark.parametrize("kind", ["pi0", "pi05"])
+def test_apply_equals_upstream_converter(kind):
+    """`apply` on the checkpoint's values gives upstream's converted tensors bit for bit (sha256), all precisions."""
+    conv, gen = _fixture("converted.json.gz"), _make_fixtures().gen
+    tree = conv["trees"][kind]
+    runs = [r for r in conv["runs"].values() if r["kind"] == kind]
+    layouts = [(r, _layout(tree, f"{kind}_dummy", r["precision"], r["model_dtype"])) for r in runs]
+    groups = collections.defaultdict(list)
+    for r, layout in layouts:
+        for t in layout:
+            if t.recipe.source is not None:
+                groups[t.recipe.source, t.recipe.layer].append((r, t))
+    checked, bad = 0, []
+    for (src, layer), items in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        if "/encoderblock/" in src and layer not in VISION_LAYERS:
+            continue
+        shape, dtype = tree[src]
+        if layer is not None and "/llm/layers/" in src:  # small: the whole stack, which apply indexes
+            x = np.stack([gen(src, i, shape[1:]) for i in range(shape[0])])
+        else:
+            x = gen(src, layer, shape[1:] if layer is not None else shape)
+        if dtype == "bfloat16":
+            x = x.astype(ml_dtypes.bfloat16)
+        part = x[layer] if x.ndim == len(shape) and layer is not None else x
+        assert _sha(part.astype(np.float32)) == conv["sources"][kind][f"{src}#{layer}"], (src, layer)
+        for r, t in items:
+            y = pl.apply(t.recipe, x)
+            assert y.shape == t.shape
+            assert y.dtype == ss.DTYPES[t.dtype]
+            checked += 1
+            if _sha(y) != r["tensors"][t.name]:
+                bad.append((r["precision"], r["model_dtype"], t.name))
+    assert bad == []
+    n_vision = 16 * (27 - len(VISION_LAYERS))
+    assert checked == sum(len(r["tensors"]) - n_vision for r in runs)
+
+
+def test_precision_rules():
+    tree = _fixture("jax_shapes.json.gz")["trees"]["pi0_dummy"]
+
+    def rounded(precision, model_dtype):
+        layout = _layout(tree, "pi0_dummy", precision, model_dtype)
+        return sum(t.recipe.round_bf16 for t in layout if t.recipe.source is not None)
+
+    assert rounded("float32", "bfloat16") == 493  # of 524 JAX-sourced tensors (NOTES §4)
+    assert rounded("float32", "float32") == 0
+    assert rounded("bfloat16", "float32") == rounded("bfloat16", "bfloat16") == 524
+    recipe = _layout(tree, "pi0_dummy", "float32").by_name()["state_proj.weight"].recipe
+    assert np.all(pl.apply(recipe, np.full((32, 64), 1 + 2**-9, np.float32)) == np.float32(1 + 2**-9))  # exact
+    q = _layout(tree, "pi0_dummy", "float32").by_name()[pl.LM + "layers.0.self_attn.q_proj.weight"].recipe
+    y = pl.apply(q, np.full(q.source_shape, 1 + 2**-9, np.float32))
+    assert y.dtype == np.float32
+    assert np.all(y == 1)  # bf16-rounded on load (tie to even), stored as float32
+
+
+def test_mismatched_dims_are_clear_errors():
+    trees, cfg = _fixture("jax_shapes.json.gz")["trees"], "pi0_dummy"
+    tree = trees["pi0_dummy"]
+    full, ae = _tree(trees["pi0_full"]), _dims("gemma_300m")
+    with pytest.raises(pl.LayoutError, match=r"q_einsum/w: shape \(18, 8, 2048, 256\), expected \(18, 8, 1024, 256\)"):
+        pl.build_layout(
+            full, paligemma=_dims("gemma_300m"), action_expert=ae, action_dim=32, allow_projector_patch=True
+        )
+    assert len(pl.build_layout(full, paligemma=_dims("gemma_2b"), action_expert=ae, action_dim=32)) == 777
+    with pytest.raises(pl.LayoutError, match=r"equal depth"):
+        pl.build_layout(
+            _tree(trees["pi0_full"]), paligemma=_dims("gemma_2b"), action_expert=_dims("dummy"), action_dim=32
+        )
+    with pytest.raises(pl.LayoutError, match=r"action_in_proj/kernel: shape \(32, 64\), expected \(14, 64\)"):
+        pl.build_layout(
+            _tree(tree),
+            paligemma=_dims("dummy"),
+            action_expert=_dims("dummy"),
+            action_dim=14,
+            allow_projector_patch=True,
+        )
+    with pytest.raises(pl.LayoutError, match="config says pi05=True, but the params are those of pi0"):
+        pl.build_layout(_tree(tree), paligemma=_dims("dummy"), action_expert=_dims("dummy"), action_dim=32, pi05=True)
+    lora = {**tree, "PaliGemma/llm/layers/attn/q_einsum/lora_a": [[4, 8, 64, 16], "float32"]}
+    with pytest.raises(pl.LayoutError, match="unmerged LoRA"):
+        _layout(lora, cfg, "bfloat16")
+    missing = {k: v for k, v in tree.items() if k != "state_proj/bias"}
+    with pytest.raises(pl.LayoutError, match=r"missing params: \['state_proj/bias'\]"):
+        _layout(missing, cfg, "bfloat16")
+    with pytest.raises(pl.LayoutError, match="dtype int8"):
+        _layout({**tree, "state_proj/bias": [[64], "int8"]}, cfg, "bfloat16")
+    with pytest.raises(pl.LayoutError, match="precision"):
+        _layout(tree, cfg, "float16")
+    assert pl.detect_pi05(_tree(trees["pi05_dummy"]))
+    assert not pl.detect_pi05(_tree(tree))
+    recipe = _layout(tree, cfg, "bfloat16").by_name()[pl.LM + "layers.1.mlp.up_proj.weight"].recipe
+    assert pl.apply(recipe, np.zeros((4, 2, 64, 128), np.float32)).shape == (128, 64)
+    assert pl.apply(recipe, np.zeros((2, 64, 128), np.float32)).shape == (128, 64)
+    with pytest.raises(pl.LayoutError, match=r"layer 1 of .*gating_einsum: got shape"):
+        pl.apply(recipe, np.zeros((2, 64, 64), np.float32))
+
+
+def _sample_tensors() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    bf = ml_dtypes.bfloat16
+    return {
+        "layers.2.w": rng.standard_normal((3, 5), np.float32),
+        "layers.10.w": rng.standard_normal((7,), np.float32).astype(bf),
+        "layers.10.b": rng.standard_normal((2, 3, 4), np.float32),
+        "a.scalar": np.array(3.5, np.float32),
+        "empty": np.zeros((0, 3), bf),
+        "z.bf16": np.array([0, -0.0, np.inf, -np.inf, 1e-40, 3.4e38], np.float32).astype(bf),
+        "é.unicode": np.ones((1,), np.float32),
+    }
+
+
+@pytest.mark.parametrize("metadata", [None, {}, {"tied.embed": "tied.lm_head"}])
+def test_writer_byte_identical_to_safetensors(tmp_path, metadata):
+    tensors = _sample_tensors()
+    safetensors.numpy.save_file(tensors, tmp_path / "ref.safetensors", metadata=metadata)
+    heads = [ss.TensorHeader(n, "F32" if a.dtype == np.float32 else "BF16", a.shape) for n, a in tensors.items()]
+    ss.write(tmp_path / "ours.safetensors", heads, lambda t: tensors[t.name], metadata)
+    ours = (tmp_path / "ours.safetensors").read_bytes()
+    assert ours == (tmp_path / "ref.safetensors").read_bytes()
+    assert ours.startswith(ss.header_bytes(heads, metadata))
+    assert len(ours) == ss.file_size(heads, metadata)
+    with safe_open(tmp_path / "ours.safetensors", framework="numpy") as f:
+        assert sorted(f.keys()) == sorted(tensors)
+        assert f.metadata() == metadata
+        for n, a in tensors.items():
+            b = f.get_tensor(n)
+            assert b.dtype == a.dtype
+            assert b.shape == a.shape
+            assert b.tobytes() == a.tobytes()
+    loaded = safetensors.numpy.load_file(tmp_path / "ours.safetensors")
+    assert {n: a.tobytes() for n, a in loaded.items()} == {n: a.tobytes() for n, a in tensors.items()}
+
+
+def test_writer_streams_in_order_and_zeros(tmp_path, monkeypatch):
+    monkeypatch.setattr(ss, "CHUNK_BYTES", 24)
+    tensors = _sample_tensors()
+    tensors["zeros"] = np.zeros((5, 7), ml_dtypes.bfloat16)
+    heads = [ss.TensorHeader(n, "F32" if a.dtype == np.float32 else "BF16", a.shape) for n, a in tensors.items()]
+    asked = []
+
+    def produce(t):
+        asked.append(t.name)
+        return None if t.name == "zeros" else tensors[t.name]
+
+    ss.write(tmp_path / "s.safetensors", heads, produce)
+    safetensors.numpy.save_file(tensors, tmp_path / "ref.safetensors")
+    assert (tmp_path / "s.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    # F32 first, then BF16, each by name (so "layers.10" before "layers.2").
+    assert asked == ["a.scalar", "layers.10.b", "layers.2.w", "é.unicode", "empty", "layers.10.w", "z.bf16", "zeros"]
+
+
+def test_writer_rejects_and_cleans_up(tmp_path):
+    heads = [ss.TensorHeader("a", "F32", (2,)), ss.TensorHeader("b", "BF16", (3,))]
+    path = tmp_path / "x.safetensors"
+    for name, array, match in [
+        ("b", np.zeros(3, ml_dtypes.bfloat16), "got 'b', expected 'a'"),
+        ("a", np.zeros(2, ml_dtypes.bfloat16), "declared F32"),
+        ("a", np.zeros(3, np.float32), "declared F32"),
+    ]:
+        with pytest.raises(ss.SafetensorsWriteError, match=match), ss.StreamWriter(path, heads) as w:
+            w.write(name, array)
+        assert not path.exists()
+    with pytest.raises(ss.SafetensorsWriteError, match="closed before b"), ss.StreamWriter(path, heads) as w:
+        w.write("a", np.zeros(2, np.float32))
+    assert not path.exists()
+    with pytest.raises(ss.SafetensorsWriteError, match="not supported"):
+        ss.header_bytes([ss.TensorHeader("a", "F16", (1,))])
