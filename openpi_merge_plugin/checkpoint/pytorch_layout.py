@@ -360,10 +360,12 @@ def apply(recipe: Recipe, array: Any = None) -> np.ndarray:
         raise LayoutError(f"{recipe.source}: dtype {a.dtype} is not one of {SOURCE_DTYPES}")
     if recipe.split is not None:
         a = a[recipe.split]
+    # bf16 -> f32 -> bf16 is exact, so a bf16 source needs no rounding pass (and no second full-size copy).
+    round_bf16 = recipe.round_bf16 and a.dtype != ml_dtypes.bfloat16
     a = a.astype(np.float32, copy=False)  # upstream restores with dtype="float32"
     for op, arg in recipe.ops:
         a = a.transpose(arg) if op == "transpose" else a.reshape(arg)
-    if recipe.round_bf16:
+    if round_bf16:
         a = a.astype(ml_dtypes.bfloat16)
     return np.ascontiguousarray(a.astype(out_dtype, copy=False))
 

@@ -30,6 +30,28 @@ def _tiny_decode_variant(variant):
 
 siglip.decode_variant = _tiny_decode_variant
 
+
+def _tiny_pytorch_layout() -> None:
+    """The PyTorch export's layout with the same tiny SigLIP, and a projector of the tiny paligemma's width (upstream's
+    PI0Pytorch hard-codes both; the PyTorch tests patch PI0Pytorch the same way)."""
+    from openpi_merge_plugin.checkpoint import pytorch_layout
+
+    tiny = _tiny_decode_variant("So400m/14")
+    patch = tiny["patch_size"][0]
+    pytorch_layout.VISION = {
+        "width": tiny["width"],
+        "depth": tiny["depth"],
+        "mlp_dim": tiny["mlp_dim"],
+        "num_heads": tiny["num_heads"],
+        "head_dim": tiny["width"] // tiny["num_heads"],
+        "patch": patch,
+        "positions": (224 // patch) ** 2,
+    }
+    pytorch_layout.PROJECTION_DIM = int(os.environ.get("OPENPI_MERGE_TEST_PROJECTION_DIM", "64"))
+
+
+_tiny_pytorch_layout()
+
 import user_variants  # noqa: E402,F401  (the tests' own variants and configs, registered as users do)
 
 
