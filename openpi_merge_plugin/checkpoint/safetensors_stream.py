@@ -188,4 +188,3 @@ def write(
             else:
                 w.write(t.name, array)
             del array
-

@@ -260,31 +260,32 @@ def verify_file(path: pathlib.Path, plan: layout.Layout, source: sources.OrbaxSo
     checked = 0
     with safe_open(str(path), framework="numpy") as f:
         names = set(f.keys())
-        if names != {t.name for t in plan.tensors}:
-            raise CheckpointError(f"{path}: the file's tensors are not the layout's")
-        for spec in plan.tensors:
-            recipe = spec.recipe
-            want = None if recipe.source is None else layout.apply(recipe, _read(source, recipe))
+    if names != {t.name for t in plan.tensors}:
+        raise CheckpointError(f"{path}: the file's tensors are not the layout's")
+    for spec in plan.tensors:
+        recipe = spec.recipe
+        want = None if recipe.source is None else layout.apply(recipe, _read(source, recipe))
+        # Opened per tensor: safe_open maps the file, and the pages a read touched stay resident while it is open.
+        with safe_open(str(path), framework="numpy") as f:
             got = f.get_tensor(spec.name)
-            ok = (
-                not np.any(got.reshape(-1).view(np.uint8))
-                if want is None
-                else got.shape == want.shape
-                and np.array_equal(got.reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8))
-            )
-            del got, want
-            if not ok:
-                raise CheckpointError(f"{path}: tensor {spec.name} does not read back as written")
-            checked += 1
+        flat = got.reshape(-1).view(np.uint8)
+        ok = (
+            not np.any(flat)
+            if want is None
+            else got.shape == want.shape and np.array_equal(flat, want.reshape(-1).view(np.uint8))
+        )
+        del got, want, flat
+        if not ok:
+            raise CheckpointError(f"{path}: tensor {spec.name} does not read back as written")
+        checked += 1
     return {"reader": "safetensors.safe_open", "tensors_checked": checked, "bitwise": True}
 
 
 def _read(source: sources.OrbaxSource, recipe: layout.Recipe) -> np.ndarray:
     """The recipe's source: one layer slice of a scanned leaf, or the whole leaf."""
-    leaf = source.sliced(recipe.source)  # TensorStore reads just what is asked, without Orbax's restore copies
-    if isinstance(leaf, np.ndarray):
-        return leaf if recipe.layer is None else leaf[recipe.layer]
-    return np.asarray(leaf[() if recipe.layer is None else (recipe.layer,)])
+    if recipe.layer is None:
+        return source.read([recipe.source])[recipe.source]
+    return np.asarray(source.sliced(recipe.source)[(recipe.layer,)])
 
 
 def _model_info_from_manifest(manifest: dict[str, Any]) -> ModelInfo:
