@@ -12,7 +12,7 @@ PACKAGE = REPO / "openpi_merge_plugin"
 # Bottom to top. A module may import from its own layer and from layers below it, never from one above.
 # `cli` and `openpi_glue` are two thin layers side by side on top: neither imports the other.
 LAYERS = [
-    {"errors"},
+    {"errors", "options"},
     {"lora"},
     {"checkpoint"},
     {"merge"},

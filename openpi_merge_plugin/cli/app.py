@@ -8,13 +8,17 @@ openpi-merge-lora export SRC ...          openpi's PyTorch checkpoint of a merge
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import logging
+import re
 import sys
 
 import tyro
 
 from openpi_merge_plugin.errors import MergeError
+from openpi_merge_plugin.options import OptionError
 
 # name -> (module, one-line help); the module defines `Args` and `run(args) -> int`.
 SUBCOMMANDS = {
@@ -38,12 +42,39 @@ def main(argv: list[str] | None = None) -> int:
     name = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else DEFAULT_SUBCOMMAND
     module = importlib.import_module(SUBCOMMANDS[name][0])
     _quiet_logging()
-    args = tyro.cli(module.Args, args=argv, prog=f"openpi-merge-lora {name}")
     try:
+        args = _parse(module.Args, argv, prog=f"openpi-merge-lora {name}")
         return module.run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OptionError as e:
+        print(f"error: {e.as_flag()}", file=sys.stderr)
+        return 1
     except MergeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # the filesystem said no (permissions, a vanished file, ...): its own words, one line
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+class UsageError(Exception):
+    """The command line does not parse (tyro's message, in one line)."""
+
+
+def _parse(args_type: type, argv: list[str], prog: str) -> object:
+    """tyro's parse; its boxed error message comes back as one line (help still goes to stdout)."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(args_type, args=argv, prog=prog)
+    except SystemExit as e:
+        if not e.code:
+            raise
+        lines = [line for line in captured.getvalue().splitlines() if "\u256d" not in line]  # less the box's title
+        text = re.sub(r"[\u2500-\u257f]+", " ", "\n".join(lines))  # and its borders
+        raise UsageError(" ".join(text.split()) or f"bad arguments (see {prog} --help)") from None
 
 
 def _overview() -> str:

@@ -9,6 +9,7 @@ import sys
 
 import tyro
 
+from openpi_merge_plugin import options
 from openpi_merge_plugin.checks import inspection
 from openpi_merge_plugin.cli import inspect_plot
 from openpi_merge_plugin.cli import inspect_table
@@ -42,14 +43,27 @@ class Args:
     # Show a progress bar.
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        options.validate(
+            self,
+            {
+                "path": options.ANY,
+                **options.LORA_SOURCE_CHECKS,
+                "plot": options.optional(inspect_plot.plot_suffix),
+                "json": options.ANY,
+                "checksums": options.ANY,
+                "progress": options.ANY,
+            },
+        )
+        self.lora_source()
+
+    def lora_source(self) -> api.LoRASource | None:
+        source = api.LoRASource(config=self.config, lora_config=self.lora_config, alpha=self.alpha, rslora=self.rslora)
+        return source if source.given else None
+
 
 def inspect(args: Args) -> inspection.Inspection:
-    given = args.config or args.lora_config or args.alpha is not None
-    lora = (
-        api.LoRASource(config=args.config, lora_config=args.lora_config, alpha=args.alpha, rslora=args.rslora)
-        if given
-        else None
-    )
+    lora = args.lora_source()
     with progress_bar.slice_bar("inspecting", enabled=args.progress) as bar:
         return inspection.inspect_checkpoint(
             args.path, lora=lora, checksums=args.checksums, progress=bar.progress, on_plan=bar.on_plan
@@ -59,7 +73,7 @@ def inspect(args: Args) -> inspection.Inspection:
 def run(args: Args) -> int:
     """Inspects, then prints the table (or JSON) and writes the picture if asked."""
     if args.plot is not None:
-        inspect_plot.check_can_plot(args.plot)
+        inspect_plot.check_can_plot(args.plot, inspected=args.path)
     result = inspect(args)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))

@@ -9,9 +9,9 @@ from typing import Literal
 
 import tyro
 
+from openpi_merge_plugin import options
 from openpi_merge_plugin.cli import progress as progress_bar
 from openpi_merge_plugin.cli import summary
-from openpi_merge_plugin.merge import engine
 from openpi_merge_plugin.pipeline import checkpoint_merge as api
 from openpi_merge_plugin.serving.names import ServingConfig
 
@@ -49,22 +49,41 @@ class Args:
     # Show a progress bar.
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        options.validate(
+            self,
+            {
+                "step_dir": options.ANY,
+                **options.LORA_SOURCE_CHECKS,
+                "output": options.ANY,
+                **{k: v for k, v in options.MERGE_OPTION_CHECKS.items() if k != "seed"},
+                "overwrite": options.ANY,
+                "json": options.ANY,
+                "progress": options.ANY,
+            },
+        )
+        self.lora_source(), self.merge_options()  # their own cross-field checks
+
+    def lora_source(self) -> api.LoRASource:
+        return api.LoRASource(config=self.config, lora_config=self.lora_config, alpha=self.alpha, rslora=self.rslora)
+
+    def merge_options(self) -> options.MergeOptions:
+        return options.MergeOptions(
+            output_dtype=self.output_dtype,
+            strength=self.strength,
+            verify=self.verify,
+            tolerance=self.tolerance,
+            allow_nonfinite=self.allow_nonfinite,
+        )
+
 
 def merge(args: Args) -> api.CheckpointMergeResult:
-    options = engine.MergeOptions(
-        output_dtype=args.output_dtype,
-        strength=args.strength,
-        verify=args.verify,
-        tolerance=args.tolerance,
-        allow_nonfinite=args.allow_nonfinite,
-    )
-    lora = api.LoRASource(config=args.config, lora_config=args.lora_config, alpha=args.alpha, rslora=args.rslora)
     with progress_bar.slice_bar("merging", enabled=args.progress) as bar:
         return api.merge_checkpoint(
             args.step_dir,
             output=args.output,
-            lora=lora,
-            options=options,
+            lora=args.lora_source(),
+            options=args.merge_options(),
             overwrite=args.overwrite,
             progress=bar.progress,
             on_plan=bar.on_plan,

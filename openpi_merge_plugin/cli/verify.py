@@ -12,8 +12,8 @@ from rich.table import Table
 from rich.text import Text
 import tyro
 
+from openpi_merge_plugin import options
 from openpi_merge_plugin.checks import integrity
-from openpi_merge_plugin.errors import ConfigError
 from openpi_merge_plugin.pipeline import checkpoint_merge as api
 
 
@@ -43,13 +43,29 @@ class Args:
     # Show a progress bar.
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        options.validate(
+            self,
+            {
+                "merged_dir": options.ANY,
+                "lora_step": options.ANY,
+                "lora": options.ANY,
+                **options.LORA_SOURCE_CHECKS,
+                "tolerance": options.optional(options.MERGE_OPTION_CHECKS["tolerance"]),
+                "json": options.ANY,
+                "progress": options.ANY,
+            },
+        )
+        self.lora_source()
+
+    def lora_source(self) -> api.LoRASource | None:
+        """The LoRA config to check against, if given (else the manifest's)."""
+        source = api.LoRASource(config=self.config, lora_config=self.lora_config, alpha=self.alpha, rslora=self.rslora)
+        return source if source.given else None
+
 
 def verify(args: Args) -> integrity.VerifyResult:
-    if args.rslora and args.alpha is None:
-        raise ConfigError("--rslora needs --alpha")
-    lora = None
-    if args.config or args.lora_config or args.alpha is not None:
-        lora = api.LoRASource(config=args.config, lora_config=args.lora_config, alpha=args.alpha, rslora=args.rslora)
+    lora = args.lora_source()
     bars: dict[str, object] = {}
 
     def progress(stage: str, n: int, total: int) -> None:

@@ -20,6 +20,7 @@ from openpi_merge_plugin.errors import ConfigError
 from openpi_merge_plugin.lora import adapters as _adapters
 from openpi_merge_plugin.lora.spec import ExpertLoRA
 from openpi_merge_plugin.lora.spec import LoRASpec
+from openpi_merge_plugin.options import OptionError
 
 # openpi 15a9616 `gemma.get_config` / `gemma_fast.get_config`: the LoRA variants it ships, with their widths.
 SHIPPED_VARIANTS: dict[str, tuple[int, ExpertLoRA]] = {
@@ -68,9 +69,16 @@ def from_file(path: pathlib.Path | str) -> ResolvedLoRA:
     path = pathlib.Path(path)
     try:
         data = json.loads(path.read_text())
-        experts = {i: ExpertLoRA.from_json(e) for i, e in enumerate(data["experts"])}
+        experts = {}
+        for i, expert in enumerate(data["experts"]):
+            try:
+                experts[i] = ExpertLoRA.from_json(expert)
+            except OptionError as e:
+                raise ConfigError(f"LoRA config file {path}: experts[{i}].{e.option} {e.problem}") from None
     except FileNotFoundError as e:
         raise ConfigError(f"LoRA config file {path} does not exist") from e
+    except IsADirectoryError as e:
+        raise ConfigError(f"LoRA config file {path} is a directory, not a JSON file") from e
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"LoRA config file {path} is malformed: {e!r}") from e
     return ResolvedLoRA(

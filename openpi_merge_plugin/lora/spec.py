@@ -6,6 +6,9 @@ import dataclasses
 import math
 from typing import Any
 
+from openpi_merge_plugin import options as _options
+from openpi_merge_plugin.options import OptionError
+
 
 @dataclasses.dataclass(frozen=True)
 class LoRASpec:
@@ -16,6 +19,18 @@ class LoRASpec:
     rslora: bool = False
     axes: tuple[int, int] = (-2, -1)
     label: str = "L"
+
+    def __post_init__(self) -> None:
+        _options.validate(
+            self,
+            {
+                "rank": _options.positive_int,
+                "alpha": _options.positive,
+                "rslora": _options.flag,
+                "axes": _axes,
+                "label": _options.text,
+            },
+        )
 
     @property
     def scaling_value(self) -> float:
@@ -37,12 +52,13 @@ class LoRASpec:
         unknown = set(data) - {"rank", "alpha", "rslora", "axes", "label", "scaling_value", "scaling_applied_by_openpi"}
         if unknown:
             raise ValueError(f"unknown LoRA config keys {sorted(unknown)}")
+        alpha = data.get("alpha", 1.0)
         return cls(
-            rank=int(data["rank"]),
-            alpha=float(data.get("alpha", 1.0)),
-            rslora=bool(data.get("rslora", False)),
+            rank=data["rank"],  # not coerced: a rank of 4.5 or "4" is an error, not 4
+            alpha=float(alpha) if isinstance(alpha, int) and not isinstance(alpha, bool) else alpha,
+            rslora=data.get("rslora", False),
             axes=tuple(data.get("axes", (-2, -1))),  # type: ignore[arg-type]
-            label=str(data.get("label", "L")),
+            label=data.get("label", "L"),
         )
 
     @classmethod
@@ -79,6 +95,19 @@ class ExpertLoRA:
     def from_json(cls, data: dict[str, Any]) -> ExpertLoRA:
         def spec(key: str) -> LoRASpec | None:
             value = data.get(key)
-            return None if value is None else LoRASpec.from_json(value)
+            try:
+                return None if value is None else LoRASpec.from_json(value)
+            except OptionError as e:
+                raise OptionError(f"{key}.{e.option}", e.problem) from None
 
         return cls(variant=str(data.get("variant", "custom")), attn=spec("attn"), ffn=spec("ffn"))
+
+
+def _axes(value: Any) -> str | None:
+    if (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and all(isinstance(a, int) and not isinstance(a, bool) for a in value)
+    ):
+        return None
+    return f"must be two integer axes, got {value!r}"

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import dataclasses
 import logging
 import time
-from typing import Any, Literal
+from typing import Any
 import zlib
 
 import jax
@@ -31,33 +31,12 @@ from openpi_merge_plugin.lora.configs import ResolvedLoRA
 from openpi_merge_plugin.merge import slice_chunks
 from openpi_merge_plugin.merge.report import MergeReport
 from openpi_merge_plugin.merge.report import WeightReport
+from openpi_merge_plugin.options import MergeOptions
 
 logger = logging.getLogger("openpi_merge_plugin")
 
-OutputDtype = Literal["float32", "bfloat16", "preserve"]
 # Leaves without adapters are read in groups of about this size (one Orbax restore each).
 PASSTHROUGH_BATCH_BYTES = 256 << 20
-
-
-@dataclasses.dataclass(frozen=True)
-class MergeOptions:
-    """How to merge. The defaults are what a serving checkpoint should get."""
-
-    # dtype of merged weights: float32 keeps the whole adapter contribution; "preserve" keeps the base dtype.
-    output_dtype: OutputDtype = "float32"
-    # Multiplier on the LoRA term (1.0 reproduces training exactly).
-    strength: float = 1.0
-    # Check every merged layer against openpi's LoRA forward on random probes.
-    verify: bool = True
-    # Largest allowed max|merged - lora| / max|lora| of any probe output (float32 merged weights).
-    tolerance: float = 1e-4
-    # Merge even if adapters or results hold NaN/Inf (they are reported either way).
-    allow_nonfinite: bool = False
-    # Seed of the verification probes.
-    seed: int = 0
-
-    def dtype_for(self, base_dtype: str) -> str:
-        return base_dtype if self.output_dtype == "preserve" else self.output_dtype
 
 
 @dataclasses.dataclass

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from openpi_merge_plugin import options as _options
+
 
 @dataclasses.dataclass(frozen=True)
 class MergeOnSaveOptions:
@@ -34,3 +36,26 @@ class MergeOnSaveOptions:
     # A failed merge stops training (by default it is logged, recorded in <step>/merged/MERGE_FAILED.json,
     # and training goes on; the LoRA checkpoint is saved either way).
     fatal: bool = False
+
+    def __post_init__(self) -> None:
+        # Checked when the TrainConfig is built, not at the first save; named as on openpi's command line.
+        try:
+            self._validate()
+        except _options.OptionError as e:
+            raise _options.OptionError(f"merge_lora.{e.option}", e.problem) from None
+
+    def _validate(self) -> None:
+        _options.validate(
+            self,
+            {
+                "when": _options.choice(MergeOnSaveOptions, "when"),
+                "output_dtype": _options.choice(MergeOnSaveOptions, "output_dtype"),
+                "strength": _options.MERGE_OPTION_CHECKS["strength"],
+                "verify": _options.MERGE_OPTION_CHECKS["verify"],
+                "tolerance": _options.MERGE_OPTION_CHECKS["tolerance"],
+                "host_buffer_mib": _options.non_negative_int,
+                "export_pytorch": _options.flag,
+                "export_precision": _options.choice(MergeOnSaveOptions, "export_precision"),
+                "fatal": _options.flag,
+            },
+        )
