@@ -29,5 +29,10 @@ class OutputExistsError(MergeError):
     """The output directory exists and overwriting was not requested."""
 
 
+class OutputRefusedError(MergeError):
+    """An output the command must not write: the source, inside or around it, or something --overwrite may not
+    replace (anything but an empty directory or an earlier output of this tool)."""
+
+
 class IntegrityError(MergeError):
     """A merged checkpoint that cannot be verified at all: missing, not a merged checkpoint, or no usable manifest."""

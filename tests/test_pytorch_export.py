@@ -57,7 +57,7 @@ def _model(merged_dir):
 def test_export_of_a_merged_checkpoint_holds_every_tensor_as_laid_out(merged, tiny_vision, precision):
     before = {p.relative_to(merged): p.read_bytes() for p in merged.rglob("*") if p.is_file()}
     result = pytorch_export.export_pytorch(
-        merged, precision=precision, model=_model(merged), allow_projector_patch=True
+        merged, precision=precision, model=_model(merged), allow_nonstandard_dims=True
     )
     out = merged.parent / "merged_pytorch"
     assert result.output == out
@@ -72,7 +72,7 @@ def test_export_of_a_merged_checkpoint_holds_every_tensor_as_laid_out(merged, ti
         action_expert=pytorch_export.dims_from_params(source.tree, "_1"),
         action_dim=MODEL["action_dim"],
         precision=precision,
-        allow_projector_patch=True,
+        allow_nonstandard_dims=True,
     )
     tensors = load_file(out / "model.safetensors")
     assert sorted(tensors) == sorted(t.name for t in layout.tensors)
@@ -114,7 +114,7 @@ def test_export_of_a_merged_checkpoint_holds_every_tensor_as_laid_out(merged, ti
 
 def test_export_of_a_lora_step_merges_on_the_way_and_leaves_the_step_alone(step_dir, tiny_vision, merged):
     from_merged = pytorch_export.export_pytorch(
-        merged, output=step_dir.parent / "a", model=_model(merged), allow_projector_patch=True
+        merged, output=step_dir.parent / "a", model=_model(merged), allow_nonstandard_dims=True
     )
     before = sorted(p.relative_to(step_dir) for p in step_dir.rglob("*"))
     from_step = pytorch_export.export_pytorch(
@@ -122,24 +122,25 @@ def test_export_of_a_lora_step_merges_on_the_way_and_leaves_the_step_alone(step_
         output=step_dir.parent / "b",
         model=_model(merged),
         lora=api.LoRASource(lora_config=FIXTURE_LORA_CONFIG),
-        allow_projector_patch=True,
+        allow_nonstandard_dims=True,
     )
     assert sorted(p.relative_to(step_dir) for p in step_dir.rglob("*")) == before
     assert from_step.manifest["source"]["merged_on_the_way"] is True
     a = (from_merged.output / "model.safetensors").read_bytes()
     assert (from_step.output / "model.safetensors").read_bytes() == a
-    assert not list(step_dir.parent.glob(".b.merging-*"))  # the on-the-way merge is gone
+    assert not _output.leftovers(step_dir.parent / "b")  # the on-the-way merge is gone
+    assert not [p for p in step_dir.parent.rglob("*") if ".tmp" in p.name]
 
 
-def test_upstream_dimensions_are_required_unless_the_projector_patch_is_asked_for(merged, tiny_vision):
-    with pytest.raises(MergeError, match="hard-codes the multimodal projector"):
+def test_upstream_dimensions_are_required_unless_nonstandard_dims_are_allowed(merged, tiny_vision):
+    with pytest.raises(MergeError, match=r"hard-codes dimensions this model does not have: projection_dim 64 \(PI0"):
         pytorch_export.export_pytorch(merged, model=_model(merged))
     assert not (merged.parent / "merged_pytorch").exists()
     assert not list(merged.parent.glob(".merged_pytorch*"))  # nothing half-written left behind
 
 
 def test_cli_export_refuses_a_second_run_and_names_what_is_missing(merged, tiny_vision, capsys):
-    argv = ["export", str(merged), "--action-horizon", "50", "--allow-projector-patch", "--no-progress"]
+    argv = ["export", str(merged), "--action-horizon", "50", "--allow-nonstandard-dims", "--no-progress"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert f"to {merged.parent / 'merged_pytorch'}" in out
@@ -147,4 +148,4 @@ def test_cli_export_refuses_a_second_run_and_names_what_is_missing(merged, tiny_
     assert cli.main(argv) == 1
     assert "exists" in capsys.readouterr().err
     with pytest.raises(MergeError, match="needs the model config"):
-        pytorch_export.export_pytorch(merged, output=merged.parent / "c", allow_projector_patch=True)
+        pytorch_export.export_pytorch(merged, output=merged.parent.parent / "c", allow_nonstandard_dims=True)

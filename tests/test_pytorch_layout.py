@@ -51,7 +51,7 @@ def _tree(raw: dict) -> dict:
 
 def _layout(tree, case: str, precision: str, model_dtype: str = "bfloat16", **kw) -> pl.Layout:
     cfg = _fixture("jax_shapes.json.gz")["configs"][case]
-    kw.setdefault("allow_projector_patch", cfg["paligemma_variant"] == "dummy")
+    kw.setdefault("allow_nonstandard_dims", cfg["paligemma_variant"] == "dummy")
     return pl.build_layout(
         _tree(tree),
         paligemma=_dims(cfg["paligemma_variant"]),
@@ -106,8 +106,10 @@ def test_projector_width_refused_unless_patched(kind):
     proj = pl.PG + "model.multi_modal_projector.linear."
     assert diff == [(proj + "weight", [2048, 1152], [64, 1152]), (proj + "bias", [2048], [64])]
     tree = _fixture("jax_shapes.json.gz")["trees"][f"{kind}_dummy"]
-    with pytest.raises(pl.LayoutError, match="hard-codes the multimodal projector"):
-        _layout(tree, f"{kind}_dummy", "bfloat16", allow_projector_patch=False)
+    with pytest.raises(
+        pl.LayoutError, match=r"hard-codes dimensions this model does not have: projection_dim 64 \(PI0Pytorch: 2048\);"
+    ):
+        _layout(tree, f"{kind}_dummy", "bfloat16", allow_nonstandard_dims=False)
 
 
 @pytest.mark.parametrize("run", RUNS)
@@ -191,7 +193,7 @@ def test_mismatched_dims_are_clear_errors():
     full, ae = _tree(trees["pi0_full"]), _dims("gemma_300m")
     with pytest.raises(pl.LayoutError, match=r"q_einsum/w: shape \(18, 8, 2048, 256\), expected \(18, 8, 1024, 256\)"):
         pl.build_layout(
-            full, paligemma=_dims("gemma_300m"), action_expert=ae, action_dim=32, allow_projector_patch=True
+            full, paligemma=_dims("gemma_300m"), action_expert=ae, action_dim=32, allow_nonstandard_dims=True
         )
     assert len(pl.build_layout(full, paligemma=_dims("gemma_2b"), action_expert=ae, action_dim=32)) == 777
     with pytest.raises(pl.LayoutError, match=r"equal depth"):
@@ -204,7 +206,7 @@ def test_mismatched_dims_are_clear_errors():
             paligemma=_dims("dummy"),
             action_expert=_dims("dummy"),
             action_dim=14,
-            allow_projector_patch=True,
+            allow_nonstandard_dims=True,
         )
     with pytest.raises(pl.LayoutError, match="config says pi05=True, but the params are those of pi0"):
         pl.build_layout(_tree(tree), paligemma=_dims("dummy"), action_expert=_dims("dummy"), action_dim=32, pi05=True)

@@ -12,9 +12,9 @@ bfloat16 in PI0Pytorch (`param_dtype`), else exactly `x`. With model dtype "floa
 (`to_bfloat16_for_selected_params("float32")` is a plain `.to(float32)`), so nothing is rounded in float32 output.
 
 Fixed by PI0Pytorch, whatever the JAX model: vocabulary 257152, SigLIP So400m/14 at 224 px, and a multimodal
-projector of output width 2048 (gemma_2b's). A paligemma variant of another width cannot be loaded by upstream's
-PyTorch model, so it is refused unless `allow_projector_patch` (the file then has the JAX width and loads only into
-a PI0Pytorch patched with `vision_config.projection_dim = width`).
+projector of output width 2048 (gemma_2b's). The layout reads these dimensions off the params; a model whose
+dimensions differ cannot be loaded by upstream's PyTorch model, so it is refused, naming them, unless
+`allow_nonstandard_dims` (the file then has the JAX dimensions and loads only into a PI0Pytorch built with them).
 """
 
 from __future__ import annotations
@@ -58,6 +58,10 @@ _NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bf
 
 class LayoutError(ValueError):
     """The JAX params, dims or options do not describe a model upstream's PyTorch export can hold."""
+
+
+class NonstandardDimsError(LayoutError):
+    """A model PI0Pytorch cannot be built for (its hard-coded dimensions differ); writable on request."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +124,8 @@ class Layout:
     pi05: bool
     precision: Precision
     model_dtype: Precision
+    # Dimensions that differ from PI0Pytorch's hard-coded ones (written anyway): name -> (model's, PI0Pytorch's).
+    nonstandard_dims: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
     def __iter__(self):
         return iter(self.tensors)
@@ -154,8 +160,47 @@ def param_dtype(name: str, model_dtype: Precision) -> str:
     return "float32" if any(s in rel for s in KEEP_FLOAT32) else "bfloat16"
 
 
-def _expected_jax_shapes(pg: GemmaDims, ae: GemmaDims, action_dim: int, *, pi05: bool) -> dict[str, tuple[int, ...]]:
-    v = VISION
+def model_dims(params: Mapping[str, Any], paligemma: GemmaDims) -> dict[str, Any]:
+    """The dimensions PI0Pytorch hard-codes, as this model has them: SigLIP's, the vocabulary, the projector width.
+
+    Read off the params; what is missing there keeps PI0Pytorch's value (the tree check then names the missing leaf).
+    """
+
+    def shape(path: str) -> tuple[int, ...] | None:
+        return tuple(params[path][0]) if path in params else None
+
+    vision = dict(VISION)
+    e = "PaliGemma/img/Transformer/encoderblock/"
+    if (query := shape(f"{e}MultiHeadDotProductAttention_0/query/kernel")) and len(query) == 4:
+        vision["depth"], vision["width"], vision["num_heads"], vision["head_dim"] = query
+    if (mlp := shape(f"{e}MlpBlock_0/Dense_0/kernel")) and len(mlp) == 3:
+        vision["mlp_dim"] = mlp[-1]
+    if (patch := shape("PaliGemma/img/embedding/kernel")) and len(patch) == 4:
+        vision["patch"] = patch[0]
+    if (positions := shape("PaliGemma/img/pos_embedding")) and len(positions) == 3:
+        vision["positions"] = positions[1]
+    embedding = shape("PaliGemma/llm/embedder/input_embedding")
+    return {
+        "vision": vision,
+        "vocab_size": embedding[0] if embedding else VOCAB_SIZE,
+        "projection_dim": paligemma.width,
+    }
+
+
+def nonstandard_dims(dims: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """Each dimension of `model_dims` that differs from PI0Pytorch's hard-coded one: name -> (model's, PI0Pytorch's)."""
+    found = {f"siglip_{k}": (v, VISION[k]) for k, v in dims["vision"].items() if v != VISION[k]}
+    if dims["vocab_size"] != VOCAB_SIZE:
+        found["vocab_size"] = (dims["vocab_size"], VOCAB_SIZE)
+    if dims["projection_dim"] != PROJECTION_DIM:
+        found["projection_dim"] = (dims["projection_dim"], PROJECTION_DIM)
+    return found
+
+
+def _expected_jax_shapes(
+    pg: GemmaDims, ae: GemmaDims, action_dim: int, *, pi05: bool, dims: Mapping[str, Any]
+) -> dict[str, tuple[int, ...]]:
+    v = dims["vision"]
     dv, lv, fv, nv, hv, p = v["width"], v["depth"], v["mlp_dim"], v["num_heads"], v["head_dim"], v["patch"]
     e = "PaliGemma/img/Transformer/encoderblock/"
     shapes = {
@@ -166,7 +211,7 @@ def _expected_jax_shapes(pg: GemmaDims, ae: GemmaDims, action_dim: int, *, pi05:
         "PaliGemma/img/Transformer/encoder_norm/bias": (dv,),
         "PaliGemma/img/head/kernel": (dv, pg.width),
         "PaliGemma/img/head/bias": (pg.width,),
-        "PaliGemma/llm/embedder/input_embedding": (VOCAB_SIZE, pg.width),
+        "PaliGemma/llm/embedder/input_embedding": (dims["vocab_size"], pg.width),
     }
     for ln in ("LayerNorm_0", "LayerNorm_1"):
         shapes[f"{e}{ln}/scale"] = shapes[f"{e}{ln}/bias"] = (lv, dv)
@@ -233,7 +278,7 @@ def build_layout(
     precision: Precision = "bfloat16",
     model_dtype: Precision = "bfloat16",
     pi05: bool | None = None,
-    allow_projector_patch: bool = False,
+    allow_nonstandard_dims: bool = False,
 ) -> Layout:
     """The entries of upstream's model.safetensors for these params, in file order.
 
@@ -252,13 +297,16 @@ def build_layout(
     for f in ("depth", "num_heads", "num_kv_heads", "head_dim"):
         if getattr(pg, f) != getattr(ae, f):
             raise LayoutError(f"paligemma and action expert must have equal {f} (JAX scans them together): {pg}, {ae}")
-    expected = _expected_jax_shapes(pg, ae, action_dim, pi05=pi05)
+    dims = model_dims(params, pg)
+    expected = _expected_jax_shapes(pg, ae, action_dim, pi05=pi05, dims=dims)
     _check_tree(params, expected, f"paligemma {pg}, action expert {ae}, action_dim={action_dim}, pi05={pi05}")
-    if pg.width != PROJECTION_DIM and not allow_projector_patch:
-        raise LayoutError(
-            f"paligemma width {pg.width} != {PROJECTION_DIM}: upstream's PI0Pytorch hard-codes the multimodal "
-            f"projector to ({PROJECTION_DIM}, {VISION['width']}), so it cannot load this model (JAX img/head is "
-            f"({VISION['width']}, {pg.width})); pass allow_projector_patch=True to write the JAX width anyway"
+    nonstandard = nonstandard_dims(dims)
+    if nonstandard and not allow_nonstandard_dims:
+        differ = ", ".join(f"{k} {mine} (PI0Pytorch: {theirs})" for k, (mine, theirs) in nonstandard.items())
+        raise NonstandardDimsError(
+            f"upstream's PI0Pytorch hard-codes dimensions this model does not have: {differ}; it cannot load this "
+            "export. Pass --allow-nonstandard-dims to write it anyway (it then loads only into a PI0Pytorch built "
+            "with these dimensions)"
         )
 
     entries: list[TensorSpec] = []
@@ -277,12 +325,13 @@ def build_layout(
         entries.append(TensorSpec(name, shape, _ST_DTYPES[precision], pdt, recipe, tuple(aliases)))
 
     # SigLIP
-    dv, nv, hv = VISION["width"], VISION["num_heads"], VISION["head_dim"]
+    vision = dims["vision"]
+    dv, nv, hv = vision["width"], vision["num_heads"], vision["head_dim"]
     img, e = "PaliGemma/img/", "PaliGemma/img/Transformer/encoderblock/"
     add(VM + "embeddings.patch_embedding.weight", img + "embedding/kernel", [("transpose", (3, 2, 0, 1))])
     add(VM + "embeddings.patch_embedding.bias", img + "embedding/bias")
-    add(VM + "embeddings.position_embedding.weight", img + "pos_embedding", [("reshape", (VISION["positions"], dv))])
-    for i in range(VISION["depth"]):
+    add(VM + "embeddings.position_embedding.weight", img + "pos_embedding", [("reshape", (vision["positions"], dv))])
+    for i in range(vision["depth"]):
         p = f"{VM}encoder.layers.{i}."
         add(p + "layer_norm1.weight", e + "LayerNorm_0/scale", layer=i)
         add(p + "layer_norm1.bias", e + "LayerNorm_0/bias", layer=i)
@@ -331,7 +380,7 @@ def build_layout(
             add(prefix + "norm.dense.bias", f"PaliGemma/llm/final_norm{sfx}/Dense_0/bias")
         else:
             add(prefix + "norm.weight", f"PaliGemma/llm/final_norm{sfx}/scale")
-    add(EXPERT_LM_HEAD, None, zeros_shape=(VOCAB_SIZE, ae.width))
+    add(EXPERT_LM_HEAD, None, zeros_shape=(dims["vocab_size"], ae.width))
 
     # Projections
     projs = ["action_in_proj", "action_out_proj"]
@@ -341,7 +390,7 @@ def build_layout(
         add(f"{k}.bias", f"{k}/bias")
 
     entries.sort(key=lambda s: s.name)
-    return Layout(tuple(entries), {EMBED_TOKENS: LM_HEAD}, pi05, precision, model_dtype)
+    return Layout(tuple(entries), {EMBED_TOKENS: LM_HEAD}, pi05, precision, model_dtype, nonstandard)
 
 
 def apply(recipe: Recipe, array: Any = None) -> np.ndarray:

@@ -9,6 +9,7 @@ from typing import Literal
 
 import tyro
 
+from openpi_merge_plugin import options
 from openpi_merge_plugin.errors import ConfigError
 from openpi_merge_plugin.pipeline import checkpoint_merge as api
 from openpi_merge_plugin.pipeline import pytorch_export
@@ -24,40 +25,58 @@ class Args:
     format: Literal["pytorch"] = "pytorch"
     # Tensor dtype, as upstream's converter: bfloat16 rounds every tensor; float32 keeps exact values for the
     # parameters PI0Pytorch holds in float32 (and for all of them when the config's model dtype is float32).
-    precision: Literal["float32", "bfloat16"] = "float32"
-    # Output directory (default: <step>/merged_pytorch).
+    precision: pytorch_export.Precision = "float32"
+    # Output directory (default: <step>/merged_pytorch for a LoRA step, <merged>_pytorch beside a merged directory).
     output: pathlib.Path | None = None
-    # Registered openpi TrainConfig for the model config (needs openpi); default: the one the manifest names.
+    # Registered openpi TrainConfig: the model config, and for a LoRA step its LoRA config (needs openpi).
+    # Default: the openpi config the merge records.
     config: str | None = None
-    # Without openpi: the model's action horizon (config.json); variants are the manifest's.
+    # For a LoRA step SRC: JSON file with the LoRA config of each expert (see configs/).
+    lora_config: pathlib.Path | None = None
+    # For a LoRA step SRC: one LoRA alpha for every adapter (ranks are read from the checkpoint).
+    alpha: float | None = None
+    # For a LoRA step SRC, with --alpha: the adapters were trained with rsLoRA (scale alpha/sqrt(rank)).
+    rslora: bool = False
+    # Without openpi: the model's action horizon (config.json); the variants are those the merge records.
     action_horizon: int | None = None
     # Without openpi: Pi0Config.dtype, which decides which params PI0Pytorch rounds to bfloat16.
-    model_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    # For a LoRA step SRC: a JSON file with the LoRA config of each expert (default: --config / the tiny-file rules).
-    lora_config: pathlib.Path | None = None
-    # Replace an existing output directory.
+    model_dtype: pytorch_export.Precision = "bfloat16"
+    # Replace an earlier export (an empty directory, or an output of this tool; nothing else).
     overwrite: bool = False
-    # Write a paligemma width other than 2048 although upstream's PI0Pytorch hard-codes its projector to 2048.
-    allow_projector_patch: bool = False
+    # Write a model whose SigLIP, vocabulary or projector dimensions differ from those PI0Pytorch hard-codes (it then
+    # loads only into a PI0Pytorch built with them); the manifest lists them.
+    allow_nonstandard_dims: bool = False
     # Show a progress bar.
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        options.validate(
+            self,
+            {
+                "src": options.ANY,
+                "format": options.one_of(("pytorch",)),
+                "precision": options.one_of(pytorch_export.Precision),
+                "output": options.ANY,
+                **options.LORA_SOURCE_CHECKS,
+                "action_horizon": options.optional(options.positive_int),
+                "model_dtype": options.one_of(pytorch_export.Precision),
+                "overwrite": options.ANY,
+                "allow_nonstandard_dims": options.ANY,
+                "progress": options.ANY,
+            },
+        )
+        if self.config and self.action_horizon is not None:
+            raise ConfigError("--config and --action-horizon are alternatives: give one")
+        self.lora_source()
+
+    def lora_source(self) -> api.LoRASource | None:
+        source = api.LoRASource(config=self.config, lora_config=self.lora_config, alpha=self.alpha, rslora=self.rslora)
+        return source if source.given else None
 
 
 def run(args: Args) -> int:
     """Exports; prints where, and the manifest's verification line."""
-    if args.config and args.action_horizon is not None:
-        raise ConfigError("--config and --action-horizon are alternatives: give one")
-    model = None
-    if args.config:
-        model = pytorch_export.model_info_from_openpi(args.config)
-    elif args.action_horizon is not None:
-        merged = args.src if (args.src / "manifest.json").is_file() else None
-        if merged is None:
-            raise ConfigError("--action-horizon needs SRC to be a merged checkpoint (its manifest names the variants)")
-        model = pytorch_export.model_info_from_manifest_variants(
-            merged, action_horizon=args.action_horizon, model_dtype=args.model_dtype
-        )
-    lora = api.LoRASource(config=args.config, lora_config=args.lora_config) if args.lora_config or args.config else None
+    model = pytorch_export.model_info_from_openpi(args.config) if args.config else None
     bar = None
 
     def progress(stage: str, n: int, total: int) -> None:
@@ -76,9 +95,11 @@ def run(args: Args) -> int:
             output=args.output,
             precision=args.precision,
             model=model,
-            lora=lora,
+            action_horizon=args.action_horizon,
+            model_dtype=args.model_dtype,
+            lora=args.lora_source(),
             overwrite=args.overwrite,
-            allow_projector_patch=args.allow_projector_patch,
+            allow_nonstandard_dims=args.allow_nonstandard_dims,
             progress=progress,
         )
     finally:
@@ -88,6 +109,10 @@ def run(args: Args) -> int:
     file_check = m["verification"]["file"]
     print(f"exported {m['tensors']} tensors ({m['precision']}) to {result.output}")
     print(f"read back with {file_check['reader']}: {file_check['tensors_checked']} tensors bitwise as laid out")
+    if m["nonstandard_dims"]:
+        print(
+            f"dimensions PI0Pytorch does not hard-code (--allow-nonstandard-dims): {', '.join(m['nonstandard_dims'])}"
+        )
     if m.get("serving_config"):
         print(
             f"serve with config {m['serving_config']}: scripts/serve_policy.py policy:checkpoint "

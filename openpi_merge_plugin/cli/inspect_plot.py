@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 from typing import Any
+import uuid
 
 import numpy as np
 
+from openpi_merge_plugin.checkpoint import output
 from openpi_merge_plugin.checks.inspection import Inspection
 from openpi_merge_plugin.checks.inspection import WeightStats
 from openpi_merge_plugin.errors import MergeError
+from openpi_merge_plugin.errors import OutputRefusedError
 
 # Fixed size, whatever the checkpoint: 1400 x 900 pixels.
 FIGSIZE = (14.0, 9.0)
@@ -22,12 +26,30 @@ DPI = 100
 _ANNOTATE_MAX_LAYERS = 8
 
 
-def check_can_plot(path: pathlib.Path) -> None:
-    """Fails before any work if matplotlib is missing or `path` cannot be written."""
+# Written into every picture's metadata: a file that carries it was drawn by this command and may be redrawn.
+MARK = "openpi-merge-lora inspect"
+_METADATA_KEY = {".png": "Software", ".pdf": "Creator", ".svg": "Creator"}
+
+
+def plot_suffix(path: pathlib.Path) -> str | None:
+    suffix = pathlib.Path(path).suffix.lower()
+    return None if suffix in _METADATA_KEY else f"must end in {', '.join(_METADATA_KEY)}, got {str(path)!r}"
+
+
+def check_can_plot(path: pathlib.Path, inspected: pathlib.Path | None = None) -> None:
+    """Fails before any work if matplotlib is missing or `path` must not or cannot be written: it may not lie in
+    the inspected directory, and an existing file is replaced only if this command drew it."""
     try:
         import matplotlib as mpl  # noqa: F401
     except ImportError as e:
         raise MergeError(f"--plot needs matplotlib: pip install 'openpi-merge-plugin[plot]' ({e})") from e
+    path = output.absolute(path)
+    if inspected is not None and path.is_relative_to(pathlib.Path(inspected).resolve()):
+        raise OutputRefusedError(f"--plot {path} lies inside the inspected {inspected}, which is never modified")
+    if path.is_symlink() or (path.exists() and not (path.is_file() and _drawn_here(path))):
+        raise OutputRefusedError(
+            f"--plot {path} already exists and was not drawn by openpi-merge-lora inspect: choose a new file name"
+        )
     parent = path.parent
     if not parent.is_dir():
         raise MergeError(f"cannot write plot {path}: parent directory {parent} does not exist")
@@ -36,7 +58,7 @@ def check_can_plot(path: pathlib.Path) -> None:
 
 
 def save(ins: Inspection, path: pathlib.Path) -> None:
-    """Writes the heat maps (format from the file suffix, e.g. .png) at FIGSIZE and DPI."""
+    """Writes the heat maps (format from the file suffix, e.g. .png) at FIGSIZE and DPI, atomically."""
     check_can_plot(path)
     import matplotlib as mpl
     from matplotlib import colors
@@ -71,10 +93,18 @@ def save(ins: Inspection, path: pathlib.Path) -> None:
             if grid.shape[1] <= _ANNOTATE_MAX_LAYERS:
                 _annotate(ax, grid, norm, cmap, fmt)
         fig.colorbar(image, ax=list(axes[row]), label=label, shrink=0.9)
+    suffix = path.suffix.lower()
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # of a killed earlier run
+        if re.fullmatch(rf"\.{re.escape(path.name)}\.tmp-[0-9a-f]{{12}}", stale.name) and stale.is_file():
+            stale.unlink(missing_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
     try:
-        fig.savefig(path, dpi=DPI)
+        fig.savefig(tmp, dpi=DPI, format=suffix[1:], metadata={_METADATA_KEY[suffix]: MARK})
+        os.replace(tmp, path)
     except OSError as e:
         raise MergeError(f"cannot write plot {path}: {e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _grid(ins: Inspection, expert: int, field: str) -> tuple[np.ndarray, list[str]]:
@@ -105,3 +135,10 @@ def _annotate(ax: Any, grid: np.ndarray, norm: Any, cmap: Any, fmt: str) -> None
             r, g, b, _ = cmap(norm(value))
             dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
             ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=9, color="white" if dark else "black")
+
+
+def _drawn_here(path: pathlib.Path) -> bool:
+    """Whether the file carries MARK in its metadata (pictures are small: the whole file is searched)."""
+    if path.stat().st_size > 64 << 20:
+        return False
+    return MARK.encode() in path.read_bytes()

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from openpi_merge_plugin import __version__
+from openpi_merge_plugin import options as _options
 from openpi_merge_plugin.checkpoint import orbax_stream
 from openpi_merge_plugin.checkpoint import output as _output
 from openpi_merge_plugin.checkpoint import sources
@@ -24,22 +25,42 @@ from openpi_merge_plugin.lora import configs as lora_configs
 from openpi_merge_plugin.lora.configs import ResolvedLoRA
 from openpi_merge_plugin.merge import engine
 from openpi_merge_plugin.merge.report import MergeReport
+from openpi_merge_plugin.options import OptionError
 from openpi_merge_plugin.serving import names as serving
 
 logger = logging.getLogger("openpi_merge_plugin")
 
 MANIFEST_FORMAT_VERSION = 1
-DEFAULT_OUTPUT_NAME = "merged"
+DEFAULT_OUTPUT_NAME = _output.MERGED_NAME
 
 
 @dataclasses.dataclass(frozen=True)
 class LoRASource:
-    """Where to take LoRA configs from (see `lora_configs`); at most one of these should be set."""
+    """Where to take LoRA configs from (see `lora_configs`); at most one of the first three, or none: inferred."""
 
+    # Registered openpi TrainConfig the checkpoint was trained with (needs openpi installed).
     config: str | None = None
+    # JSON file with the LoRA config of each expert (see configs/), when openpi is not installed.
     lora_config: pathlib.Path | None = None
+    # One LoRA alpha for every adapter (ranks are read from the checkpoint).
     alpha: float | None = None
+    # With alpha: the adapters were trained with rsLoRA (scale alpha/sqrt(rank)).
     rslora: bool = False
+
+    def __post_init__(self) -> None:
+        _options.validate(self, _options.LORA_SOURCE_CHECKS)
+        chosen = [
+            f"--{n.replace('_', '-')}" for n in ("config", "lora_config", "alpha") if getattr(self, n) is not None
+        ]
+        if len(chosen) > 1:
+            raise ConfigError(f"give only one of {', '.join(chosen)}")
+        if self.rslora and self.alpha is None:
+            raise OptionError("rslora", "needs --alpha (it says how that alpha scales)")
+
+    @property
+    def given(self) -> bool:
+        """Whether any source is named (otherwise the configs are inferred from the shapes)."""
+        return any(v is not None for v in (self.config, self.lora_config, self.alpha))
 
 
 @dataclasses.dataclass
@@ -47,6 +68,22 @@ class CheckpointMergeResult:
     output: pathlib.Path
     report: MergeReport
     manifest: dict[str, Any]
+
+
+@dataclasses.dataclass
+class LoRAStep:
+    """An openpi LoRA step read into memory: what `merge_params` takes."""
+
+    params: dict[str, Any]  # nested, as openpi's restore_params returns it (bf16 base weights, fp32 adapters)
+    lora: ResolvedLoRA  # the LoRA config of each expert
+
+
+def read_lora_step(step_dir: pathlib.Path | str, lora: LoRASource | None = None) -> LoRAStep:
+    """Reads a LoRA step's params whole (small models; `merge_checkpoint` streams) and resolves its LoRA config."""
+    step_dir = pathlib.Path(step_dir).resolve()
+    source = sources.OrbaxSource(check_step_dir(step_dir))
+    resolved = resolve_lora(source.tree, lora or LoRASource())
+    return LoRAStep(params=sources.unflatten(source.read(source.tree)), lora=resolved)
 
 
 def check_step_dir(step_dir: pathlib.Path) -> pathlib.Path:
@@ -66,9 +103,6 @@ def check_step_dir(step_dir: pathlib.Path) -> pathlib.Path:
 
 
 def resolve_lora(tree: dict[str, _adapters.ShapeDtype], how: LoRASource) -> ResolvedLoRA:
-    chosen = [n for n, v in (("--config", how.config), ("--lora-config", how.lora_config), ("--alpha", how.alpha)) if v]
-    if len(chosen) > 1:
-        raise ConfigError(f"give only one of {', '.join(chosen)}")
     if how.config:
         from openpi_merge_plugin.lora import openpi_configs as openpi_compat
 
@@ -91,6 +125,69 @@ def serving_for(
     return serving_configs.check(resolved.config_name, structure, run_config)
 
 
+@dataclasses.dataclass
+class StepMerge:
+    """A LoRA step read and planned, nothing written yet: what `write_step_merge` needs."""
+
+    step_dir: pathlib.Path
+    source: sources.OrbaxSource
+    resolved: ResolvedLoRA
+    adapters: list[_adapters.Adapter]
+    options: engine.MergeOptions
+    serving_config: serving.ServingConfig
+    structure: dict[str, _adapters.ShapeDtype]  # of the merged params
+    needed_bytes: int  # the merged params' size, for the disk-full message
+
+    @property
+    def source_info(self) -> dict[str, Any]:
+        return {
+            "step_dir": str(self.step_dir),
+            "step": _step_number(self.step_dir),
+            "params": str(self.step_dir / "params"),
+        }
+
+
+def protect_step(step_dir: pathlib.Path) -> _output.Protected:
+    """The LoRA step as an output must treat it: never touched, but for the tool's own `<step>/merged*`."""
+    return _output.Protected(step_dir, "the LoRA step", _output.STEP_OUTPUT_NAMES)
+
+
+def plan_step_merge(
+    step_dir: pathlib.Path,
+    lora: LoRASource | ResolvedLoRA | None,
+    options: engine.MergeOptions,
+    on_plan: Callable[[list[_adapters.Adapter]], None] | None = None,
+) -> StepMerge:
+    """Reads the step's structure (not its arrays), resolves the LoRA config, pairs adapters, finds the serving config."""
+    source = sources.OrbaxSource(step_dir / "params")
+    resolved = lora if isinstance(lora, ResolvedLoRA) else resolve_lora(source.tree, lora or LoRASource())
+    adapters = engine.plan(source.tree, resolved)
+    if on_plan is not None:
+        on_plan(adapters)
+    structure = engine.merged_structure(source.tree, adapters, options)
+    needed = sum(int(np.prod(sd.shape, dtype=np.int64)) * np.dtype(sd.dtype).itemsize for sd in structure.values())
+    return StepMerge(step_dir, source, resolved, adapters, options, serving_for(resolved, structure), structure, needed)
+
+
+def write_step_merge(
+    directory: pathlib.Path, merge: StepMerge, output_path: pathlib.Path, progress: engine.ProgressFn | None = None
+) -> tuple[dict[str, Any], MergeReport]:
+    """Writes the planned merge into `directory` (a staging or scratch directory) as `write_merged` does."""
+    assets = merge.step_dir / "assets"
+    return write_merged(
+        directory,
+        merge.source,
+        merge.adapters,
+        merge.resolved,
+        merge.options,
+        source_info=merge.source_info,
+        output_path=output_path,
+        serving_config=merge.serving_config,
+        save_assets=(lambda d: shutil.copytree(assets, d)) if assets.is_dir() else None,
+        progress=progress,
+    )
+
+
 def merge_checkpoint(
     step_dir: pathlib.Path | str,
     *,
@@ -104,34 +201,16 @@ def merge_checkpoint(
     """Merges the LoRA checkpoint at `step_dir` into `<step_dir>/merged` (or `output`). Never modifies the input."""
     step_dir = pathlib.Path(step_dir).resolve()
     options = options or engine.MergeOptions()
-    params_dir = check_step_dir(step_dir)
-    out = pathlib.Path(output).resolve() if output is not None else step_dir / DEFAULT_OUTPUT_NAME
-    _output.check_output(out, overwrite=overwrite)
-    source = sources.OrbaxSource(params_dir)
-    resolved = lora if isinstance(lora, ResolvedLoRA) else resolve_lora(source.tree, lora or LoRASource())
-    adapters = engine.plan(source.tree, resolved)
-    if on_plan is not None:
-        on_plan(adapters)
-
-    source_info = {"step_dir": str(step_dir), "step": _step_number(step_dir), "params": str(params_dir)}
-    structure = engine.merged_structure(source.tree, adapters, options)
-    serving_config = serving_for(resolved, structure)
-    needed = sum(int(np.prod(sd.shape, dtype=np.int64)) * np.dtype(sd.dtype).itemsize for sd in structure.values())
-    with _output.write_errors(out, needed), _output.staged_directory(out, overwrite=overwrite) as tmp:
-        assets = step_dir / "assets"
-        manifest, report = write_merged(
-            tmp,
-            source,
-            adapters,
-            resolved,
-            options,
-            source_info=source_info,
-            output_path=out,
-            serving_config=serving_config,
-            save_assets=(lambda d: shutil.copytree(assets, d)) if assets.is_dir() else None,
-            progress=progress,
-        )
-    logger.info("merged %d adapted weights of %s into %s", len(adapters), step_dir, out)
+    check_step_dir(step_dir)
+    out = _output.check_output(
+        output if output is not None else step_dir / DEFAULT_OUTPUT_NAME,
+        overwrite=overwrite,
+        protected=[protect_step(step_dir)],
+    )
+    merge = plan_step_merge(step_dir, lora, options, on_plan)
+    with _output.write_errors(out, merge.needed_bytes), _output.staged_directory(out, overwrite=overwrite) as tmp:
+        manifest, report = write_step_merge(tmp, merge, out, progress)
+    logger.info("merged %d adapted weights of %s into %s", len(merge.adapters), step_dir, out)
     return CheckpointMergeResult(output=out, report=report, manifest=manifest)
 
 

@@ -15,19 +15,20 @@ import json
 import logging
 import pathlib
 import shutil
-import tempfile
 import time
 from typing import Any, Literal
 
 import numpy as np
 
 from openpi_merge_plugin import __version__
+from openpi_merge_plugin import options as _options
 from openpi_merge_plugin.checkpoint import output as _output
 from openpi_merge_plugin.checkpoint import pytorch_layout as layout
 from openpi_merge_plugin.checkpoint import safetensors_stream
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.errors import CheckpointError
 from openpi_merge_plugin.errors import ConfigError
+from openpi_merge_plugin.options import MergeOptions
 from openpi_merge_plugin.pipeline import checkpoint_merge
 
 logger = logging.getLogger("openpi_merge_plugin")
@@ -112,24 +113,52 @@ def export_pytorch(
     output: pathlib.Path | str | None = None,
     precision: Precision = "float32",
     model: ModelInfo | None = None,
+    action_horizon: int | None = None,
+    model_dtype: Precision = "bfloat16",
     lora: checkpoint_merge.LoRASource | None = None,
     overwrite: bool = False,
-    allow_projector_patch: bool = False,
+    allow_nonstandard_dims: bool = False,
     progress: ProgressFn | None = None,
 ) -> ExportResult:
     """Writes the PyTorch checkpoint of `src` (a merged directory, or a LoRA step: merged on the way).
 
-    Default output: `<step>/merged_pytorch`. Atomic like the merged checkpoint; the source is never modified.
+    The model config comes from `model`, else (without openpi) from `action_horizon` and `model_dtype` with the
+    variants the merge records, else from the openpi config the merge records. Default output: `<step>/merged_pytorch`
+    for a LoRA step, `<merged>_pytorch` beside a merged directory. Atomic like the merged checkpoint; the source is
+    never modified.
     """
+    for name, check, value in (
+        ("precision", _options.one_of(Precision), precision),
+        ("model_dtype", _options.one_of(Precision), model_dtype),
+        ("action_horizon", _options.optional(_options.positive_int), action_horizon),
+    ):
+        if (problem := check(value)) is not None:
+            raise _options.OptionError(name, problem)
+    if model is not None and action_horizon is not None:
+        raise ConfigError("--config and --action-horizon are alternatives: give one")
     src = pathlib.Path(src).resolve()
     merged_dir, step_dir = _merged_source(src)
-    out = pathlib.Path(output).resolve() if output is not None else step_dir / DEFAULT_OUTPUT_NAME
-    _output.check_output(out, overwrite=overwrite)
-    scratch = None
-    try:
-        if merged_dir is None:  # a LoRA step: merged first (streamed, verified) into a scratch sibling of `out`
-            scratch = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
-            merged_dir = checkpoint_merge.merge_checkpoint(step_dir, output=scratch / "merged", lora=lora).output
+    if merged_dir is None:
+        default, protected = step_dir / _output.PYTORCH_NAME, [checkpoint_merge.protect_step(step_dir)]
+    else:
+        default, protected = merged_dir.parent / f"{merged_dir.name}_pytorch", _protected_for_merged(merged_dir)
+    out = _output.check_output(output if output is not None else default, overwrite=overwrite, protected=protected)
+    if merged_dir is None:  # a LoRA step: merged first (streamed, verified) into a scratch sibling of `out`
+        planned = checkpoint_merge.plan_step_merge(step_dir, lora, MergeOptions())
+        structure = planned.structure
+        record = {"lora_config": planned.resolved.to_json(), **planned.serving_config.to_json()}
+    else:
+        planned, structure = None, sources.OrbaxSource(merged_dir / "params").tree
+        record = json.loads((merged_dir / _output.MANIFEST).read_text())
+    if model is None and action_horizon is not None:
+        model = model_info_from_variants(record, action_horizon=action_horizon, model_dtype=model_dtype)
+    # Everything that can be refused is refused here, before the merge and the writes.
+    plan_export(structure, record, precision, model, allow_nonstandard_dims=allow_nonstandard_dims, what=src)
+    with _output.scratch_directory(out) as scratch:
+        if planned is not None:
+            merged_dir = scratch / _output.MERGED_NAME
+            merged_dir.mkdir()
+            checkpoint_merge.write_step_merge(merged_dir, planned, merged_dir)
             source_info = {"lora_step": str(step_dir), "merged_on_the_way": True}
         else:
             source_info = {"merged": str(merged_dir), "merged_on_the_way": False}
@@ -141,24 +170,39 @@ def export_pytorch(
                 model,
                 out,
                 source_info=source_info,
-                allow_projector_patch=allow_projector_patch,
+                allow_nonstandard_dims=allow_nonstandard_dims,
                 progress=progress,
             )
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
     logger.info("exported %s to %s (%s)", src, out, precision)
     return ExportResult(out, manifest)
 
 
 def _merged_source(src: pathlib.Path) -> tuple[pathlib.Path | None, pathlib.Path]:
     """(merged dir or None for a LoRA step, the step dir)."""
+    if not src.exists():
+        raise CheckpointError(f"{src} does not exist")
     if (src / _output.MANIFEST).is_file() and (src / "params").is_dir():
         return src, src.parent
     if (src / "params").is_dir():
         checkpoint_merge.check_step_dir(src)
         return None, src
     raise CheckpointError(f"{src} is neither a merged checkpoint (params/ and manifest.json) nor a LoRA step (params/)")
+
+
+def _protected_for_merged(merged_dir: pathlib.Path) -> list[_output.Protected]:
+    """A merged directory, and the LoRA step it came from (as its manifest records it, or as its parent)."""
+    protected = [_output.Protected(merged_dir, "the merged checkpoint")]
+    try:
+        recorded = json.loads((merged_dir / _output.MANIFEST).read_text()).get("source", {}).get("step_dir")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded and pathlib.Path(recorded).is_dir():
+        protected.append(
+            _output.Protected(pathlib.Path(recorded), "the LoRA step of this merge", _output.STEP_OUTPUT_NAMES)
+        )
+    if (merged_dir.parent / "params").is_dir():
+        protected.append(checkpoint_merge.protect_step(merged_dir.parent))
+    return protected
 
 
 def write_export(
@@ -169,24 +213,17 @@ def write_export(
     output_path: pathlib.Path,
     *,
     source_info: dict[str, Any] | None = None,
-    allow_projector_patch: bool = False,
+    allow_nonstandard_dims: bool = False,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Writes model.safetensors (streamed), config.json, assets/ and, last, manifest.json into `directory`."""
     start = time.perf_counter()
     merged_manifest = json.loads((merged_dir / _output.MANIFEST).read_text())
     source = sources.OrbaxSource(merged_dir / "params")
-    model = model or _model_info_from_manifest(merged_manifest)
-    tree = {p: (tuple(sd.shape), sd.dtype) for p, sd in source.tree.items()}
-    if any("lora_" in p.rsplit("/", 1)[-1] for p in tree):
-        raise CheckpointError(f"{merged_dir} still holds LoRA leaves: not a merged checkpoint")
-    paligemma, expert = dims_from_params(source.tree, ""), dims_from_params(source.tree, "_1")
-    _check_variants(model, paligemma, expert)
+    plan, model = plan_export(
+        source.tree, merged_manifest, precision, model, allow_nonstandard_dims=allow_nonstandard_dims, what=merged_dir
+    )
     action_dim = int(source.tree["action_in_proj/kernel"].shape[0])
-    try:
-        plan = _plan(tree, paligemma, expert, action_dim, precision, model, allow_projector_patch=allow_projector_patch)
-    except layout.LayoutError as e:
-        raise ConfigError(f"{merged_dir}: {e}") from e
     done = [0]
 
     def produce(spec: layout.TensorSpec) -> np.ndarray | None:
@@ -230,6 +267,8 @@ def write_export(
             f"under Pi0Config.dtype={model.model_dtype!r}, x exactly for the rest (as upstream's converter)"
         ),
         "tensors": len(plan),
+        # Written with --allow-nonstandard-dims: loads only into a PI0Pytorch built with these dimensions.
+        "nonstandard_dims": {k: {"model": m, "pi0pytorch": t} for k, (m, t) in plan.nonstandard_dims.items()},
         "tied": plan.metadata,
         "verification": {
             "merge": {k: merged_manifest.get(k) for k in ("verified", "max_rel_err") if k in merged_manifest},
@@ -240,7 +279,40 @@ def write_export(
     return _output.write_manifest(directory, manifest)
 
 
-def _plan(tree, paligemma, expert, action_dim, precision, model, *, allow_projector_patch) -> layout.Layout:
+def plan_export(
+    structure: dict[str, Any],
+    merge_record: dict[str, Any],
+    precision: Precision,
+    model: ModelInfo | None,
+    *,
+    allow_nonstandard_dims: bool,
+    what: Any,
+) -> tuple[layout.Layout, ModelInfo]:
+    """The file's layout for a merged params structure (path -> shape, dtype), and the model info it used.
+
+    `merge_record` is the merge's manifest (or what it will record: `lora_config`, `serving_config`), which names
+    the openpi config when `model` is None. Reads nothing but the config, so it runs before any work.
+    """
+    tree = {p: (tuple(sd.shape), str(sd.dtype)) for p, sd in structure.items()}
+    if any("lora_" in p.rsplit("/", 1)[-1] for p in tree):
+        raise CheckpointError(f"{what} still holds LoRA leaves: not a merged checkpoint")
+    if model is None:
+        model = _model_info_from_manifest(merge_record)
+    paligemma, expert = dims_from_params(structure, ""), dims_from_params(structure, "_1")
+    _check_variants(model, paligemma, expert)
+    action_dim = int(structure["action_in_proj/kernel"].shape[0])
+    try:
+        plan = _plan(
+            tree, paligemma, expert, action_dim, precision, model, allow_nonstandard_dims=allow_nonstandard_dims
+        )
+    except layout.NonstandardDimsError as e:
+        raise ConfigError(str(e)) from e
+    except layout.LayoutError as e:
+        raise ConfigError(f"{what}: {e}") from e
+    return plan, model
+
+
+def _plan(tree, paligemma, expert, action_dim, precision, model, *, allow_nonstandard_dims) -> layout.Layout:
     return layout.build_layout(
         tree,
         paligemma=paligemma,
@@ -249,7 +321,7 @@ def _plan(tree, paligemma, expert, action_dim, precision, model, *, allow_projec
         precision=precision,
         model_dtype=model.model_dtype,
         pi05=model.pi05,
-        allow_projector_patch=allow_projector_patch,
+        allow_nonstandard_dims=allow_nonstandard_dims,
     )
 
 
@@ -309,7 +381,14 @@ def model_info_from_manifest_variants(
 ) -> ModelInfo:
     """Without openpi: the variant names the merged manifest records for each expert, and the given horizon."""
     manifest = json.loads((pathlib.Path(merged_dir) / _output.MANIFEST).read_text())
-    experts = (manifest.get("lora_config") or {}).get("experts") or {}
+    return model_info_from_variants(manifest, action_horizon=action_horizon, model_dtype=model_dtype)
+
+
+def model_info_from_variants(
+    merge_record: dict[str, Any], *, action_horizon: int, model_dtype: Precision = "bfloat16"
+) -> ModelInfo:
+    """The variant names a merge records (its `lora_config`) for each expert, and the given horizon."""
+    experts = (merge_record.get("lora_config") or {}).get("experts") or {}
     variants = [(experts.get(str(i)) or {}).get("variant") or "unknown" for i in (0, 1)]
     return ModelInfo(variants[0], variants[1], action_horizon, model_dtype=model_dtype)
 
