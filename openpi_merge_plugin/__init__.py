@@ -1,6 +1,20 @@
 """Merge openpi LoRA adapters into serving-ready checkpoints, with openpi's exact runtime semantics.
 
-The public names are imported lazily, so that importing the package (as openpi's startup hook does) stays cheap.
+Public API (imported lazily, so that importing the package, as openpi's start-up hook does, stays cheap):
+
+    merge_checkpoint(step_dir, lora=LoRASource(...), options=MergeOptions(...), output=None, overwrite=False)
+        Merge a LoRA step on disk into <step>/merged (streamed, verified, atomic); returns output, report, manifest.
+    read_lora_step(step_dir, lora=LoRASource(...)) -> LoRAStep(params, lora)
+        A LoRA step's params (nested dict) and its resolved LoRA config, in memory.
+    merge_params(params, resolved_lora, MergeOptions(...)) -> MergeResult(params, report)
+        Merge an in-memory params tree.
+    verify_merged(merged_dir) -> VerifyResult        re-check a merged checkpoint (ok, problems, to_json()).
+    inspect_checkpoint(path, lora=LoRASource(...))   what a LoRA step or merged checkpoint holds (to_json()).
+    export_pytorch(src, precision="float32", ...)    openpi's PyTorch checkpoint (model.safetensors) of a merge.
+    LoRASource(config=, lora_config=, alpha=, rslora=)   where the LoRA config comes from.
+    MergeOptions(output_dtype=, strength=, verify=, tolerance=, allow_nonfinite=, seed=)   how to merge.
+    LoRASpec, ExpertLoRA, ResolvedLoRA               LoRA configs as openpi defines them.
+    MergeError                                       every error meant for the user (its message says what to do).
 """
 
 from __future__ import annotations
@@ -24,7 +38,9 @@ _EXPORTS = {
     "LoRASource": "openpi_merge_plugin.pipeline.checkpoint_merge",
     "LoRASpec": "openpi_merge_plugin.lora.spec",
     "MergeError": "openpi_merge_plugin.errors",
-    "MergeOptions": "openpi_merge_plugin.merge.engine",
+    "MergeOptions": "openpi_merge_plugin.options",
+    "export_pytorch": "openpi_merge_plugin.pipeline.pytorch_export",
+    "read_lora_step": "openpi_merge_plugin.pipeline.checkpoint_merge",
     "ResolvedLoRA": "openpi_merge_plugin.lora.configs",
     "inspect_checkpoint": "openpi_merge_plugin.checks.inspection",
     "merge_checkpoint": "openpi_merge_plugin.pipeline.checkpoint_merge",
@@ -38,11 +54,17 @@ __all__ = [
     "MergeError",
     "MergeOptions",
     "ResolvedLoRA",
+    "export_pytorch",
     "inspect_checkpoint",
     "merge_checkpoint",
     "merge_params",
+    "read_lora_step",
     "verify_merged",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 def __getattr__(name: str) -> Any:

@@ -19,10 +19,30 @@ The internals used, and why (the public API has no equivalent):
 from __future__ import annotations
 
 from collections.abc import Mapping
+import logging
 import pathlib
 from typing import Any
 
 import numpy as np
+
+# Orbax logs this (through absl, at WARNING) on every partial restore (`transforms={}`), which is how single weights
+# are read: a dozen times per merge. Only this notice is dropped.
+_TRANSFORMS_NOTICE = "The transformations API will eventually be replaced"
+
+
+class _DropTransformsNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_TRANSFORMS_NOTICE)
+
+
+def quiet_transforms_notice() -> None:
+    """Installs the filter once on absl's logger (idempotent)."""
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropTransformsNotice) for f in logger.filters):
+        logger.addFilter(_DropTransformsNotice())
+
+
+quiet_transforms_notice()
 
 
 def tree_metadata(directory: pathlib.Path) -> Mapping[str, Any]:
