@@ -124,7 +124,12 @@ def test_export_refuses_outputs_that_would_touch_user_data(world, capsys, argv, 
 
 def test_export_of_a_merge_elsewhere_protects_the_step_its_manifest_names(world, capsys):
     assert cli.main(["run/2", *LORA, "--output", "elsewhere", "--no-progress"]) == 0
-    _refused(capsys, world, ["export", "elsewhere", "--output", "run/2", "--overwrite", *EXPORT], "is the LoRA step of this merge itself")
+    _refused(
+        capsys,
+        world,
+        ["export", "elsewhere", "--output", "run/2", "--overwrite", *EXPORT],
+        "is the LoRA step of this merge itself",
+    )
 
 
 def test_overwrite_replaces_an_earlier_output_or_an_empty_directory_and_leaves_no_debris(world, capsys):
@@ -195,3 +200,17 @@ def test_an_export_the_runtime_cannot_load_is_refused_before_the_merge(world, ca
         ["export", "run/2", *LORA, "--action-horizon", "50", "--output", "pt"],
         "hard-codes dimensions this model does not have: siglip_width 32 (PI0Pytorch: 1152), ",
     )
+
+
+def test_merge_on_save_cleans_only_its_own_staging_directories(tmp_path):
+    from openpi_merge_plugin.openpi_glue import merged_item
+
+    ours = tmp_path / ".merged-5.tmp-0123456789ab"
+    ours.mkdir()
+    (ours / "params").mkdir()
+    theirs = [tmp_path / ".merged-5.tmp-my-notes", tmp_path / ".merged-x.tmp-0123456789ab"]
+    theirs[0].mkdir()
+    theirs[1].write_text("a user's file")
+    merged_item.remove_stale_staging(tmp_path)
+    assert not ours.exists()
+    assert all(p.exists() for p in theirs)

@@ -20,6 +20,7 @@ import datetime as dt
 import json
 import logging
 import pathlib
+import re
 import shutil
 import sys
 import time
@@ -58,6 +59,7 @@ class MergeRequest:
 
 
 STAGING_GLOB = ".merged-*.tmp-*"
+STAGING_NAME = re.compile(r"\.merged-\d+\.tmp-[0-9a-f]{12}")  # what write_staged names them, nothing else
 
 
 class MergedItemHandler(ocp.AsyncCheckpointHandler):
@@ -174,7 +176,8 @@ def move_into(staging: pathlib.Path, directory: pathlib.Path) -> None:
 def remove_stale_staging(checkpoint_dir: pathlib.Path) -> None:
     """Staging directories of merges whose step was never committed (the process died)."""
     for stale in checkpoint_dir.glob(STAGING_GLOB):
-        shutil.rmtree(stale, ignore_errors=True)
+        if STAGING_NAME.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _merge(directory: pathlib.Path, request: MergeRequest) -> dict[str, Any]:
