@@ -1,7 +1,7 @@
 """The `merged` item of an openpi checkpoint step: an Orbax CheckpointHandler that merges the live params.
 
 Its directory, `<step>/merged/`, is laid out exactly like the offline command's output (`params/`, `assets/`,
-`manifest.json`, written by the same `api.write_merged`). If the merge fails, training goes on (unless
+`manifest.json`, written by the same pipeline, `checkpoint_merge.plan_merge` and `write_merge`). If the merge fails, training goes on (unless
 `merge_lora.fatal`): the error is logged with its traceback and the directory holds only `MERGE_FAILED.json`.
 
 Orbax creates a step's directories in the background, after the handlers' synchronous part, but the merge has to
@@ -181,25 +181,20 @@ def remove_stale_staging(checkpoint_dir: pathlib.Path) -> None:
 
 
 def _merge(directory: pathlib.Path, request: MergeRequest) -> dict[str, Any]:
+    """The live params through the one pipeline (`plan_merge`, `write_merge`), as the offline merge does."""
     from openpi_merge_plugin.checkpoint import sources
-    from openpi_merge_plugin.lora import openpi_configs as openpi_compat
-    from openpi_merge_plugin.merge import engine
-    from openpi_merge_plugin.pipeline import checkpoint_merge as api
+    from openpi_merge_plugin.lora import openpi_configs
+    from openpi_merge_plugin.options import MergeOptions
+    from openpi_merge_plugin.pipeline import checkpoint_merge
 
     config, opts = request.config, request.config.merge_lora
-    options = engine.MergeOptions(
+    options = MergeOptions(
         output_dtype=opts.output_dtype, strength=opts.strength, verify=opts.verify, tolerance=opts.tolerance
     )
     params = request.params.to_pure_dict() if hasattr(request.params, "to_pure_dict") else request.params
-    source = sources.InMemorySource(params)
-    resolved = openpi_compat.lora_from_model(config.model, config_name=config.name)
-    adapters = engine.plan(source.tree, resolved)
-    serving_config = api.serving_for(resolved, engine.merged_structure(source.tree, adapters, options), config)
-    manifest, _ = api.write_merged(
-        directory,
-        source,
-        adapters,
-        resolved,
+    plan = checkpoint_merge.plan_merge(
+        sources.InMemorySource(params),
+        openpi_configs.lora_from_model(config.model, config_name=config.name),
         options,
         source_info={
             "step_dir": str(request.step_dir),
@@ -207,10 +202,11 @@ def _merge(directory: pathlib.Path, request: MergeRequest) -> dict[str, Any]:
             "params": "the params item of this step (merged from the live train state)",
             "train_config": config.name,
         },
-        output_path=request.step_dir / ITEM,
-        serving_config=serving_config,
         save_assets=request.save_assets,
-        host_buffer_bytes=opts.host_buffer_mib << 20,
+        run_config=config,
+    )
+    manifest, _ = checkpoint_merge.write_merge(
+        directory, plan, request.step_dir / ITEM, host_buffer_bytes=opts.host_buffer_mib << 20
     )
     return manifest
 

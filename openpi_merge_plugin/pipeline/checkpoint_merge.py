@@ -126,30 +126,70 @@ def serving_for(
 
 
 @dataclasses.dataclass
-class StepMerge:
-    """A LoRA step read and planned, nothing written yet: what `write_step_merge` needs."""
+class MergePlan:
+    """A merge read and planned, nothing written yet: the one pipeline's first half (`plan_merge`)."""
 
-    step_dir: pathlib.Path
-    source: sources.OrbaxSource
+    source: sources.ParamSource  # an Orbax step's params, or live (maybe sharded) training params
     resolved: ResolvedLoRA
     adapters: list[_adapters.Adapter]
     options: engine.MergeOptions
     serving_config: serving.ServingConfig
     structure: dict[str, _adapters.ShapeDtype]  # of the merged params
-    needed_bytes: int  # the merged params' size, for the disk-full message
+    source_info: dict[str, Any]  # recorded in the manifest
+    save_assets: Callable[[pathlib.Path], None] | None = None  # writes the norm stats beside the params
 
     @property
-    def source_info(self) -> dict[str, Any]:
-        return {
-            "step_dir": str(self.step_dir),
-            "step": _step_number(self.step_dir),
-            "params": str(self.step_dir / "params"),
-        }
+    def needed_bytes(self) -> int:
+        """The merged params' size, for the disk-full message."""
+        return sum(
+            int(np.prod(sd.shape, dtype=np.int64)) * np.dtype(sd.dtype).itemsize for sd in self.structure.values()
+        )
 
 
-def protect_step(step_dir: pathlib.Path) -> _output.Protected:
-    """The LoRA step as an output must treat it: never touched, but for the tool's own `<step>/merged*`."""
-    return _output.Protected(step_dir, "the LoRA step", _output.STEP_OUTPUT_NAMES)
+def plan_merge(
+    source: sources.ParamSource,
+    lora: LoRASource | ResolvedLoRA | None,
+    options: engine.MergeOptions,
+    *,
+    source_info: dict[str, Any],
+    save_assets: Callable[[pathlib.Path], None] | None = None,
+    run_config: Any | None = None,
+    on_plan: Callable[[list[_adapters.Adapter]], None] | None = None,
+) -> MergePlan:
+    """The pipeline, first half, for every entry point (offline merge, export of a LoRA step, merge on save): reads
+    the structure (not the arrays), resolves the LoRA config, pairs adapters, finds and checks the serving config."""
+    resolved = lora if isinstance(lora, ResolvedLoRA) else resolve_lora(source.tree, lora or LoRASource())
+    adapters = engine.plan(source.tree, resolved)
+    if on_plan is not None:
+        on_plan(adapters)
+    structure = engine.merged_structure(source.tree, adapters, options)
+    serving_config = serving_for(resolved, structure, run_config)
+    return MergePlan(source, resolved, adapters, options, serving_config, structure, source_info, save_assets)
+
+
+def write_merge(
+    directory: pathlib.Path,
+    plan: MergePlan,
+    output_path: pathlib.Path,
+    *,
+    progress: engine.ProgressFn | None = None,
+    host_buffer_bytes: int = orbax_stream.MAX_INFLIGHT_BYTES,
+) -> tuple[dict[str, Any], MergeReport]:
+    """The pipeline, second half: merges and writes the plan into `directory` (the caller commits it), whose final
+    place is `output_path`."""
+    return write_merged(
+        directory,
+        plan.source,
+        plan.adapters,
+        plan.resolved,
+        plan.options,
+        source_info=plan.source_info,
+        output_path=output_path,
+        serving_config=plan.serving_config,
+        save_assets=plan.save_assets,
+        progress=progress,
+        host_buffer_bytes=host_buffer_bytes,
+    )
 
 
 def plan_step_merge(
@@ -157,35 +197,22 @@ def plan_step_merge(
     lora: LoRASource | ResolvedLoRA | None,
     options: engine.MergeOptions,
     on_plan: Callable[[list[_adapters.Adapter]], None] | None = None,
-) -> StepMerge:
-    """Reads the step's structure (not its arrays), resolves the LoRA config, pairs adapters, finds the serving config."""
-    source = sources.OrbaxSource(step_dir / "params")
-    resolved = lora if isinstance(lora, ResolvedLoRA) else resolve_lora(source.tree, lora or LoRASource())
-    adapters = engine.plan(source.tree, resolved)
-    if on_plan is not None:
-        on_plan(adapters)
-    structure = engine.merged_structure(source.tree, adapters, options)
-    needed = sum(int(np.prod(sd.shape, dtype=np.int64)) * np.dtype(sd.dtype).itemsize for sd in structure.values())
-    return StepMerge(step_dir, source, resolved, adapters, options, serving_for(resolved, structure), structure, needed)
-
-
-def write_step_merge(
-    directory: pathlib.Path, merge: StepMerge, output_path: pathlib.Path, progress: engine.ProgressFn | None = None
-) -> tuple[dict[str, Any], MergeReport]:
-    """Writes the planned merge into `directory` (a staging or scratch directory) as `write_merged` does."""
-    assets = merge.step_dir / "assets"
-    return write_merged(
-        directory,
-        merge.source,
-        merge.adapters,
-        merge.resolved,
-        merge.options,
-        source_info=merge.source_info,
-        output_path=output_path,
-        serving_config=merge.serving_config,
+) -> MergePlan:
+    """`plan_merge` of an openpi step directory on disk (its `params/` and `assets/`)."""
+    assets = step_dir / "assets"
+    return plan_merge(
+        sources.OrbaxSource(step_dir / "params"),
+        lora,
+        options,
+        source_info={"step_dir": str(step_dir), "step": _step_number(step_dir), "params": str(step_dir / "params")},
         save_assets=(lambda d: shutil.copytree(assets, d)) if assets.is_dir() else None,
-        progress=progress,
+        on_plan=on_plan,
     )
+
+
+def protect_step(step_dir: pathlib.Path) -> _output.Protected:
+    """The LoRA step as an output must treat it: never touched, but for the tool's own `<step>/merged*`."""
+    return _output.Protected(step_dir, "the LoRA step", _output.STEP_OUTPUT_NAMES)
 
 
 def merge_checkpoint(
@@ -207,10 +234,10 @@ def merge_checkpoint(
         overwrite=overwrite,
         protected=[protect_step(step_dir)],
     )
-    merge = plan_step_merge(step_dir, lora, options, on_plan)
-    with _output.write_errors(out, merge.needed_bytes), _output.staged_directory(out, overwrite=overwrite) as tmp:
-        manifest, report = write_step_merge(tmp, merge, out, progress)
-    logger.info("merged %d adapted weights of %s into %s", len(merge.adapters), step_dir, out)
+    plan = plan_step_merge(step_dir, lora, options, on_plan)
+    with _output.write_errors(out, plan.needed_bytes), _output.staged_directory(out, overwrite=overwrite) as tmp:
+        manifest, report = write_merge(tmp, plan, out, progress=progress)
+    logger.info("merged %d adapted weights of %s into %s", len(plan.adapters), step_dir, out)
     return CheckpointMergeResult(output=out, report=report, manifest=manifest)
 
 

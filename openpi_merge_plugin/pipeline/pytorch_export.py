@@ -158,7 +158,7 @@ def export_pytorch(
         if planned is not None:
             merged_dir = scratch / _output.MERGED_NAME
             merged_dir.mkdir()
-            checkpoint_merge.write_step_merge(merged_dir, planned, merged_dir)
+            checkpoint_merge.write_merge(merged_dir, planned, merged_dir)
             source_info = {"lora_step": str(step_dir), "merged_on_the_way": True}
         else:
             source_info = {"merged": str(merged_dir), "merged_on_the_way": False}
