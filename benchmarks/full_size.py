@@ -122,11 +122,11 @@ def check_bitwise(args: CheckBitwise) -> None:
     from openpi_merge_plugin.checkpoint import params_io
     from openpi_merge_plugin.checkpoint import sources
     from openpi_merge_plugin.merge import engine
-    from openpi_merge_plugin.pipeline import checkpoint_merge as api
+    from openpi_merge_plugin.pipeline import checkpoint_merge
 
     source = sources.OrbaxSource(args.step / "params")
     merged = sources.OrbaxSource(args.merged / "params")
-    resolved = api.resolve_lora(source.tree, api.LoRASource())
+    resolved = checkpoint_merge.resolve_lora(source.tree, checkpoint_merge.LoRASource())
     adapters = engine.plan(source.tree, resolved)
     adapted = {a.base_path: a for a in adapters}
     dropped = {p for a in adapters for p in (a.a_path, a.b_path)}

@@ -35,7 +35,7 @@ def engine_in_memory(inputs: MergeInputs, out_dtype: str, *, verify: bool = True
 
 def section_merge(args: Args, workdir: pathlib.Path) -> dict[str, Any]:
     """Floors, engine in memory and on disk, kernel profile, naive; in increasing order of device memory use."""
-    from openpi_merge_plugin.pipeline import checkpoint_merge as api
+    from openpi_merge_plugin.pipeline import checkpoint_merge
 
     experts = experts_for(args)
     if not args.tiny:
@@ -66,7 +66,9 @@ def section_merge(args: Args, workdir: pathlib.Path) -> dict[str, Any]:
 
     on_disk = {
         "floor_disk": lambda: floor_disk(step, out, inputs, "float32"),
-        "engine_disk": lambda: api.merge_checkpoint(step, output=out, lora=inputs.resolved, overwrite=True),
+        "engine_disk": lambda: checkpoint_merge.merge_checkpoint(
+            step, output=out, lora=inputs.resolved, overwrite=True
+        ),
     }
     runs.update(measure_all(on_disk, r, warmup=False, setup=clear))
     clear()

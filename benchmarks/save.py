@@ -77,7 +77,7 @@ def _saves(
     from openpi_merge_plugin.checkpoint import orbax_stream
     from openpi_merge_plugin.checkpoint import sources
     from openpi_merge_plugin.merge import engine
-    from openpi_merge_plugin.pipeline import checkpoint_merge as api
+    from openpi_merge_plugin.pipeline import checkpoint_merge
     from openpi_merge_plugin.serving import names as serving
 
     inputs = merge_inputs(experts, depth)
@@ -103,7 +103,7 @@ def _saves(
             # What the `merged` item's handler does with openpi's live params (merged_item._merge).
             d = fresh()
             source = sources.InMemorySource(params)
-            api.write_merged(
+            checkpoint_merge.write_merged(
                 d,
                 source,
                 inputs.adapters,

@@ -20,7 +20,7 @@ from openpi_merge_plugin import cli
 from openpi_merge_plugin.checkpoint import output
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.checks import integrity
-from openpi_merge_plugin.lora import openpi_configs as openpi_compat
+from openpi_merge_plugin.lora import openpi_configs
 from openpi_merge_plugin.merge import engine
 
 FAULT_RUNNER = REPO / "tests" / "fault_runner.py"
@@ -323,7 +323,7 @@ def test_unknown_variant_without_config_is_not_guessed(step_dir, capsys):
     assert not (step_dir / "merged").exists()
 
 
-@pytest.mark.skipif(openpi_compat.openpi_available(), reason="checks the message shown when openpi is absent")
+@pytest.mark.skipif(openpi_configs.openpi_available(), reason="checks the message shown when openpi is absent")
 def test_config_name_without_openpi(step_dir, capsys):
     err = _run(capsys, step_dir, "--config", "pi0_libero_low_mem_finetune")
     assert "error: --config pi0_libero_low_mem_finetune needs openpi importable in this environment" in err

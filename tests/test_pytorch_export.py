@@ -20,7 +20,7 @@ from openpi_merge_plugin.checkpoint import pytorch_layout
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.cli import app as cli
 from openpi_merge_plugin.errors import MergeError
-from openpi_merge_plugin.pipeline import checkpoint_merge as api
+from openpi_merge_plugin.pipeline import checkpoint_merge
 from openpi_merge_plugin.pipeline import pytorch_export
 
 MODEL = json.loads((FIXTURE / "model_config.json").read_text())["pi0_config"]
@@ -46,7 +46,7 @@ def tiny_vision(monkeypatch, fixture_params):
 
 @pytest.fixture
 def merged(step_dir, fixture_lora):
-    return api.merge_checkpoint(step_dir, lora=fixture_lora).output
+    return checkpoint_merge.merge_checkpoint(step_dir, lora=fixture_lora).output
 
 
 def _model(merged_dir):
@@ -121,7 +121,7 @@ def test_export_of_a_lora_step_merges_on_the_way_and_leaves_the_step_alone(step_
         step_dir,
         output=step_dir.parent / "b",
         model=_model(merged),
-        lora=api.LoRASource(lora_config=FIXTURE_LORA_CONFIG),
+        lora=checkpoint_merge.LoRASource(lora_config=FIXTURE_LORA_CONFIG),
         allow_nonstandard_dims=True,
     )
     assert sorted(p.relative_to(step_dir) for p in step_dir.rglob("*")) == before

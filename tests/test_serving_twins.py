@@ -15,8 +15,8 @@ import pytest
 
 from openpi_merge_plugin.lora.adapters import ShapeDtype
 from openpi_merge_plugin.lora.configs import ResolvedLoRA
-from openpi_merge_plugin.pipeline import checkpoint_merge as api
-from openpi_merge_plugin.serving import twins as serving_configs
+from openpi_merge_plugin.pipeline import checkpoint_merge
+from openpi_merge_plugin.serving import twins
 from openpi_merge_plugin.serving import variants
 
 
@@ -129,7 +129,7 @@ def openpi(monkeypatch):
     modules["openpi.training"].config = config
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    serving_configs.patch_get_config(config)
+    twins.patch_get_config(config)
     return types.SimpleNamespace(**{k.rsplit(".", 1)[-1]: v for k, v in modules.items()})
 
 
@@ -184,12 +184,12 @@ def _resolved(name: str) -> ResolvedLoRA:
 
 def test_merge_records_the_twin_only_when_it_loads_the_merged_params(openpi):
     fits = {"proj/kernel": ShapeDtype((8, 3), "float32"), "proj/bias": ShapeDtype((3,), "float32")}
-    assert api.serving_for(_resolved("my_pi0_lora"), fits).to_json() == {
+    assert checkpoint_merge.serving_for(_resolved("my_pi0_lora"), fits).to_json() == {
         "serving_config": "my_pi0_lora_merged",
         "serving_config_reason": None,
     }
     wrong = {"proj/kernel": ShapeDtype((4, 3), "float32")}
-    serving = api.serving_for(_resolved("my_pi0_lora"), wrong)
+    serving = checkpoint_merge.serving_for(_resolved("my_pi0_lora"), wrong)
     assert serving.name is None
     assert "cannot load the merged params" in serving.reason
     assert "1 params of the model are not in the checkpoint" in serving.reason
@@ -198,7 +198,7 @@ def test_merge_records_the_twin_only_when_it_loads_the_merged_params(openpi):
 
 
 def test_no_serving_config_without_a_twin_and_the_reason_says_why(openpi):
-    serving = api.serving_for(_resolved("plain_pi0"), {})
+    serving = checkpoint_merge.serving_for(_resolved("plain_pi0"), {})
     assert serving.name is None
     assert "get_config('plain_pi0_merged') fails" in serving.reason
     assert "uses no LoRA variant" in serving.reason
@@ -206,13 +206,13 @@ def test_no_serving_config_without_a_twin_and_the_reason_says_why(openpi):
 
 def test_a_run_whose_model_differs_from_the_registered_config_gets_no_serving_config(openpi):
     run = TrainConfig("my_pi0_lora", Pi0Config("my_lora_small", "my_lora_small"))  # overridden on the command line
-    serving = serving_configs.check("my_pi0_lora", {"proj/kernel": ShapeDtype((8, 3), "float32")}, run)
+    serving = twins.check("my_pi0_lora", {"proj/kernel": ShapeDtype((8, 3), "float32")}, run)
     assert serving.name is None
     assert "whose model differs from this run's" in serving.reason
 
 
 def test_without_openpi_the_reason_says_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "openpi.training.config", None)  # import fails
-    serving = api.serving_for(_resolved("my_pi0_lora"), {"w": ShapeDtype((1,), "float32")})
+    serving = checkpoint_merge.serving_for(_resolved("my_pi0_lora"), {"w": ShapeDtype((1,), "float32")})
     assert serving.name is None
     assert serving.reason.startswith("openpi is not importable here")

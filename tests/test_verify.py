@@ -222,7 +222,7 @@ def test_consistently_tampered_weights_fail_only_the_equivalence_check(merges, m
 def test_bfloat16_weights_checked_against_another_lora_config_fail(merges, capsys):
     # --alpha 4 changes the attention scale of both experts (openpi never scales the MLP LoRA): the bf16 rounding
     # allowance does not hide a wrong scale.
-    result = verify_merged(merges["bfloat16"], lora=integrity.api.LoRASource(alpha=4.0))
+    result = verify_merged(merges["bfloat16"], lora=integrity.checkpoint_merge.LoRASource(alpha=4.0))
     assert [w.path for w in result.weights if not w.ok] == ATTN
     assert result.lora_config == "options (alpha=4.0, rslora=False)"
     code, out, _ = _cli(capsys, merges["bfloat16"], "--alpha", "4")

@@ -69,7 +69,7 @@ def memory(r: Report) -> list[str]:
     rows = [
         r.row("one fp32 layer slice of the largest weight", "save", lambda s: gib(s["largest_slice_f32_bytes"])),
         r.row(
-            "streamed from memory (merge on save: `api.write_merged` of live params), measured depth",
+            "streamed from memory (merge on save: `checkpoint_merge.write_merge` of live params), measured depth",
             "save",
             lambda s: f"{s['memory_depth']} layers: {_fraction(s['merged_mem'], s, 'tree_bytes_mem')}",
         ),

@@ -31,7 +31,9 @@ def save(r: Report) -> list[str]:
             lambda s: fmt_time(s["without"]),
         ),
         r.row(
-            "save with merge: the same + the `merged` item (`api.write_merged` of the live params)", "save", with_merge
+            "save with merge: the same + the `merged` item (`checkpoint_merge.write_merge` of the live params)",
+            "save",
+            with_merge,
         ),
         r.row(
             "**with / without**",

@@ -25,7 +25,7 @@ from openpi_merge_plugin.lora.configs import ResolvedLoRA
 from openpi_merge_plugin.merge import delta_stats
 from openpi_merge_plugin.merge import engine
 from openpi_merge_plugin.merge.report import WeightReport
-from openpi_merge_plugin.pipeline import checkpoint_merge as api
+from openpi_merge_plugin.pipeline import checkpoint_merge
 from openpi_merge_plugin.serving.names import ServingConfig
 
 logger = logging.getLogger("openpi_merge_plugin")
@@ -157,7 +157,7 @@ def detect(path: pathlib.Path) -> Literal["lora", "merged"]:
     if (path / _output.MANIFEST).is_file():
         return "merged"
     try:
-        api.check_step_dir(path)
+        checkpoint_merge.check_step_dir(path)
     except CheckpointError as e:
         raise CheckpointError(
             f"{path} is neither an openpi LoRA checkpoint step (no params/) nor a merged checkpoint "
@@ -169,7 +169,7 @@ def detect(path: pathlib.Path) -> Literal["lora", "merged"]:
 def inspect_checkpoint(
     path: pathlib.Path | str,
     *,
-    lora: api.LoRASource | ResolvedLoRA | None = None,
+    lora: checkpoint_merge.LoRASource | ResolvedLoRA | None = None,
     checksums: bool = True,
     progress: delta_stats.ProgressFn | None = None,
     on_plan: Callable[[list[_adapters.Adapter]], None] | None = None,
@@ -191,12 +191,16 @@ def inspect_checkpoint(
 
 def _inspect_lora(
     step_dir: pathlib.Path,
-    lora: api.LoRASource | ResolvedLoRA | None,
+    lora: checkpoint_merge.LoRASource | ResolvedLoRA | None,
     progress: delta_stats.ProgressFn | None,
     on_plan: Callable[[list[_adapters.Adapter]], None] | None,
 ) -> Inspection:
-    source = sources.OrbaxSource(api.check_step_dir(step_dir))
-    resolved = lora if isinstance(lora, ResolvedLoRA) else api.resolve_lora(source.tree, lora or api.LoRASource())
+    source = sources.OrbaxSource(checkpoint_merge.check_step_dir(step_dir))
+    resolved = (
+        lora
+        if isinstance(lora, ResolvedLoRA)
+        else checkpoint_merge.resolve_lora(source.tree, lora or checkpoint_merge.LoRASource())
+    )
     adapters = engine.plan(source.tree, resolved)
     if on_plan is not None:
         on_plan(adapters)
@@ -208,7 +212,9 @@ def _inspect_lora(
         step=int(step_dir.name) if step_dir.name.isdigit() else None,
         weights=tuple(sorted(weights, key=lambda w: (w.expert, w.path))),
         lora_config=resolved.to_json(),
-        serving=api.serving_for(resolved, engine.merged_structure(source.tree, adapters, engine.MergeOptions())),
+        serving=checkpoint_merge.serving_for(
+            resolved, engine.merged_structure(source.tree, adapters, engine.MergeOptions())
+        ),
     )
 
 

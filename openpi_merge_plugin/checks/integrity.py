@@ -29,7 +29,7 @@ from openpi_merge_plugin.lora import equations as eq
 from openpi_merge_plugin.lora.configs import ResolvedLoRA
 from openpi_merge_plugin.merge import engine
 from openpi_merge_plugin.merge import slice_ops
-from openpi_merge_plugin.pipeline import checkpoint_merge as api
+from openpi_merge_plugin.pipeline import checkpoint_merge
 
 logger = logging.getLogger("openpi_merge_plugin")
 
@@ -103,7 +103,7 @@ def verify_merged(
     lora_step: pathlib.Path | str | None = None,
     *,
     equivalence: bool = True,
-    lora: api.LoRASource | ResolvedLoRA | None = None,
+    lora: checkpoint_merge.LoRASource | ResolvedLoRA | None = None,
     tolerance: float | None = None,
     progress: ProgressFn | None = None,
 ) -> VerifyResult:
@@ -157,10 +157,10 @@ def read_manifest(merged_dir: pathlib.Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IntegrityError(f"{path} is not valid JSON ({e}): truncated or edited") from e
-    if not isinstance(manifest, dict) or manifest.get("format_version") != api.MANIFEST_FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format_version") != checkpoint_merge.MANIFEST_FORMAT_VERSION:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise IntegrityError(
-            f"{path} has manifest format {version}, this version reads format {api.MANIFEST_FORMAT_VERSION}"
+            f"{path} has manifest format {version}, this version reads format {checkpoint_merge.MANIFEST_FORMAT_VERSION}"
         )
     for key, kind in _REQUIRED.items():
         if not isinstance(manifest.get(key), kind):
@@ -180,7 +180,7 @@ def _why_no_manifest(merged_dir: pathlib.Path) -> str:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             error = "unreadable reason"
         return f"{merged_dir}: the merge on save of this step failed ({error}); details in {failure}"
-    merged_child = merged_dir / api.DEFAULT_OUTPUT_NAME
+    merged_child = merged_dir / checkpoint_merge.DEFAULT_OUTPUT_NAME
     if (merged_dir / "train_state").is_dir() or (merged_child / _output.MANIFEST).is_file():
         hint = f"; its merged checkpoint is {merged_child}" if (merged_child / _output.MANIFEST).is_file() else ""
         return f"{merged_dir} is an openpi training step, not a merged checkpoint{hint}"
@@ -256,19 +256,25 @@ def _recorded_step(merged_dir: pathlib.Path, manifest: dict[str, Any]) -> pathli
     recorded = pathlib.Path(step_dir)
     if (recorded / "params").is_dir():
         return recorded
-    was_default = manifest.get("output") == str(recorded / api.DEFAULT_OUTPUT_NAME)
-    if was_default and merged_dir.name == api.DEFAULT_OUTPUT_NAME and (merged_dir.parent / "params").is_dir():
+    was_default = manifest.get("output") == str(recorded / checkpoint_merge.DEFAULT_OUTPUT_NAME)
+    if (
+        was_default
+        and merged_dir.name == checkpoint_merge.DEFAULT_OUTPUT_NAME
+        and (merged_dir.parent / "params").is_dir()
+    ):
         return merged_dir.parent
     return None
 
 
 def _resolve_lora(
-    tree: dict[str, _adapters.ShapeDtype], manifest: dict[str, Any], lora: api.LoRASource | ResolvedLoRA | None
+    tree: dict[str, _adapters.ShapeDtype],
+    manifest: dict[str, Any],
+    lora: checkpoint_merge.LoRASource | ResolvedLoRA | None,
 ) -> ResolvedLoRA:
     if isinstance(lora, ResolvedLoRA):
         return lora
     if lora is not None:
-        return api.resolve_lora(tree, lora)
+        return checkpoint_merge.resolve_lora(tree, lora)
     recorded = ResolvedLoRA.from_json(manifest["lora_config"])
     return dataclasses.replace(recorded, source=f"recorded in the manifest ({recorded.source})")
 
@@ -278,11 +284,11 @@ def _check_equivalence(
     merged: sources.OrbaxSource,
     manifest: dict[str, Any],
     step: pathlib.Path,
-    lora: api.LoRASource | ResolvedLoRA | None,
+    lora: checkpoint_merge.LoRASource | ResolvedLoRA | None,
     tolerance: float | None,
     progress: ProgressFn | None,
 ) -> Check:
-    source = sources.OrbaxSource(api.check_step_dir(step))
+    source = sources.OrbaxSource(checkpoint_merge.check_step_dir(step))
     resolved = _resolve_lora(source.tree, manifest, lora)
     adapters = engine.plan(source.tree, resolved)
     options = manifest["options"]

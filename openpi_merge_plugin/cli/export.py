@@ -11,7 +11,7 @@ import tyro
 
 from openpi_merge_plugin import options
 from openpi_merge_plugin.errors import ConfigError
-from openpi_merge_plugin.pipeline import checkpoint_merge as api
+from openpi_merge_plugin.pipeline import checkpoint_merge
 from openpi_merge_plugin.pipeline import pytorch_export
 
 
@@ -69,8 +69,10 @@ class Args:
             raise ConfigError("--config and --action-horizon are alternatives: give one")
         self.lora_source()
 
-    def lora_source(self) -> api.LoRASource | None:
-        source = api.LoRASource(config=self.config, lora_config=self.lora_config, alpha=self.alpha, rslora=self.rslora)
+    def lora_source(self) -> checkpoint_merge.LoRASource | None:
+        source = checkpoint_merge.LoRASource(
+            config=self.config, lora_config=self.lora_config, alpha=self.alpha, rslora=self.rslora
+        )
         return source if source.given else None
 
 

@@ -14,7 +14,7 @@ from openpi_merge_plugin.checks import inspection
 from openpi_merge_plugin.cli import inspect_plot
 from openpi_merge_plugin.cli import inspect_table
 from openpi_merge_plugin.cli import progress as progress_bar
-from openpi_merge_plugin.pipeline import checkpoint_merge as api
+from openpi_merge_plugin.pipeline import checkpoint_merge
 
 
 @dataclasses.dataclass
@@ -57,8 +57,10 @@ class Args:
         )
         self.lora_source()
 
-    def lora_source(self) -> api.LoRASource | None:
-        source = api.LoRASource(config=self.config, lora_config=self.lora_config, alpha=self.alpha, rslora=self.rslora)
+    def lora_source(self) -> checkpoint_merge.LoRASource | None:
+        source = checkpoint_merge.LoRASource(
+            config=self.config, lora_config=self.lora_config, alpha=self.alpha, rslora=self.rslora
+        )
         return source if source.given else None
 
 

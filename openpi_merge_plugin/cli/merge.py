@@ -12,7 +12,7 @@ import tyro
 from openpi_merge_plugin import options
 from openpi_merge_plugin.cli import progress as progress_bar
 from openpi_merge_plugin.cli import summary
-from openpi_merge_plugin.pipeline import checkpoint_merge as api
+from openpi_merge_plugin.pipeline import checkpoint_merge
 from openpi_merge_plugin.serving.names import ServingConfig
 
 
@@ -64,8 +64,10 @@ class Args:
         )
         self.lora_source(), self.merge_options()  # their own cross-field checks
 
-    def lora_source(self) -> api.LoRASource:
-        return api.LoRASource(config=self.config, lora_config=self.lora_config, alpha=self.alpha, rslora=self.rslora)
+    def lora_source(self) -> checkpoint_merge.LoRASource:
+        return checkpoint_merge.LoRASource(
+            config=self.config, lora_config=self.lora_config, alpha=self.alpha, rslora=self.rslora
+        )
 
     def merge_options(self) -> options.MergeOptions:
         return options.MergeOptions(
@@ -77,9 +79,9 @@ class Args:
         )
 
 
-def merge(args: Args) -> api.CheckpointMergeResult:
+def merge(args: Args) -> checkpoint_merge.CheckpointMergeResult:
     with progress_bar.slice_bar("merging", enabled=args.progress) as bar:
-        return api.merge_checkpoint(
+        return checkpoint_merge.merge_checkpoint(
             args.step_dir,
             output=args.output,
             lora=args.lora_source(),

@@ -14,7 +14,7 @@ import tyro
 
 from openpi_merge_plugin import options
 from openpi_merge_plugin.checks import integrity
-from openpi_merge_plugin.pipeline import checkpoint_merge as api
+from openpi_merge_plugin.pipeline import checkpoint_merge
 
 
 @dataclasses.dataclass
@@ -58,9 +58,11 @@ class Args:
         )
         self.lora_source()
 
-    def lora_source(self) -> api.LoRASource | None:
+    def lora_source(self) -> checkpoint_merge.LoRASource | None:
         """The LoRA config to check against, if given (else the manifest's)."""
-        source = api.LoRASource(config=self.config, lora_config=self.lora_config, alpha=self.alpha, rslora=self.rslora)
+        source = checkpoint_merge.LoRASource(
+            config=self.config, lora_config=self.lora_config, alpha=self.alpha, rslora=self.rslora
+        )
         return source if source.given else None
 
 

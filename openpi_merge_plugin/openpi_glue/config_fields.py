@@ -63,7 +63,7 @@ def after_import(module: Any) -> None:
     if "merge_lora_on_save" not in fields:
         openpi_glue.inactive("TrainConfig has no merge_lora_on_save field; merge on save is off")
     from openpi_merge_plugin.openpi_glue import shipped_configs
-    from openpi_merge_plugin.serving import twins as serving_configs
+    from openpi_merge_plugin.serving import twins
 
-    serving_configs.patch_get_config(module)
+    twins.patch_get_config(module)
     shipped_configs.register(module)

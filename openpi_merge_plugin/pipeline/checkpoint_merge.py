@@ -104,9 +104,9 @@ def check_step_dir(step_dir: pathlib.Path) -> pathlib.Path:
 
 def resolve_lora(tree: dict[str, _adapters.ShapeDtype], how: LoRASource) -> ResolvedLoRA:
     if how.config:
-        from openpi_merge_plugin.lora import openpi_configs as openpi_compat
+        from openpi_merge_plugin.lora import openpi_configs
 
-        return openpi_compat.lora_from_train_config(how.config)
+        return openpi_configs.lora_from_train_config(how.config)
     if how.lora_config:
         return lora_configs.from_file(how.lora_config)
     if how.alpha is not None:
@@ -120,9 +120,9 @@ def serving_for(
     """The openpi config that serves a merge with this structure, checked in this process; or why there is none."""
     if resolved.config_name is None:
         return serving.without_openpi_config(resolved.source)
-    from openpi_merge_plugin.serving import twins as serving_configs
+    from openpi_merge_plugin.serving import twins
 
-    return serving_configs.check(resolved.config_name, structure, run_config)
+    return twins.check(resolved.config_name, structure, run_config)
 
 
 @dataclasses.dataclass

@@ -38,11 +38,11 @@ def serving_twin(train_config: Any) -> Twin:
     """The same config with each LoRA variant replaced by its non-LoRA twin, no freeze filter and no merge."""
     import flax.nnx as nnx
 
-    from openpi_merge_plugin.lora import openpi_configs as openpi_compat
+    from openpi_merge_plugin.lora import openpi_configs
 
     model = train_config.model
     try:
-        fields, module = openpi_compat.model_variants(model)
+        fields, module = openpi_configs.model_variants(model)
     except ConfigError as e:
         return Twin(None, f"config {train_config.name}: {e}")
     plain = {}
