@@ -33,7 +33,7 @@ def kernel_profile(inputs: MergeInputs, repeats: int) -> list[dict[str, Any]]:
     kernel = functools.partial(so.merge_slice, delta_eqn=a.delta.equation, layer_eqns=eqns)
 
     def merged(w, la, lb):
-        return so._merge32(w.astype(f32), la, lb, factor, a.delta.equation)  # noqa: SLF001
+        return so.merge_weight(w, la, lb, a.delta.equation, factor), so.lora_delta(la, lb, a.delta.equation, factor)
 
     def statistics(w, la, lb):  # the kernel's one pass for ||W||, the bf16 loss and finiteness
         m, d = merged(w, la, lb)

@@ -1,4 +1,5 @@
-"""Per-layer-slice device kernels: merge one slice, or check a stored merged slice, against openpi's LoRA forward.
+"""The merge (`merge_weight`) and its per-layer-slice device kernels: merge one slice with its statistics, or check a
+stored merged slice, against openpi's LoRA forward.
 
 Everything is float32 on the JAX default device. One jit per (adapter shape, equation). The engine calls
 `merge_slice` on a slice or on a column piece of one (`slice_chunks`), so the device holds one piece at a time.
@@ -84,9 +85,15 @@ def _delta_norm(delta_eqn: str, a32: jax.Array, b32: jax.Array, factor: jax.Arra
     return jnp.sqrt(jnp.maximum(gram, 0.0)) * jnp.abs(factor)
 
 
-def _merge32(w32: jax.Array, a32: jax.Array, b32: jax.Array, factor: jax.Array, delta_eqn: str):
-    delta = _einsum(delta_eqn, a32, b32) * factor
-    return w32 + delta, delta
+def lora_delta(a: jax.Array, b: jax.Array, equation: str, factor: jax.Array) -> jax.Array:
+    """openpi's LoRA update of one weight: `factor * einsum(equation, a, b)`, float32 (`equations` derives the
+    equation from openpi's two LoRA einsums; `factor` is openpi's scaling times the strength)."""
+    return _einsum(equation, a.astype(jnp.float32), b.astype(jnp.float32)) * factor
+
+
+def merge_weight(w: jax.Array, a: jax.Array, b: jax.Array, equation: str, factor: jax.Array) -> jax.Array:
+    """The whole merge, in float32: `W' = W + factor * einsum(equation, A, B)`."""
+    return w.astype(jnp.float32) + lora_delta(a, b, equation, factor)
 
 
 def _lora_forward(
@@ -124,7 +131,7 @@ def merge_slice(
     """
     f32 = jnp.float32
     w32, a32, b32 = w.astype(f32), a.astype(f32), b.astype(f32)
-    merged, delta = _merge32(w32, a32, b32, factor, delta_eqn)
+    merged, delta = merge_weight(w32, a32, b32, delta_eqn, factor), lora_delta(a32, b32, delta_eqn, factor)
     stored = merged.astype(out_dtype)
     stored32 = stored.astype(f32)
     # A bf16 output keeps (bf16(w + d) - w) of the delta d; the base itself is exactly representable when stored bf16.
@@ -169,7 +176,7 @@ def check_slice(
     w32, a32, b32 = w.astype(f32), a.astype(f32), b.astype(f32)
     eqn = layer_eqns[0]
     want = _lora_forward(x, w32, a32, b32, factor, layer_eqns)
-    merged, _ = _merge32(w32, a32, b32, factor, delta_eqn)
+    merged = merge_weight(w32, a32, b32, delta_eqn, factor)
     rounded = merged.astype(stored.dtype).astype(f32)
     rounding = _rel_err(_layer_einsum(eqn, x, rounded), want) - _rel_err(_layer_einsum(eqn, x, merged), want)
     return {
