@@ -151,6 +151,14 @@ LORA_SOURCE_CHECKS: dict[str, Check] = {
     "alpha": optional(positive),
     "rslora": flag,
 }
-# Options whose every value is valid: switches, and paths the command checks when it opens them (a step, an
-# output, a merged directory), before any work starts.
+# Options whose every value is valid: switches, nested options that check themselves, and paths the command checks
+# when it opens them (a step, an output, a merged directory), before any work starts.
 ANY: Check = lambda value: None  # noqa: E731
+# Options several subcommands share: the nested LoRA source and merge options (which check themselves), switches.
+SUBCOMMAND_CHECKS: dict[str, Check] = {
+    "lora_source": ANY,
+    "merge": ANY,
+    "overwrite": ANY,
+    "json": ANY,
+    "progress": ANY,
+}

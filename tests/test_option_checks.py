@@ -47,6 +47,7 @@ BAD = {
     "output": [(["--output", "some_file", "--overwrite"], "{flag} {cwd}/some_file is a file")],
     "plot": [(["--plot", "picture.txt"], "{flag} must end in .png, .pdf, .svg")],
     "lora_step": [(["--lora-step", "nope"], "checkpoint {cwd}/nope does not exist")],
+    "seed": [(["--seed", "1.5"], "Error parsing --seed")],
 }
 # Positional sources: a path that is not there.
 POSITIONAL = {"step_dir", "merged_dir", "path", "src"}
@@ -59,23 +60,34 @@ SOURCE = {"merge": "run/2", "verify": "run/2/merged", "inspect": "run/2", "expor
 SWITCHES: set[tuple[str, str]] = set()  # (subcommand, field): bools, which have no out-of-range values
 
 
+def _options(args_type: type) -> list[tuple[str, type]]:
+    """(name, type) of every option of a subcommand; nested options (the LoRA source, the merge options, whose flags
+    tyro writes without a prefix) are walked into."""
+    found = []
+    hints = typing.get_type_hints(args_type)
+    for field in dataclasses.fields(args_type):
+        if dataclasses.is_dataclass(hints[field.name]):
+            found += _options(hints[field.name])
+        else:
+            found.append((field.name, hints[field.name]))
+    return found
+
+
 def _cases():
     for name, (module_name, _) in app.SUBCOMMANDS.items():
-        args_type = importlib.import_module(module_name).Args
-        hints = typing.get_type_hints(args_type, include_extras=True)
-        for field in dataclasses.fields(args_type):
-            flag = f"--{field.name.replace('_', '-')}"
-            if field.name in POSITIONAL:
-                yield name, field.name, ["nope"], "nope does not exist"
-            elif field.name in BAD:
-                for argv, message in BAD[field.name]:
-                    yield name, field.name, argv, message.replace("{flag}", flag)
-            elif hints[field.name] is bool:
-                SWITCHES.add((name, field.name))
-                if field.name in ALONE:
-                    yield name, field.name, [flag], ALONE[field.name]
+        for field, hint in _options(importlib.import_module(module_name).Args):
+            flag = f"--{field.replace('_', '-')}"
+            if field in POSITIONAL:
+                yield name, field, ["nope"], "nope does not exist"
+            elif field in BAD:
+                for argv, message in BAD[field]:
+                    yield name, field, argv, message.replace("{flag}", flag)
+            elif hint is bool:
+                SWITCHES.add((name, field))
+                if field in ALONE:
+                    yield name, field, [flag], ALONE[field]
             else:
-                yield name, field.name, None, f"{name} {flag} has no out-of-range values in this test"
+                yield name, field, None, f"{name} {flag} has no out-of-range values in this test"
 
 
 CASES = list(_cases())
@@ -109,7 +121,7 @@ def test_an_out_of_range_option_fails_before_any_work(world, capsys, sub, field,
 def test_every_option_of_every_subcommand_is_walked():
     walked = {(sub, field) for sub, field, *_ in CASES} | SWITCHES
     for name, (module_name, _) in app.SUBCOMMANDS.items():
-        fields = {f.name for f in dataclasses.fields(importlib.import_module(module_name).Args)}
+        fields = {f for f, _ in _options(importlib.import_module(module_name).Args)}
         assert {f for s, f in walked if s == name} == fields
 
 

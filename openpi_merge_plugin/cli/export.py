@@ -28,15 +28,11 @@ class Args:
     precision: pytorch_export.Precision = "float32"
     # Output directory (default: <step>/merged_pytorch for a LoRA step, <merged>_pytorch beside a merged directory).
     output: pathlib.Path | None = None
-    # Registered openpi TrainConfig: the model config, and for a LoRA step its LoRA config (needs openpi).
-    # Default: the openpi config the merge records.
-    config: str | None = None
-    # For a LoRA step SRC: JSON file with the LoRA config of each expert (see configs/).
-    lora_config: pathlib.Path | None = None
-    # For a LoRA step SRC: one LoRA alpha for every adapter (ranks are read from the checkpoint).
-    alpha: float | None = None
-    # For a LoRA step SRC, with --alpha: the adapters were trained with rsLoRA (scale alpha/sqrt(rank)).
-    rslora: bool = False
+    # Registered openpi TrainConfig: the model config, and for a LoRA step its LoRA config (needs openpi); default:
+    # the openpi config the merge records. For a LoRA step without openpi: --lora-config or --alpha [--rslora].
+    lora_source: tyro.conf.OmitArgPrefixes[checkpoint_merge.LoRASource] = dataclasses.field(
+        default_factory=checkpoint_merge.LoRASource
+    )
     # Without openpi: the model's action horizon (config.json); the variants are those the merge records.
     action_horizon: int | None = None
     # Without openpi: Pi0Config.dtype, which decides which params PI0Pytorch rounds to bfloat16.
@@ -53,32 +49,24 @@ class Args:
         options.validate(
             self,
             {
+                **options.SUBCOMMAND_CHECKS,
                 "src": options.ANY,
                 "format": options.one_of(("pytorch",)),
                 "precision": options.one_of(pytorch_export.Precision),
                 "output": options.ANY,
-                **options.LORA_SOURCE_CHECKS,
                 "action_horizon": options.optional(options.positive_int),
                 "model_dtype": options.one_of(pytorch_export.Precision),
-                "overwrite": options.ANY,
                 "allow_nonstandard_dims": options.ANY,
-                "progress": options.ANY,
             },
         )
-        if self.config and self.action_horizon is not None:
+        if self.lora_source.config and self.action_horizon is not None:
             raise ConfigError("--config and --action-horizon are alternatives: give one")
-        self.lora_source()
-
-    def lora_source(self) -> checkpoint_merge.LoRASource | None:
-        source = checkpoint_merge.LoRASource(
-            config=self.config, lora_config=self.lora_config, alpha=self.alpha, rslora=self.rslora
-        )
-        return source if source.given else None
 
 
 def run(args: Args) -> int:
     """Exports; prints where, and the manifest's verification line."""
-    model = pytorch_export.model_info_from_openpi(args.config) if args.config else None
+    config = args.lora_source.config
+    model = pytorch_export.model_info_from_openpi(config) if config else None
     bar = None
 
     def progress(stage: str, n: int, total: int) -> None:
@@ -99,7 +87,7 @@ def run(args: Args) -> int:
             model=model,
             action_horizon=args.action_horizon,
             model_dtype=args.model_dtype,
-            lora=args.lora_source(),
+            lora=args.lora_source if args.lora_source.given else None,
             overwrite=args.overwrite,
             allow_nonstandard_dims=args.allow_nonstandard_dims,
             progress=progress,

@@ -26,14 +26,10 @@ class Args:
 
     # An openpi LoRA step directory (holds params/) or a merged checkpoint (holds manifest.json).
     path: tyro.conf.Positional[pathlib.Path]
-    # LoRA step only: registered openpi TrainConfig the checkpoint was trained with (needs openpi installed).
-    config: str | None = None
-    # LoRA step only: JSON file with the LoRA config of each expert (see configs/).
-    lora_config: pathlib.Path | None = None
-    # LoRA step only: one LoRA alpha for every adapter (ranks are read from the checkpoint).
-    alpha: float | None = None
-    # LoRA step only, with --alpha: the adapters were trained with rsLoRA (scale alpha/sqrt(rank)).
-    rslora: bool = False
+    # LoRA step only: where its LoRA config comes from (--config, --lora-config or --alpha [--rslora]).
+    lora_source: tyro.conf.OmitArgPrefixes[checkpoint_merge.LoRASource] = dataclasses.field(
+        default_factory=checkpoint_merge.LoRASource
+    )
     # Also draw heat maps of ||dW||/||W|| and of the bf16-surviving fraction per (layer, weight) to this file.
     plot: pathlib.Path | None = None
     # Print the numbers as JSON instead of the table.
@@ -47,25 +43,16 @@ class Args:
         options.validate(
             self,
             {
+                **options.SUBCOMMAND_CHECKS,
                 "path": options.ANY,
-                **options.LORA_SOURCE_CHECKS,
                 "plot": options.optional(inspect_plot.plot_suffix),
-                "json": options.ANY,
                 "checksums": options.ANY,
-                "progress": options.ANY,
             },
         )
-        self.lora_source()
-
-    def lora_source(self) -> checkpoint_merge.LoRASource | None:
-        source = checkpoint_merge.LoRASource(
-            config=self.config, lora_config=self.lora_config, alpha=self.alpha, rslora=self.rslora
-        )
-        return source if source.given else None
 
 
 def inspect(args: Args) -> inspection.Inspection:
-    lora = args.lora_source()
+    lora = args.lora_source if args.lora_source.given else None
     with progress_bar.slice_bar("inspecting", enabled=args.progress) as bar:
         return inspection.inspect_checkpoint(
             args.path, lora=lora, checksums=args.checksums, progress=bar.progress, on_plan=bar.on_plan

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Literal
 
 import tyro
 
@@ -22,27 +21,15 @@ class Args:
 
     # openpi step directory, as written by scripts/train.py: <checkpoint_dir>/<step>/ (holds params/, assets/).
     step_dir: tyro.conf.Positional[pathlib.Path]
-    # Registered openpi TrainConfig the checkpoint was trained with (needs openpi installed).
-    config: str | None = None
-    # JSON file with the LoRA config of each expert (see configs/), when openpi is not installed.
-    lora_config: pathlib.Path | None = None
-    # One LoRA alpha for every adapter (ranks are read from the checkpoint).
-    alpha: float | None = None
-    # With --alpha: the adapters were trained with rsLoRA (scale alpha/sqrt(rank)).
-    rslora: bool = False
+    # Where the LoRA config comes from (openpi records no alpha): --config, --lora-config or --alpha [--rslora].
+    lora_source: tyro.conf.OmitArgPrefixes[checkpoint_merge.LoRASource] = dataclasses.field(
+        default_factory=checkpoint_merge.LoRASource
+    )
     # Where to write the merged checkpoint (default: STEP_DIR/merged).
     output: pathlib.Path | None = None
-    # dtype of merged weights; other leaves always keep theirs.
-    output_dtype: Literal["float32", "bfloat16", "preserve"] = "float32"
-    # Multiplier on the LoRA term (1.0 reproduces the trained model).
-    strength: float = 1.0
-    # Check every merged layer against openpi's LoRA forward.
-    verify: bool = True
-    # Largest allowed relative error of the verification.
-    tolerance: float = 1e-4
-    # Merge even if adapters or merged weights contain NaN/Inf.
-    allow_nonfinite: bool = False
-    # Replace an existing output.
+    # How to merge: --output-dtype, --strength, --no-verify, --tolerance, --allow-nonfinite, --seed.
+    merge: tyro.conf.OmitArgPrefixes[options.MergeOptions] = dataclasses.field(default_factory=options.MergeOptions)
+    # Replace an earlier output of this tool (or an empty directory; nothing else).
     overwrite: bool = False
     # Print the manifest as JSON instead of the table.
     json: bool = False
@@ -50,33 +37,7 @@ class Args:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        options.validate(
-            self,
-            {
-                "step_dir": options.ANY,
-                **options.LORA_SOURCE_CHECKS,
-                "output": options.ANY,
-                **{k: v for k, v in options.MERGE_OPTION_CHECKS.items() if k != "seed"},
-                "overwrite": options.ANY,
-                "json": options.ANY,
-                "progress": options.ANY,
-            },
-        )
-        self.lora_source(), self.merge_options()  # their own cross-field checks
-
-    def lora_source(self) -> checkpoint_merge.LoRASource:
-        return checkpoint_merge.LoRASource(
-            config=self.config, lora_config=self.lora_config, alpha=self.alpha, rslora=self.rslora
-        )
-
-    def merge_options(self) -> options.MergeOptions:
-        return options.MergeOptions(
-            output_dtype=self.output_dtype,
-            strength=self.strength,
-            verify=self.verify,
-            tolerance=self.tolerance,
-            allow_nonfinite=self.allow_nonfinite,
-        )
+        options.validate(self, {**options.SUBCOMMAND_CHECKS, "step_dir": options.ANY, "output": options.ANY})
 
 
 def merge(args: Args) -> checkpoint_merge.CheckpointMergeResult:
@@ -84,8 +45,8 @@ def merge(args: Args) -> checkpoint_merge.CheckpointMergeResult:
         return checkpoint_merge.merge_checkpoint(
             args.step_dir,
             output=args.output,
-            lora=args.lora_source(),
-            options=args.merge_options(),
+            lora=args.lora_source,
+            options=args.merge,
             overwrite=args.overwrite,
             progress=bar.progress,
             on_plan=bar.on_plan,

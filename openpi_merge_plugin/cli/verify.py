@@ -28,14 +28,10 @@ class Args:
     lora_step: pathlib.Path | None = None
     # Re-run the layer equivalence check against the LoRA step (--no-lora: files and structure only).
     lora: bool = True
-    # Registered openpi TrainConfig (needs openpi installed); default: the LoRA config the manifest records.
-    config: str | None = None
-    # JSON file with the LoRA config of each expert; default: the LoRA config the manifest records.
-    lora_config: pathlib.Path | None = None
-    # One LoRA alpha for every adapter; default: the LoRA config the manifest records.
-    alpha: float | None = None
-    # With --alpha: the adapters were trained with rsLoRA (scale alpha/sqrt(rank)).
-    rslora: bool = False
+    # The LoRA config to check against (--config, --lora-config or --alpha [--rslora]); default: the manifest's.
+    lora_source: tyro.conf.OmitArgPrefixes[checkpoint_merge.LoRASource] = dataclasses.field(
+        default_factory=checkpoint_merge.LoRASource
+    )
     # Largest allowed relative error per layer (default: the manifest's); bfloat16 weights get their rounding on top.
     tolerance: float | None = None
     # Print the result as JSON instead of the table.
@@ -47,27 +43,17 @@ class Args:
         options.validate(
             self,
             {
+                **options.SUBCOMMAND_CHECKS,
                 "merged_dir": options.ANY,
                 "lora_step": options.ANY,
                 "lora": options.ANY,
-                **options.LORA_SOURCE_CHECKS,
                 "tolerance": options.optional(options.MERGE_OPTION_CHECKS["tolerance"]),
-                "json": options.ANY,
-                "progress": options.ANY,
             },
         )
-        self.lora_source()
-
-    def lora_source(self) -> checkpoint_merge.LoRASource | None:
-        """The LoRA config to check against, if given (else the manifest's)."""
-        source = checkpoint_merge.LoRASource(
-            config=self.config, lora_config=self.lora_config, alpha=self.alpha, rslora=self.rslora
-        )
-        return source if source.given else None
 
 
 def verify(args: Args) -> integrity.VerifyResult:
-    lora = args.lora_source()
+    lora = args.lora_source if args.lora_source.given else None
     bars: dict[str, object] = {}
 
     def progress(stage: str, n: int, total: int) -> None:

@@ -184,18 +184,14 @@ def _merge(directory: pathlib.Path, request: MergeRequest) -> dict[str, Any]:
     """The live params through the one pipeline (`plan_merge`, `write_merge`), as the offline merge does."""
     from openpi_merge_plugin.checkpoint import sources
     from openpi_merge_plugin.lora import openpi_configs
-    from openpi_merge_plugin.options import MergeOptions
     from openpi_merge_plugin.pipeline import checkpoint_merge
 
     config, opts = request.config, request.config.merge_lora
-    options = MergeOptions(
-        output_dtype=opts.output_dtype, strength=opts.strength, verify=opts.verify, tolerance=opts.tolerance
-    )
     params = request.params.to_pure_dict() if hasattr(request.params, "to_pure_dict") else request.params
     plan = checkpoint_merge.plan_merge(
         sources.InMemorySource(params),
         openpi_configs.lora_from_model(config.model, config_name=config.name),
-        options,
+        opts.merge_options(),
         source_info={
             "step_dir": str(request.step_dir),
             "step": request.step,

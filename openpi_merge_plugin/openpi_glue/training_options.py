@@ -44,6 +44,12 @@ class MergeOnSaveOptions:
         except _options.OptionError as e:
             raise _options.OptionError(f"merge_lora.{e.option}", e.problem) from None
 
+    def merge_options(self) -> _options.MergeOptions:
+        """The merge options these stand for (the same fields, checked by the same rules)."""
+        return _options.MergeOptions(
+            output_dtype=self.output_dtype, strength=self.strength, verify=self.verify, tolerance=self.tolerance
+        )
+
     def _validate(self) -> None:
         _options.validate(
             self,
