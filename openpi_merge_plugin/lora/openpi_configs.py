@@ -56,14 +56,18 @@ def lora_from_model(model: Any, *, config_name: str | None = None) -> ResolvedLo
     )
 
 
-def lora_from_train_config(name: str) -> ResolvedLoRA:
-    """`--config NAME`: resolves a registered openpi TrainConfig."""
+def train_config(name: str, *, without: str = "") -> Any:
+    """The registered openpi TrainConfig `name`; a ConfigError if openpi is missing (`without`: what to do then)."""
     try:
         import openpi.training.config as _config
     except ImportError as e:
-        raise ConfigError(f"--config {name} needs openpi importable in this environment ({e})") from e
+        raise ConfigError(f"--config {name} needs openpi importable in this environment ({e}){without}") from e
     try:
-        train_config = _config.get_config(name)
+        return _config.get_config(name)
     except ValueError as e:
         raise ConfigError(f"--config {name}: {e}") from e
-    return lora_from_model(train_config.model, config_name=name)
+
+
+def lora_from_train_config(name: str) -> ResolvedLoRA:
+    """`--config NAME`: resolves a registered openpi TrainConfig."""
+    return lora_from_model(train_config(name).model, config_name=name)

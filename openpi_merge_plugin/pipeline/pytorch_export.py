@@ -28,6 +28,7 @@ from openpi_merge_plugin.checkpoint import safetensors_stream
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.errors import CheckpointError
 from openpi_merge_plugin.errors import ConfigError
+from openpi_merge_plugin.lora import openpi_configs
 from openpi_merge_plugin.options import MergeOptions
 from openpi_merge_plugin.pipeline import checkpoint_merge
 
@@ -79,8 +80,9 @@ def dims_from_params(tree: dict[str, Any], suffix: str) -> layout.GemmaDims:
 
 
 def model_info_from_model(model: Any, *, config_name: str | None = None) -> ModelInfo:
-    """The export's model info from an openpi model config (pi0 / pi0.5)."""
-    if not hasattr(model, "action_expert_variant"):
+    """The export's model info from an openpi model config (pi0 / pi0.5: two gemma experts)."""
+    fields, _ = openpi_configs.model_variants(model)
+    if len(fields) != 2:
         raise ConfigError(
             f"{config_name or 'the config'} is {type(model).__name__}: only pi0 and pi0.5 have a PyTorch model upstream"
         )
@@ -96,15 +98,8 @@ def model_info_from_model(model: Any, *, config_name: str | None = None) -> Mode
 
 def model_info_from_openpi(config_name: str) -> ModelInfo:
     """The export's model info from a registered openpi TrainConfig (its serving twin's variants are LoRA-free)."""
-    try:
-        import openpi.training.config as _config
-    except ImportError as e:
-        raise ConfigError(f"--config {config_name} needs openpi importable here ({e}); or pass --action-horizon") from e
-    try:
-        model = _config.get_config(config_name).model
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    return model_info_from_model(model, config_name=config_name)
+    config = openpi_configs.train_config(config_name, without="; or pass --action-horizon")
+    return model_info_from_model(config.model, config_name=config_name)
 
 
 def export_pytorch(
