@@ -24,6 +24,7 @@ from openpi_merge_plugin.lora import adapters as _adapters
 from openpi_merge_plugin.lora.configs import ResolvedLoRA
 from openpi_merge_plugin.merge import delta_stats
 from openpi_merge_plugin.merge import engine
+from openpi_merge_plugin.merge.report import AdaptedWeight
 from openpi_merge_plugin.merge.report import WeightReport
 from openpi_merge_plugin.pipeline import checkpoint_merge
 from openpi_merge_plugin.serving.names import ServingConfig
@@ -34,19 +35,10 @@ logger = logging.getLogger("openpi_merge_plugin")
 _MANIFEST_OWN_KEYS = ("weights", "files")
 
 
-@dataclasses.dataclass(frozen=True)
-class WeightStats:
+@dataclasses.dataclass
+class WeightStats(AdaptedWeight):
     """One adapted weight: its LoRA config, and per layer ||dW|| / ||W|| and the fraction of ||dW|| bf16 keeps."""
 
-    path: str
-    module: str
-    expert: int
-    kind: str  # "attn" or "ffn"
-    rank: int
-    alpha: float
-    rslora: bool
-    scale: float  # what openpi multiplies the LoRA term by (attn: alpha/rank or alpha/sqrt(rank); ffn: 1)
-    strength: float  # extra multiplier a merge applied (1.0 for a LoRA step)
     delta_rel_norm: tuple[float, ...]
     bf16_survival: tuple[float, ...]
 
@@ -58,15 +50,7 @@ class WeightStats:
     @classmethod
     def from_report(cls, w: WeightReport) -> WeightStats:
         return cls(
-            path=w.path,
-            module=w.module,
-            expert=w.expert,
-            kind=w.kind,
-            rank=w.rank,
-            alpha=w.alpha,
-            rslora=w.rslora,
-            scale=w.scale,
-            strength=w.strength,
+            **w.adapted_weight_fields(),
             delta_rel_norm=tuple(w.delta_rel_norm),
             bf16_survival=tuple(w.bf16_survival),
         )
@@ -74,15 +58,7 @@ class WeightStats:
     @classmethod
     def from_manifest(cls, w: dict[str, Any]) -> WeightStats:
         return cls(
-            path=w["path"],
-            module=w["module"],
-            expert=int(w["expert"]),
-            kind=w["kind"],
-            rank=int(w["rank"]),
-            alpha=float(w["alpha"]),
-            rslora=bool(w["rslora"]),
-            scale=float(w["scale"]),
-            strength=float(w.get("strength", 1.0)),
+            **AdaptedWeight.fields_from_json(w),
             delta_rel_norm=tuple(map(float, w["delta_rel_norm"])),
             bf16_survival=tuple(map(float, w["bf16_survival"])),
         )

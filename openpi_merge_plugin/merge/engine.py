@@ -213,19 +213,8 @@ def _merge_pieces(
     w = source.sliced(adapter.base_path)  # the base is read a layer slice at a time where the source can
     del arrays
     base_dtype = np.dtype(w.dtype).name
-    weight_report = WeightReport(
-        path=adapter.base_path,
-        module=adapter.module,
-        expert=adapter.expert,
-        kind=adapter.kind,
-        rank=adapter.rank,
-        alpha=adapter.spec.alpha,
-        rslora=adapter.spec.rslora,
-        scale=adapter.scale,
-        strength=options.strength,
-        shape=tuple(w.shape),
-        input_dtype=base_dtype,
-        output_dtype=out_dtype.name,
+    weight_report = WeightReport.of(
+        adapter, options.strength, shape=tuple(w.shape), input_dtype=base_dtype, output_dtype=out_dtype.name
     )
     layer_eqns = eq.to_letters(adapter.delta.layer_equation, *adapter.delta.lora_equations)
     factor = jnp.float32(adapter.scale * options.strength)

@@ -8,16 +8,61 @@ from typing import Any
 
 
 @dataclasses.dataclass
-class WeightReport:
+class AdaptedWeight:
+    """One adapted weight: its adapter, the LoRA config that trained it, and the multiplier a merge applies.
+
+    The one record of it; what a merge (`WeightReport`) or an inspection (`WeightStats`) measures extends it.
+    """
+
     path: str
     module: str
     expert: int
-    kind: str
+    kind: str  # "attn" or "ffn"
     rank: int
     alpha: float
     rslora: bool
     scale: float  # what openpi multiplies the LoRA term by (attn: alpha/rank or alpha/sqrt(rank); ffn: 1)
-    strength: float
+    strength: float  # extra multiplier a merge applied (1.0 reproduces training)
+
+    @classmethod
+    def of(cls, adapter: Any, strength: float = 1.0, **measured: Any) -> Any:
+        """This record (or a subclass's, with its `measured` fields) of an `adapters.Adapter`."""
+        return cls(
+            path=adapter.base_path,
+            module=adapter.module,
+            expert=adapter.expert,
+            kind=adapter.kind,
+            rank=adapter.rank,
+            alpha=adapter.spec.alpha,
+            rslora=adapter.spec.rslora,
+            scale=adapter.scale,
+            strength=strength,
+            **measured,
+        )
+
+    @classmethod
+    def fields_from_json(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """This record's fields read back from a manifest's weight entry."""
+        return {
+            "path": data["path"],
+            "module": data["module"],
+            "expert": int(data["expert"]),
+            "kind": data["kind"],
+            "rank": int(data["rank"]),
+            "alpha": float(data["alpha"]),
+            "rslora": bool(data["rslora"]),
+            "scale": float(data["scale"]),
+            "strength": float(data.get("strength", 1.0)),
+        }
+
+    def adapted_weight_fields(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(AdaptedWeight)}
+
+
+@dataclasses.dataclass
+class WeightReport(AdaptedWeight):
+    """What a merge did to one adapted weight."""
+
     shape: tuple[int, ...]
     input_dtype: str
     output_dtype: str
