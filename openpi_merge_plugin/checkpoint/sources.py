@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 import logging
 import pathlib
 import re
@@ -206,3 +206,26 @@ def flatten_keys(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[
         else:
             out[(*prefix, key)] = value
     return out
+
+
+class AdapterArrays:
+    """The three arrays of one adapter, ready to be walked a layer slice at a time: the merge and the verification
+    read them the same way (the base weight a slice at a time where the source can, the small adapters whole)."""
+
+    def __init__(self, source: ParamSource, adapter: Any):
+        arrays = source.read([adapter.a_path, adapter.b_path])
+        self.a, self.b = arrays[adapter.a_path], arrays[adapter.b_path]
+        self.w = source.sliced(adapter.base_path)
+        self.lead_shape: tuple[int, ...] = tuple(adapter.lead_shape)
+
+    def slices(self) -> Iterator[tuple[int, tuple[int, ...], Any, Any, Any]]:
+        """(flat index, index on the leading axes, w, a, b) of each layer slice, in order."""
+        n_lead = len(self.lead_shape)
+        for flat_index, index in enumerate(np.ndindex(*self.lead_shape)):
+            yield flat_index, index, *(_slice(x, index, n_lead) for x in (self.w, self.a, self.b))
+
+
+def _slice(x: Any, index: tuple[int, ...], n_lead: int) -> Any:
+    if n_lead or isinstance(x, SlicedArray):  # a SlicedArray reads [()] whole
+        return x[index]
+    return x

@@ -15,7 +15,6 @@ import json
 import logging
 import pathlib
 from typing import Any, Literal
-import zlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -335,9 +334,8 @@ def _check_weight(
 ) -> WeightCheck:
     """Checks one merged weight, slice by slice, reading its base and merged copy a layer slice at a time."""
     path = adapter.base_path
-    arrays = source.read([adapter.a_path, adapter.b_path])
-    a, b = arrays[adapter.a_path], arrays[adapter.b_path]
-    w = source.sliced(path)  # base and merged weight are read a layer slice at a time
+    arrays = sources.AdapterArrays(source, adapter)  # as the merge reads them; the merged weight a slice at a time
+    w = arrays.w
     check = WeightCheck(path=path, dtype=merged.tree[path].dtype)
     try:
         stored = merged.sliced(path)
@@ -348,24 +346,23 @@ def _check_weight(
         check.problem = f"merged weight {path} is {list(stored.shape)} but its LoRA base weight {list(w.shape)}"
         return check
     layer_eqns = eq.to_letters(adapter.delta.layer_equation, *adapter.delta.lora_equations)
-    # Fresh probes, independent of the merge's own (drawn by jax on device); reproducible per (seed, path, layer).
-    path_hash = zlib.crc32(path.encode())
+    # The merge's seed recipe, but drawn by numpy on the host: fresh probes, independent of the merge's own.
     n_lead = len(adapter.lead_shape)
     failed: list[tuple[Any, float, float, bool]] = []
-    for flat_index, index in enumerate(np.ndindex(*adapter.lead_shape)):
+    for flat_index, index, w_slice, a_slice, b_slice in arrays.slices():
         try:
             stored_slice = stored[index]
         except CheckpointError as e:
             check.problem = f"cannot read merged weight {path}: {e}"
             return check
-        w_slice = w[index]
+        rng = np.random.default_rng(slice_ops.probe_seed(seed, path, flat_index))
         stats = slice_ops.check_slice(
             stored_slice,
             w_slice,
-            a[index],
-            b[index],
+            a_slice,
+            b_slice,
             jnp.float32(factor),
-            slice_ops.host_probe(np.random.default_rng([seed, path_hash, flat_index]), layer_eqns[0], w_slice.shape),
+            slice_ops.host_probe(rng, layer_eqns[0], w_slice.shape),
             delta_eqn=adapter.delta.equation,
             layer_eqns=layer_eqns,
         )

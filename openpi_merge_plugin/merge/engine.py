@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import time
 from typing import Any
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +28,7 @@ from openpi_merge_plugin.lora import adapters as _adapters
 from openpi_merge_plugin.lora import equations as eq
 from openpi_merge_plugin.lora.configs import ResolvedLoRA
 from openpi_merge_plugin.merge import slice_chunks
+from openpi_merge_plugin.merge import slice_ops
 from openpi_merge_plugin.merge.report import MergeReport
 from openpi_merge_plugin.merge.report import WeightReport
 from openpi_merge_plugin.options import MergeOptions
@@ -208,25 +208,24 @@ def _merge_pieces(
 ) -> Iterator[tuple[orbax_stream.Index, np.ndarray]]:
     busy = 0.0  # time spent here, not in the consumer between pieces
     start = time.perf_counter()
-    arrays = source.read([adapter.a_path, adapter.b_path])
-    a, b = arrays[adapter.a_path], arrays[adapter.b_path]
-    w = source.sliced(adapter.base_path)  # the base is read a layer slice at a time where the source can
-    del arrays
-    base_dtype = np.dtype(w.dtype).name
+    arrays = _sources.AdapterArrays(source, adapter)
     weight_report = WeightReport.of(
-        adapter, options.strength, shape=tuple(w.shape), input_dtype=base_dtype, output_dtype=out_dtype.name
+        adapter,
+        options.strength,
+        shape=tuple(arrays.w.shape),
+        input_dtype=np.dtype(arrays.w.dtype).name,
+        output_dtype=out_dtype.name,
     )
     layer_eqns = eq.to_letters(adapter.delta.layer_equation, *adapter.delta.lora_equations)
     factor = jnp.float32(adapter.scale * options.strength)
-    base_key = jax.random.fold_in(jax.random.key(options.seed), _stable_hash(adapter.base_path))
     n_lead = len(adapter.lead_shape)
-    for flat_index, index in enumerate(np.ndindex(*adapter.lead_shape)):
+    for flat_index, index, w, a, b in arrays.slices():
         run = slice_chunks.SliceMerge(
-            _slice(w, index, n_lead),
-            _slice(a, index, n_lead),
-            _slice(b, index, n_lead),
+            w,
+            a,
+            b,
             factor,
-            jax.random.fold_in(base_key, flat_index),
+            slice_ops.probe_key(options.seed, adapter.base_path, flat_index),
             delta_eqn=adapter.delta.equation,
             layer_eqns=layer_eqns,
             out_dtype=out_dtype,
@@ -266,15 +265,5 @@ def _merge_pieces(
     logger.debug("merged %s in %.3fs", adapter.base_path, weight_report.seconds)
 
 
-def _slice(x: Any, index: tuple[int, ...], n_lead: int) -> Any:
-    if n_lead or isinstance(x, _sources.SlicedArray):  # a SlicedArray reads [()] whole
-        return x[index]
-    return x
-
-
 def _nbytes(sd: _adapters.ShapeDtype) -> int:
     return int(np.prod(sd.shape, dtype=np.int64)) * np.dtype(sd.dtype).itemsize
-
-
-def _stable_hash(text: str) -> int:
-    return zlib.crc32(text.encode()) % (2**31)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import string
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +103,17 @@ def _lora_forward(
     """openpi's LoRA forward of x: base einsum + scaled two-step LoRA einsum, all float32."""
     eqn, eqn_a, eqn_b = layer_eqns
     return _layer_einsum(eqn, x, w32) + _einsum(eqn_b, _einsum(eqn_a, x, a32), b32) * factor
+
+
+def probe_seed(seed: int, path: str, flat_index: int) -> tuple[int, int, int]:
+    """The one recipe for the probes of a weight's layer slice: reproducible per (seed, weight path, slice)."""
+    return seed, zlib.crc32(path.encode()) % (2**31), flat_index
+
+
+def probe_key(seed: int, path: str, flat_index: int) -> jax.Array:
+    """The merge's probe key (drawn on device) for `probe_seed`."""
+    seed, path_hash, flat_index = probe_seed(seed, path, flat_index)
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), path_hash), flat_index)
 
 
 def host_probe(rng: np.random.Generator, layer_eqn: str, w_shape: tuple[int, ...]) -> np.ndarray:
