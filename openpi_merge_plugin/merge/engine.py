@@ -52,10 +52,13 @@ class MergedWeight:
     sharding: jax.sharding.Sharding | None
     # Width of the column pieces along the last axis each slice is merged in (`slice_chunks`), or None: whole slices.
     columns: int | None
-    # Called with None, or with the whole output array to merge each piece into in place (`materialize`).
-    _pieces: Callable[[np.ndarray | None], Iterator[tuple[orbax_stream.Index, np.ndarray]]] = dataclasses.field(
-        repr=False
-    )
+    # What it is merged from, how, and where the merge's record and progress go.
+    _source: _sources.ParamSource = dataclasses.field(repr=False)
+    _adapter: _adapters.Adapter = dataclasses.field(repr=False)
+    _options: MergeOptions = dataclasses.field(repr=False)
+    _report: MergeReport = dataclasses.field(repr=False)
+    _progress: ProgressFn | None = dataclasses.field(repr=False)
+    _bounds: list[tuple[int, int]] | None = dataclasses.field(repr=False)  # the column pieces, or None
 
     @property
     def slice_shape(self) -> tuple[int, ...]:
@@ -72,6 +75,74 @@ class MergedWeight:
         for _ in self._pieces(out):  # each piece lands in `out` itself
             pass
         return out if self.sharding is None else jax.device_put(out, self.sharding)
+
+    def _pieces(self, into: np.ndarray | None) -> Iterator[tuple[orbax_stream.Index, np.ndarray]]:
+        """The merge, slice by slice: `merge_weight` in the slice kernel, each slice's checks, its record.
+
+        `into`: None, or the whole output array each piece is also written into (`materialize`).
+        """
+        adapter, options = self._adapter, self._options
+        busy = 0.0  # time spent here, not in the consumer between pieces
+        start = time.perf_counter()
+        arrays = _sources.AdapterArrays(self._source, adapter)
+        record = WeightReport.of(
+            adapter,
+            options.strength,
+            shape=tuple(arrays.w.shape),
+            input_dtype=np.dtype(arrays.w.dtype).name,
+            output_dtype=self.dtype.name,
+        )
+        layer_eqns = eq.to_letters(adapter.delta.layer_equation, *adapter.delta.lora_equations)
+        factor = jnp.float32(adapter.scale * options.strength)
+        for flat_index, index, w, a, b in arrays.slices():
+            run = slice_chunks.SliceMerge(
+                w,
+                a,
+                b,
+                factor,
+                slice_ops.probe_key(options.seed, adapter.base_path, flat_index),
+                delta_eqn=adapter.delta.equation,
+                layer_eqns=layer_eqns,
+                out_dtype=self.dtype,
+                verify=options.verify,
+                bounds=self._bounds,
+            )
+            for columns, piece in run:
+                at = index if columns is None else (*index, columns)
+                if into is not None:
+                    into[orbax_stream.region(at)] = piece
+                busy += time.perf_counter() - start
+                yield at, piece
+                start = time.perf_counter()
+                del piece
+            # A slice's checks need all its pieces, so they run after its pieces went out: a consumer that stores
+            # them (a staging directory, `materialize`'s array) discards its work when this raises.
+            _check_slice(run.stats, adapter, index, options)
+            record.add_slice(run.stats)
+            if self._progress is not None:
+                self._progress(adapter.base_path, 1)
+        record.seconds = busy + time.perf_counter() - start
+        self._report.weights.append(record)
+        self._report.timings["merge"] = self._report.timings.get("merge", 0.0) + record.seconds
+        logger.debug("merged %s in %.3fs", adapter.base_path, record.seconds)
+
+
+def _check_slice(stats: dict[str, Any], adapter: _adapters.Adapter, index: tuple[int, ...], options: MergeOptions):
+    """Refuses a slice with NaN/Inf (unless allowed) or one that does not reproduce the LoRA forward."""
+    n_lead = len(index)
+    where = f"{adapter.base_path}" + (f" (layer {index[0] if n_lead == 1 else index})" if n_lead else "")
+    if not options.allow_nonfinite:
+        if not stats["adapters_finite"]:
+            raise NonFiniteError(
+                f"non-finite values (NaN/Inf) in adapter {adapter.a_path} / {adapter.b_path} at {where}"
+            )
+        if not stats["merged_finite"]:
+            raise NonFiniteError(f"merged weight {where} has non-finite values (NaN/Inf)")
+    if options.verify and not stats["rel_err"] <= options.tolerance:
+        raise VerificationError(
+            f"merged weight {where} does not reproduce the LoRA forward: max relative error "
+            f"{stats['rel_err']:.3e} > tolerance {options.tolerance:.1e}"
+        )
 
 
 def materialize(leaf: Any) -> Any:
@@ -192,77 +263,13 @@ def merged_weight(
         lead_ndim=lead_ndim,
         sharding=sharding,
         columns=None if bounds is None else bounds[0][1],
-        _pieces=lambda into: _merge_pieces(source, adapter, out_dtype, options, report, progress, bounds, into),
+        _source=source,
+        _adapter=adapter,
+        _options=options,
+        _report=report,
+        _progress=progress,
+        _bounds=bounds,
     )
-
-
-def _merge_pieces(
-    source: _sources.ParamSource,
-    adapter: _adapters.Adapter,
-    out_dtype: np.dtype,
-    options: MergeOptions,
-    report: MergeReport,
-    progress: ProgressFn | None,
-    bounds: list[tuple[int, int]] | None,
-    into: np.ndarray | None,
-) -> Iterator[tuple[orbax_stream.Index, np.ndarray]]:
-    busy = 0.0  # time spent here, not in the consumer between pieces
-    start = time.perf_counter()
-    arrays = _sources.AdapterArrays(source, adapter)
-    weight_report = WeightReport.of(
-        adapter,
-        options.strength,
-        shape=tuple(arrays.w.shape),
-        input_dtype=np.dtype(arrays.w.dtype).name,
-        output_dtype=out_dtype.name,
-    )
-    layer_eqns = eq.to_letters(adapter.delta.layer_equation, *adapter.delta.lora_equations)
-    factor = jnp.float32(adapter.scale * options.strength)
-    n_lead = len(adapter.lead_shape)
-    for flat_index, index, w, a, b in arrays.slices():
-        run = slice_chunks.SliceMerge(
-            w,
-            a,
-            b,
-            factor,
-            slice_ops.probe_key(options.seed, adapter.base_path, flat_index),
-            delta_eqn=adapter.delta.equation,
-            layer_eqns=layer_eqns,
-            out_dtype=out_dtype,
-            verify=options.verify,
-            bounds=bounds,
-        )
-        for columns, piece in run:
-            at = index if columns is None else (*index, columns)
-            if into is not None:
-                into[orbax_stream.region(at)] = piece
-            busy += time.perf_counter() - start
-            yield at, piece
-            start = time.perf_counter()
-            del piece
-        # A slice's checks need all its pieces, so they run after its pieces went out: a consumer that stores them
-        # (a staging directory, `materialize`'s array) discards its work when this raises.
-        stats = run.stats
-        where = f"{adapter.base_path}" + (f" (layer {index[0] if n_lead == 1 else index})" if n_lead else "")
-        if not options.allow_nonfinite:
-            if not stats["adapters_finite"]:
-                raise NonFiniteError(
-                    f"non-finite values (NaN/Inf) in adapter {adapter.a_path} / {adapter.b_path} at {where}"
-                )
-            if not stats["merged_finite"]:
-                raise NonFiniteError(f"merged weight {where} has non-finite values (NaN/Inf)")
-        weight_report.add_slice(stats)
-        if options.verify and not stats["rel_err"] <= options.tolerance:
-            raise VerificationError(
-                f"merged weight {where} does not reproduce the LoRA forward: max relative error "
-                f"{stats['rel_err']:.3e} > tolerance {options.tolerance:.1e}"
-            )
-        if progress is not None:
-            progress(adapter.base_path, 1)
-    weight_report.seconds = busy + time.perf_counter() - start
-    report.weights.append(weight_report)
-    report.timings["merge"] = report.timings.get("merge", 0.0) + weight_report.seconds
-    logger.debug("merged %s in %.3fs", adapter.base_path, weight_report.seconds)
 
 
 def _nbytes(sd: _adapters.ShapeDtype) -> int:
