@@ -3,11 +3,11 @@
 The real thing is covered, with upstream openpi, by tests/test_openpi_train.py.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
 
+from helpers import run_python
 import pytest
 
 from openpi_merge_plugin import bootstrap
@@ -46,10 +46,7 @@ def fake_openpi(tmp_path):
 
 
 def _python(code: str, root, **env) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **env}
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, check=False
-    )
+    return run_python(textwrap.dedent(code), pythonpath=root, **env)
 
 
 def _hook_installed() -> bool:

@@ -11,6 +11,7 @@ import sys
 from helpers import FIXTURE_LORA_CONFIG
 from helpers import FIXTURE_STEP
 from helpers import REPO
+from helpers import merge_argv
 from helpers import tree_digest
 from helpers import write_step
 import numpy as np
@@ -197,7 +198,7 @@ def test_nonfinite_adapter(bad_step, capsys, bad):
     )
     _assert_nothing_written(step.parent, before)
     # Forcing it through is possible and says so in the manifest.
-    assert cli.main([str(step), "--lora-config", str(FIXTURE_LORA_CONFIG), "--allow-nonfinite", "--no-verify"]) == 0
+    assert cli.main([*merge_argv(step), "--allow-nonfinite", "--no-verify"]) == 0
     assert json.loads((step / "merged" / "manifest.json").read_text())["options"]["allow_nonfinite"] is True
 
 
@@ -372,7 +373,7 @@ def test_two_merges_racing_on_the_same_output(step_dir, merge_env, tmp_path):
 
 def test_a_merge_that_commits_while_an_overwriting_merge_replaces_the_output(step_dir, monkeypatch, capsys):
     out = step_dir / "merged"
-    assert cli.main([str(step_dir), "--lora-config", str(FIXTURE_LORA_CONFIG), "--no-progress"]) == 0
+    assert cli.main([*merge_argv(step_dir), "--no-progress"]) == 0
     rename = pathlib.Path.rename
 
     def other_merge_commits_meanwhile(self, target):

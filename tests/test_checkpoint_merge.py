@@ -7,6 +7,7 @@ from helpers import FIXTURE
 from helpers import FIXTURE_LORA_CONFIG
 from helpers import FIXTURE_STEP
 from helpers import golden_entries
+from helpers import rel_err
 from helpers import tree_digest
 import jax
 import jax.numpy as jnp
@@ -45,10 +46,6 @@ def _plain_forward(entry: dict, merged: dict[str, np.ndarray], x: np.ndarray) ->
     )
 
 
-def _rel(got, want) -> float:
-    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-
-
 @pytest.fixture(scope="module")
 def merged_fp32(tmp_path_factory):
     step = tmp_path_factory.mktemp("ckpt") / "2"
@@ -67,9 +64,9 @@ def test_merged_weights_reproduce_every_golden_lora_output(merged_fp32):
         x = golden[entry["probe_key"]]
         want, base = golden[entry["output_keys"]["lora"]], golden[entry["output_keys"]["base"]]
         got = _plain_forward(entry, merged_fp32["params"], x)
-        assert _rel(got, want) < 2e-6, entry["key_prefix"]
+        assert rel_err(got, want) < 2e-6, entry["key_prefix"]
         # The adapters move the output by far more than the tolerance, so ignoring or misscaling them fails.
-        assert _rel(base, want) > 1e-2, entry["key_prefix"]
+        assert rel_err(base, want) > 1e-2, entry["key_prefix"]
 
 
 def test_merged_tree_has_exactly_the_non_lora_structure(merged_fp32):
@@ -129,7 +126,7 @@ def test_bfloat16_output_rounds_the_delta_and_says_how_much_survives(step_dir, f
     merged = src.read(src.tree)
     golden = np.load(FIXTURE / "golden_layers.npz")
     errs = [
-        _rel(_plain_forward(e, merged, golden[e["probe_key"]]), golden[e["output_keys"]["lora"]])
+        rel_err(_plain_forward(e, merged, golden[e["probe_key"]]), golden[e["output_keys"]["lora"]])
         for e in golden_entries()
     ]
     # Rounding merged weights to bf16 (8 mantissa bits) costs ~2^-9 relative per weight, not more.

@@ -2,22 +2,22 @@ import json
 import subprocess
 import sys
 
-from helpers import FIXTURE_LORA_CONFIG
 from helpers import REPO
+from helpers import merge_argv
 
 from openpi_merge_plugin.cli import app as cli
 
 
 def test_cli_merges_prints_a_summary_and_refuses_a_second_run(step_dir, capsys):
-    assert cli.main([str(step_dir), "--lora-config", str(FIXTURE_LORA_CONFIG), "--no-progress"]) == 0
+    assert cli.main([*merge_argv(step_dir), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "verified: every merged layer matches the LoRA forward" in out
     assert "10 weights merged, 20 LoRA leaves removed, 40 leaves passed through unchanged" in out
     assert f"output: {step_dir / 'merged'}" in out
     assert (step_dir / "merged" / "manifest.json").is_file()
-    assert cli.main([str(step_dir), "--lora-config", str(FIXTURE_LORA_CONFIG), "--no-progress"]) == 1
+    assert cli.main([*merge_argv(step_dir), "--no-progress"]) == 1
     first = json.loads((step_dir / "merged" / "manifest.json").read_text())
-    argv = [str(step_dir), "--lora-config", str(FIXTURE_LORA_CONFIG), "--overwrite", "--json", "--no-progress"]
+    argv = [*merge_argv(step_dir), "--overwrite", "--json", "--no-progress"]
     argv += ["--output-dtype", "bfloat16"]
     assert cli.main(argv) == 0
     printed = json.loads(capsys.readouterr().out)

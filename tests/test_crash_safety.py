@@ -14,9 +14,9 @@ import signal
 import subprocess
 import sys
 
-from helpers import FIXTURE_LORA_CONFIG
 from helpers import FIXTURE_STEP
 from helpers import REPO
+from helpers import merge_argv
 from helpers import tree_digest
 import pytest
 
@@ -107,12 +107,12 @@ def killed(merge_env, tmp_path_factory) -> dict[str, tuple]:
     """Runs every selected kill point, two at a time; name -> (step dir, return code, stderr)."""
     reference = tmp_path_factory.mktemp("reference") / "2"
     shutil.copytree(FIXTURE_STEP, reference)
-    assert cli.main([str(reference), "--lora-config", str(FIXTURE_LORA_CONFIG), "--no-progress"]) == 0
+    assert cli.main([*merge_argv(reference), "--no-progress"]) == 0
 
     def run(point: KillPoint):
         step = tmp_path_factory.mktemp(point.name) / "2"
         shutil.copytree(FIXTURE_STEP, step)
-        argv = [str(step), "--lora-config", str(FIXTURE_LORA_CONFIG), "--no-progress"]
+        argv = [*merge_argv(step), "--no-progress"]
         if point.overwrite:
             shutil.copytree(reference / "merged", step / "merged")
             argv.append("--overwrite")
@@ -144,7 +144,7 @@ def test_sigkill_leaves_the_lora_step_intact_and_merged_absent_or_complete(kille
         assert not [p for p in step.iterdir() if p.name == "merged"]
 
     # The user's next move: run the same merge again (--overwrite if a complete merged/ is there).
-    argv = [str(step), "--lora-config", str(FIXTURE_LORA_CONFIG), "--no-progress"]
+    argv = [*merge_argv(step), "--no-progress"]
     assert cli.main(argv + (["--overwrite"] if merged.exists() else [])) == 0, capsys.readouterr().err
     assert integrity.verify_merged(merged).ok
     assert not output.leftovers(merged)

@@ -15,6 +15,7 @@ import typing
 
 from helpers import FIXTURE_LORA_CONFIG
 from helpers import FIXTURE_STEP
+from helpers import merge_argv
 from helpers import tree_digest
 import pytest
 import tyro
@@ -97,7 +98,7 @@ CASES = list(_cases())
 def world(tmp_path, monkeypatch) -> pathlib.Path:
     step = tmp_path / "run" / "2"
     shutil.copytree(FIXTURE_STEP, step)
-    assert cli.main([str(step), "--lora-config", str(FIXTURE_LORA_CONFIG), "--no-progress"]) == 0
+    assert cli.main([*merge_argv(step), "--no-progress"]) == 0
     (tmp_path / "some_file").write_text("keep me\n")
     monkeypatch.chdir(tmp_path)
     return tmp_path

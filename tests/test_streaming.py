@@ -4,6 +4,7 @@ import json
 import pathlib
 
 from helpers import FIXTURE_STEP
+from helpers import read_leaves
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -16,11 +17,6 @@ from openpi_merge_plugin.checkpoint import params_io
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.lora.adapters import ShapeDtype
 from openpi_merge_plugin.merge import engine
-
-
-def _leaves(params_dir: pathlib.Path) -> dict[str, np.ndarray]:
-    src = sources.OrbaxSource(params_dir)
-    return src.read(src.tree)
 
 
 def _value_types(params_dir: pathlib.Path) -> dict[str, str]:
@@ -36,7 +32,7 @@ def test_streamed_checkpoint_equals_whole_tree_save_bitwise(step_dir, fixture_lo
     reference = step_dir.parent / "reference"
     params_io.save_params(reference, sources.flatten(in_memory.params))
 
-    got, want = _leaves(streamed), _leaves(reference)
+    got, want = read_leaves(streamed), read_leaves(reference)
     assert got.keys() == want.keys()
     for path in want:
         assert (got[path].dtype, got[path].shape) == (want[path].dtype, want[path].shape), path
@@ -98,7 +94,7 @@ def test_pieces_land_in_place_whatever_the_write_buffer(tmp_path, max_inflight_b
         yield orbax_stream.LeafWrite("w", pieces(), lead_ndim=1, columns=8)
 
     orbax_stream.save(tmp_path / "params", structure, stream, max_inflight_bytes=max_inflight_bytes)
-    assert _leaves(tmp_path / "params")["w"].tobytes() == value.tobytes()
+    assert read_leaves(tmp_path / "params")["w"].tobytes() == value.tobytes()
 
 
 def test_merge_on_save_default_buffer_is_the_writers():
