@@ -13,7 +13,7 @@ import uuid
 
 import numpy as np
 
-from openpi_merge_plugin.checkpoint import output
+from openpi_merge_plugin.checkpoint import output_guard
 from openpi_merge_plugin.checks.inspection import Inspection
 from openpi_merge_plugin.checks.inspection import WeightStats
 from openpi_merge_plugin.errors import MergeError
@@ -43,7 +43,7 @@ def check_can_plot(path: pathlib.Path, inspected: pathlib.Path | None = None) ->
         import matplotlib as mpl  # noqa: F401
     except ImportError as e:
         raise MergeError(f"--plot needs matplotlib: pip install 'openpi-merge-plugin[plot]' ({e})") from e
-    path = output.absolute(path)
+    path = output_guard.absolute(path)
     if inspected is not None and path.is_relative_to(pathlib.Path(inspected).resolve()):
         raise OutputRefusedError(f"--plot {path} lies inside the inspected {inspected}, which is never modified")
     if path.is_symlink() or (path.exists() and not (path.is_file() and _drawn_here(path))):

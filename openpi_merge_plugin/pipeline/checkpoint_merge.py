@@ -17,6 +17,7 @@ from openpi_merge_plugin import __version__
 from openpi_merge_plugin import options as _options
 from openpi_merge_plugin.checkpoint import orbax_stream
 from openpi_merge_plugin.checkpoint import output as _output
+from openpi_merge_plugin.checkpoint import output_guard
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.errors import CheckpointError
 from openpi_merge_plugin.errors import ConfigError
@@ -210,9 +211,9 @@ def plan_step_merge(
     )
 
 
-def protect_step(step_dir: pathlib.Path) -> _output.Protected:
+def protect_step(step_dir: pathlib.Path) -> output_guard.Protected:
     """The LoRA step as an output must treat it: never touched, but for the tool's own `<step>/merged*`."""
-    return _output.Protected(step_dir, "the LoRA step", _output.STEP_OUTPUT_NAMES)
+    return output_guard.Protected(step_dir, "the LoRA step", output_guard.STEP_OUTPUT_NAMES)
 
 
 def merge_checkpoint(
@@ -229,7 +230,7 @@ def merge_checkpoint(
     step_dir = pathlib.Path(step_dir).resolve()
     options = options or engine.MergeOptions()
     check_step_dir(step_dir)
-    out = _output.check_output(
+    out = output_guard.check_output(
         output if output is not None else step_dir / DEFAULT_OUTPUT_NAME,
         overwrite=overwrite,
         protected=[protect_step(step_dir)],

@@ -23,6 +23,7 @@ import numpy as np
 from openpi_merge_plugin import __version__
 from openpi_merge_plugin import options as _options
 from openpi_merge_plugin.checkpoint import output as _output
+from openpi_merge_plugin.checkpoint import output_guard
 from openpi_merge_plugin.checkpoint import pytorch_layout as layout
 from openpi_merge_plugin.checkpoint import safetensors_stream
 from openpi_merge_plugin.checkpoint import sources
@@ -137,7 +138,7 @@ def export_pytorch(
         default, protected = step_dir / _output.PYTORCH_NAME, [checkpoint_merge.protect_step(step_dir)]
     else:
         default, protected = merged_dir.parent / f"{merged_dir.name}_pytorch", _protected_for_merged(merged_dir)
-    out = _output.check_output(output if output is not None else default, overwrite=overwrite, protected=protected)
+    out = output_guard.check_output(output if output is not None else default, overwrite=overwrite, protected=protected)
     if merged_dir is None:  # a LoRA step: merged first (streamed, verified) into a scratch sibling of `out`
         planned = checkpoint_merge.plan_step_merge(step_dir, lora, MergeOptions())
         structure = planned.structure
@@ -184,16 +185,18 @@ def _merged_source(src: pathlib.Path) -> tuple[pathlib.Path | None, pathlib.Path
     raise CheckpointError(f"{src} is neither a merged checkpoint (params/ and manifest.json) nor a LoRA step (params/)")
 
 
-def _protected_for_merged(merged_dir: pathlib.Path) -> list[_output.Protected]:
+def _protected_for_merged(merged_dir: pathlib.Path) -> list[output_guard.Protected]:
     """A merged directory, and the LoRA step it came from (as its manifest records it, or as its parent)."""
-    protected = [_output.Protected(merged_dir, "the merged checkpoint")]
+    protected = [output_guard.Protected(merged_dir, "the merged checkpoint")]
     try:
         recorded = json.loads((merged_dir / _output.MANIFEST).read_text()).get("source", {}).get("step_dir")
     except (OSError, ValueError, AttributeError):
         recorded = None
     if recorded and pathlib.Path(recorded).is_dir():
         protected.append(
-            _output.Protected(pathlib.Path(recorded), "the LoRA step of this merge", _output.STEP_OUTPUT_NAMES)
+            output_guard.Protected(
+                pathlib.Path(recorded), "the LoRA step of this merge", output_guard.STEP_OUTPUT_NAMES
+            )
         )
     if (merged_dir.parent / "params").is_dir():
         protected.append(checkpoint_merge.protect_step(merged_dir.parent))
