@@ -16,7 +16,7 @@ import logging
 import pathlib
 import shutil
 import time
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -29,9 +29,17 @@ from openpi_merge_plugin.checkpoint import safetensors_stream
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.errors import CheckpointError
 from openpi_merge_plugin.errors import ConfigError
-from openpi_merge_plugin.lora import openpi_configs
 from openpi_merge_plugin.options import MergeOptions
 from openpi_merge_plugin.pipeline import checkpoint_merge
+from openpi_merge_plugin.pipeline import export_model
+
+# The model info's API, as the export's callers name it.
+from openpi_merge_plugin.pipeline.export_model import ModelInfo
+from openpi_merge_plugin.pipeline.export_model import Precision
+from openpi_merge_plugin.pipeline.export_model import dims_from_params  # noqa: F401
+from openpi_merge_plugin.pipeline.export_model import model_info_from_manifest_variants  # noqa: F401
+from openpi_merge_plugin.pipeline.export_model import model_info_from_model  # noqa: F401
+from openpi_merge_plugin.pipeline.export_model import model_info_from_openpi  # noqa: F401
 
 logger = logging.getLogger("openpi_merge_plugin")
 
@@ -39,68 +47,13 @@ DEFAULT_OUTPUT_NAME = "merged_pytorch"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
-Precision = Literal["float32", "bfloat16"]
 ProgressFn = Callable[[str, int, int], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelInfo:
-    """What the export needs to know of the openpi model config beyond the params."""
-
-    paligemma_variant: str
-    action_expert_variant: str
-    action_horizon: int
-    model_dtype: Precision = "bfloat16"  # Pi0Config.dtype: which params PI0Pytorch rounds to bf16 on load
-    pi05: bool | None = None  # None: told from the params
-    config_name: str | None = None  # the openpi TrainConfig it came from
 
 
 @dataclasses.dataclass(frozen=True)
 class ExportResult:
     output: pathlib.Path
     manifest: dict[str, Any]
-
-
-def dims_from_params(tree: dict[str, Any], suffix: str) -> layout.GemmaDims:
-    """One expert's dims read off its params ('' = PaliGemma, '_1' = the action expert); structure, not names."""
-    base = "PaliGemma/llm/layers/"
-    if f"{base}attn/qkv_einsum{suffix}/w" in tree:
-        raise ConfigError(
-            f"expert {suffix or '0'} uses qkv_einsum (as many kv heads as heads): PI0Pytorch's checkpoint layout, "
-            "like upstream's converter, covers q_einsum + kv_einsum (openpi's variants) only"
-        )
-    try:
-        depth, heads, width, head_dim = tree[f"{base}attn/q_einsum{suffix}/w"].shape
-        kv_heads = tree[f"{base}attn/kv_einsum{suffix}/w"].shape[2]
-        mlp_dim = tree[f"{base}mlp{suffix}/gating_einsum"].shape[-1]
-    except KeyError as e:
-        raise ConfigError(
-            f"not a pi0/pi0.5 params tree: no {e.args[0]} (pi0-FAST has no PyTorch model upstream)"
-        ) from e
-    return layout.GemmaDims(width, depth, mlp_dim, heads, kv_heads, head_dim)
-
-
-def model_info_from_model(model: Any, *, config_name: str | None = None) -> ModelInfo:
-    """The export's model info from an openpi model config (pi0 / pi0.5: two gemma experts)."""
-    fields, _ = openpi_configs.model_variants(model)
-    if len(fields) != 2:
-        raise ConfigError(
-            f"{config_name or 'the config'} is {type(model).__name__}: only pi0 and pi0.5 have a PyTorch model upstream"
-        )
-    return ModelInfo(
-        model.paligemma_variant,
-        model.action_expert_variant,
-        int(model.action_horizon),
-        model_dtype=str(model.dtype),
-        pi05=bool(getattr(model, "pi05", False)),
-        config_name=config_name,
-    )
-
-
-def model_info_from_openpi(config_name: str) -> ModelInfo:
-    """The export's model info from a registered openpi TrainConfig (its serving twin's variants are LoRA-free)."""
-    config = openpi_configs.train_config(config_name, without="; or pass --action-horizon")
-    return model_info_from_model(config.model, config_name=config_name)
 
 
 def export_pytorch(
@@ -147,7 +100,7 @@ def export_pytorch(
         planned, structure = None, sources.OrbaxSource(merged_dir / "params").tree
         record = json.loads((merged_dir / _output.MANIFEST).read_text())
     if model is None and action_horizon is not None:
-        model = model_info_from_variants(record, action_horizon=action_horizon, model_dtype=model_dtype)
+        model = export_model.model_info_from_variants(record, action_horizon=action_horizon, model_dtype=model_dtype)
     # Everything that can be refused is refused here, before the merge and the writes.
     plan_export(structure, record, precision, model, allow_nonstandard_dims=allow_nonstandard_dims, what=src)
     with _output.scratch_directory(out) as scratch:
@@ -295,9 +248,9 @@ def plan_export(
     if any("lora_" in p.rsplit("/", 1)[-1] for p in tree):
         raise CheckpointError(f"{what} still holds LoRA leaves: not a merged checkpoint")
     if model is None:
-        model = _model_info_from_manifest(merge_record)
-    paligemma, expert = dims_from_params(structure, ""), dims_from_params(structure, "_1")
-    _check_variants(model, paligemma, expert)
+        model = export_model.model_info_from_record(merge_record)
+    paligemma, expert = export_model.dims_from_params(structure, ""), export_model.dims_from_params(structure, "_1")
+    export_model.check_variants(model, paligemma, expert)
     action_dim = int(structure["action_in_proj/kernel"].shape[0])
     try:
         plan = _plan(
@@ -356,51 +309,3 @@ def _read(source: sources.OrbaxSource, recipe: layout.Recipe) -> np.ndarray:
     if recipe.layer is None:
         return source.read([recipe.source])[recipe.source]
     return np.asarray(source.sliced(recipe.source)[(recipe.layer,)])
-
-
-def _model_info_from_manifest(manifest: dict[str, Any]) -> ModelInfo:
-    """From the openpi config the merged manifest names: its serving config, else the LoRA config."""
-    names = [manifest.get("serving_config"), (manifest.get("lora_config") or {}).get("config_name")]
-    problems = []
-    for name in filter(None, names):
-        try:
-            return model_info_from_openpi(name)
-        except ConfigError as e:
-            problems.append(str(e))
-    why = "; ".join(problems) or "the manifest names no openpi config"
-    raise ConfigError(
-        f"the export needs the model config (action_horizon, variants, dtype) and cannot get it: {why}. Pass "
-        "--config NAME with openpi importable, or --action-horizon N (variants are then the manifest's)"
-    )
-
-
-def model_info_from_manifest_variants(
-    merged_dir: pathlib.Path, *, action_horizon: int, model_dtype: Precision = "bfloat16"
-) -> ModelInfo:
-    """Without openpi: the variant names the merged manifest records for each expert, and the given horizon."""
-    manifest = json.loads((pathlib.Path(merged_dir) / _output.MANIFEST).read_text())
-    return model_info_from_variants(manifest, action_horizon=action_horizon, model_dtype=model_dtype)
-
-
-def model_info_from_variants(
-    merge_record: dict[str, Any], *, action_horizon: int, model_dtype: Precision = "bfloat16"
-) -> ModelInfo:
-    """The variant names a merge records (its `lora_config`) for each expert, and the given horizon."""
-    experts = (merge_record.get("lora_config") or {}).get("experts") or {}
-    variants = [(experts.get(str(i)) or {}).get("variant") or "unknown" for i in (0, 1)]
-    return ModelInfo(variants[0], variants[1], action_horizon, model_dtype=model_dtype)
-
-
-def _check_variants(model: ModelInfo, paligemma: layout.GemmaDims, expert: layout.GemmaDims) -> None:
-    """With openpi here, the params' dims must be the config's variants' (LoRA variants have the same dims)."""
-    try:
-        from openpi.models import gemma
-    except ImportError:
-        return
-    for variant, dims in ((model.paligemma_variant, paligemma), (model.action_expert_variant, expert)):
-        try:
-            want = layout.GemmaDims.of(gemma.get_config(variant))
-        except Exception:  # an unknown variant name (e.g. taken from a manifest): the params decide
-            continue
-        if want != dims:
-            raise ConfigError(f"variant {variant!r} has dims {want}, but the params have {dims}")
