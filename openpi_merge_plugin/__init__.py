@@ -35,7 +35,7 @@ def disabled() -> bool:
 
 _EXPORTS = {
     "ExpertLoRA": "openpi_merge_plugin.lora.spec",
-    "LoRASource": "openpi_merge_plugin.pipeline.checkpoint_merge",
+    "LoRASource": "openpi_merge_plugin.lora.configs",
     "LoRASpec": "openpi_merge_plugin.lora.spec",
     "MergeError": "openpi_merge_plugin.errors",
     "MergeOptions": "openpi_merge_plugin.options",

@@ -16,6 +16,7 @@ import json
 import pathlib
 from typing import Any
 
+from openpi_merge_plugin import options
 from openpi_merge_plugin.errors import ConfigError
 from openpi_merge_plugin.lora import adapters as _adapters
 from openpi_merge_plugin.lora.spec import ExpertLoRA
@@ -127,3 +128,45 @@ def infer_shipped(tree: Mapping[str, _adapters.ShapeDtype]) -> ResolvedLoRA:
             )
     names = ", ".join(f"expert {i}: {e.variant}" for i, e in experts.items())
     return ResolvedLoRA(experts=experts, source=f"inferred from shapes ({names})")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASource:
+    """Where to take LoRA configs from (see `lora_configs`); at most one of the first three, or none: inferred."""
+
+    # Registered openpi TrainConfig the checkpoint was trained with (needs openpi installed).
+    config: str | None = None
+    # JSON file with the LoRA config of each expert (see configs/), when openpi is not installed.
+    lora_config: pathlib.Path | None = None
+    # One LoRA alpha for every adapter (ranks are read from the checkpoint).
+    alpha: float | None = None
+    # With alpha: the adapters were trained with rsLoRA (scale alpha/sqrt(rank)).
+    rslora: bool = False
+
+    def __post_init__(self) -> None:
+        options.validate(self, options.LORA_SOURCE_CHECKS)
+        chosen = [
+            f"--{n.replace('_', '-')}" for n in ("config", "lora_config", "alpha") if getattr(self, n) is not None
+        ]
+        if len(chosen) > 1:
+            raise ConfigError(f"give only one of {', '.join(chosen)}")
+        if self.rslora and self.alpha is None:
+            raise options.OptionError("rslora", "needs --alpha (it says how that alpha scales)")
+
+    @property
+    def given(self) -> bool:
+        """Whether any source is named (otherwise the configs are inferred from the shapes)."""
+        return any(v is not None for v in (self.config, self.lora_config, self.alpha))
+
+
+def resolve_lora(tree: Mapping[str, _adapters.ShapeDtype], how: LoRASource) -> ResolvedLoRA:
+    """The LoRA config of each expert, from the first source `how` names (or inferred from the shapes)."""
+    if how.config:
+        from openpi_merge_plugin.lora import openpi_configs
+
+        return openpi_configs.lora_from_train_config(how.config)
+    if how.lora_config:
+        return from_file(how.lora_config)
+    if how.alpha is not None:
+        return uniform(tree, how.alpha, rslora=how.rslora)
+    return infer_shipped(tree)

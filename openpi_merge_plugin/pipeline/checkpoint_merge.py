@@ -14,54 +14,23 @@ from typing import Any
 import numpy as np
 
 from openpi_merge_plugin import __version__
-from openpi_merge_plugin import options as _options
 from openpi_merge_plugin.checkpoint import orbax_stream
 from openpi_merge_plugin.checkpoint import output as _output
 from openpi_merge_plugin.checkpoint import output_guard
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.errors import CheckpointError
-from openpi_merge_plugin.errors import ConfigError
 from openpi_merge_plugin.lora import adapters as _adapters
-from openpi_merge_plugin.lora import configs as lora_configs
+from openpi_merge_plugin.lora.configs import LoRASource
 from openpi_merge_plugin.lora.configs import ResolvedLoRA
+from openpi_merge_plugin.lora.configs import resolve_lora
 from openpi_merge_plugin.merge import engine
 from openpi_merge_plugin.merge.report import MergeReport
-from openpi_merge_plugin.options import OptionError
 from openpi_merge_plugin.serving import names as serving
 
 logger = logging.getLogger("openpi_merge_plugin")
 
 MANIFEST_FORMAT_VERSION = 1
 DEFAULT_OUTPUT_NAME = _output.MERGED_NAME
-
-
-@dataclasses.dataclass(frozen=True)
-class LoRASource:
-    """Where to take LoRA configs from (see `lora_configs`); at most one of the first three, or none: inferred."""
-
-    # Registered openpi TrainConfig the checkpoint was trained with (needs openpi installed).
-    config: str | None = None
-    # JSON file with the LoRA config of each expert (see configs/), when openpi is not installed.
-    lora_config: pathlib.Path | None = None
-    # One LoRA alpha for every adapter (ranks are read from the checkpoint).
-    alpha: float | None = None
-    # With alpha: the adapters were trained with rsLoRA (scale alpha/sqrt(rank)).
-    rslora: bool = False
-
-    def __post_init__(self) -> None:
-        _options.validate(self, _options.LORA_SOURCE_CHECKS)
-        chosen = [
-            f"--{n.replace('_', '-')}" for n in ("config", "lora_config", "alpha") if getattr(self, n) is not None
-        ]
-        if len(chosen) > 1:
-            raise ConfigError(f"give only one of {', '.join(chosen)}")
-        if self.rslora and self.alpha is None:
-            raise OptionError("rslora", "needs --alpha (it says how that alpha scales)")
-
-    @property
-    def given(self) -> bool:
-        """Whether any source is named (otherwise the configs are inferred from the shapes)."""
-        return any(v is not None for v in (self.config, self.lora_config, self.alpha))
 
 
 @dataclasses.dataclass
@@ -101,18 +70,6 @@ def check_step_dir(step_dir: pathlib.Path) -> pathlib.Path:
             hint = f" (it holds steps {steps}: pass one of them, e.g. {step_dir / str(steps[-1])})"
         raise CheckpointError(f"{step_dir} is not an openpi checkpoint step: it has no params/ directory{hint}")
     return params_dir
-
-
-def resolve_lora(tree: dict[str, _adapters.ShapeDtype], how: LoRASource) -> ResolvedLoRA:
-    if how.config:
-        from openpi_merge_plugin.lora import openpi_configs
-
-        return openpi_configs.lora_from_train_config(how.config)
-    if how.lora_config:
-        return lora_configs.from_file(how.lora_config)
-    if how.alpha is not None:
-        return lora_configs.uniform(tree, how.alpha, rslora=how.rslora)
-    return lora_configs.infer_shipped(tree)
 
 
 def serving_for(
