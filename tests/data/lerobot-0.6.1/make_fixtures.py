@@ -16,14 +16,13 @@ import pathlib
 import shutil
 import struct
 import sys
-import types
 
 HERE = pathlib.Path(__file__).resolve().parent
 PYTORCH_FIXTURES = HERE.parent / "pytorch" / "state_dicts.json.gz"  # openpi PI0Pytorch listings (openpi@15a9616)
 
 KINDS = ("pi0", "pi05", "pi0_fast")
 # openpi's gemma.get_config("dummy") (tests/data/pytorch/jax_shapes.json.gz `dims`): the tiny test size.
-DUMMY = dict(width=64, depth=4, mlp_dim=128, num_heads=8, num_kv_heads=1, head_dim=16)
+DUMMY = {"width": 64, "depth": 4, "mlp_dim": 128, "num_heads": 8, "num_kv_heads": 1, "head_dim": 16}
 
 # Known stats in openpi's norm_stats.json layout (state dim 8, action dim 7), written to norm_stats.json here.
 STATE_DIM, ACTION_DIM = 8, 7
@@ -35,8 +34,8 @@ def _stats(n: int, off: float) -> dict:
     return {
         "mean": mean,
         "std": std,
-        "q01": [round(m - 2.0 * s, 4) for m, s in zip(mean, std)],
-        "q99": [round(m + 2.5 * s, 4) for m, s in zip(mean, std)],
+        "q01": [round(m - 2.0 * s, 4) for m, s in zip(mean, std, strict=True)],
+        "q99": [round(m + 2.5 * s, 4) for m, s in zip(mean, std, strict=True)],
     }
 
 
@@ -44,9 +43,9 @@ NORM_STATS = {"norm_stats": {"state": _stats(STATE_DIM, -1.0), "actions": _stats
 CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")  # openpi's model image names
 # Per policy: config overrides used for the `save` fixtures (openpi-like values, one dtype each).
 SAVE_CONFIGS = {
-    "pi0": dict(dtype="float32", chunk_size=50, n_action_steps=50, normalization_mapping="MEAN_STD"),
-    "pi05": dict(dtype="bfloat16", chunk_size=10, n_action_steps=10, normalization_mapping="QUANTILES"),
-    "pi0_fast": dict(dtype="float32", chunk_size=10, n_action_steps=10, normalization_mapping="QUANTILES"),
+    "pi0": {"dtype": "float32", "chunk_size": 50, "n_action_steps": 50, "normalization_mapping": "MEAN_STD"},
+    "pi05": {"dtype": "bfloat16", "chunk_size": 10, "n_action_steps": 10, "normalization_mapping": "QUANTILES"},
+    "pi0_fast": {"dtype": "float32", "chunk_size": 10, "n_action_steps": 10, "normalization_mapping": "QUANTILES"},
 }
 
 
@@ -57,9 +56,12 @@ def _dump(name: str, obj) -> None:
 
 
 def _modules():
-    from lerobot.policies.pi0 import configuration_pi0, modeling_pi0
-    from lerobot.policies.pi05 import configuration_pi05, modeling_pi05
-    from lerobot.policies.pi0_fast import configuration_pi0_fast, modeling_pi0_fast
+    from lerobot.policies.pi0 import configuration_pi0
+    from lerobot.policies.pi0 import modeling_pi0
+    from lerobot.policies.pi0_fast import configuration_pi0_fast
+    from lerobot.policies.pi0_fast import modeling_pi0_fast
+    from lerobot.policies.pi05 import configuration_pi05
+    from lerobot.policies.pi05 import modeling_pi05
 
     return {
         "pi0": (configuration_pi0.PI0Config, modeling_pi0.PI0Policy, modeling_pi0),
@@ -104,7 +106,7 @@ def _offline_tokenizers():
 
 
 @contextlib.contextmanager
-def _tiny(mod, projector_patch: bool):
+def _tiny(mod, *, projector_patch: bool):
     """The tiny-size patch: LeRobot's configs accept only gemma_2b/gemma_300m and take dims from the module-level
     `get_gemma_config` of each modeling file, so make it return openpi's "dummy" dims for any variant name.
     With `projector_patch`, also build PaliGemma with `vision_config.projection_dim = text hidden size` (LeRobot
@@ -132,8 +134,7 @@ def _tiny(mod, projector_patch: bool):
 
 def _config(kind: str, dtype: str, **kw):
     cfg_cls = _modules()[kind][0]
-    cfg = cfg_cls(dtype=dtype, device="cpu", **kw)
-    return cfg
+    return cfg_cls(dtype=dtype, device="cpu", **kw)
 
 
 def _build(kind: str, size: str, dtype: str, device: str):
@@ -160,7 +161,7 @@ def _listing(policy) -> dict:
 
 
 def step_listings(scratch: pathlib.Path) -> None:
-    """State-dict listings (meta device) of the three policies × size × dtype."""
+    """State-dict listings (meta device) of the three policies x size x dtype."""
     out = {}
     for kind in KINDS:
         for size in ("full", "dummy", "dummy-projector-patch"):
@@ -179,7 +180,8 @@ def _safetensors_header(path: pathlib.Path) -> dict:
 
 
 def _features(kind: str):
-    from lerobot.configs import FeatureType, PolicyFeature
+    from lerobot.configs import FeatureType
+    from lerobot.configs import PolicyFeature
 
     inputs = {f"observation.images.{c}": PolicyFeature(type=FeatureType.VISUAL, shape=(3, 224, 224)) for c in CAMERAS}
     inputs["observation.state"] = PolicyFeature(type=FeatureType.STATE, shape=(STATE_DIM,))
@@ -204,9 +206,9 @@ def step_save(scratch: pathlib.Path) -> None:
     save_pretrained, for known stats. Keeps config.json and processor files verbatim, and the model.safetensors
     header (names, shapes, dtypes, order; no data) in saved_headers.json.gz. Then reloads the directory with
     LeRobot's from_pretrained / make_pre_post_processors and records what its loader printed."""
-    import torch
     from lerobot.configs import NormalizationMode
     from lerobot.policies.factory import make_pre_post_processors
+    import torch
 
     (HERE / "norm_stats.json").write_text(json.dumps(NORM_STATS, indent=2) + "\n")
     headers, loads = {}, {}
@@ -219,7 +221,7 @@ def step_save(scratch: pathlib.Path) -> None:
         cfg.normalization_mapping = {"VISUAL": NormalizationMode.IDENTITY, "STATE": mode, "ACTION": mode}
         out = scratch / kind
         shutil.rmtree(out, ignore_errors=True)
-        with _tiny(mod, True), _offline_tokenizers():
+        with _tiny(mod, projector_patch=True), _offline_tokenizers():
             cfg.device = "meta"
             with torch.device("meta"):
                 policy = policy_cls(cfg)
@@ -238,7 +240,7 @@ def step_save(scratch: pathlib.Path) -> None:
             sd = loaded.state_dict()
             pre2, post2 = make_pre_post_processors(loaded.config, pretrained_path=str(out))
             loads[kind] = {
-                "stdout": [l for l in buf.getvalue().splitlines() if l.strip()],
+                "stdout": [line for line in buf.getvalue().splitlines() if line.strip()],
                 "state_dict_keys_equal_file": sorted(sd) == sorted(k for k in headers[kind] if k != "__metadata__"),
                 "preprocessor_steps": [type(s).__name__ for s in pre2.steps],
                 "postprocessor_steps": [type(s).__name__ for s in post2.steps],
@@ -261,8 +263,8 @@ def step_mapping(scratch: pathlib.Path) -> None:
     laid out from openpi's names ("model." + name, openpi's shapes, random values, LeRobot's dtypes) next to a
     LeRobot config.json, loaded by LeRobot's from_pretrained (its output recorded) and, separately, by
     load_state_dict(strict=True) after LeRobot's own _fix_pytorch_state_dict_keys."""
-    import torch
     from safetensors.torch import save_file
+    import torch
 
     with gzip.open(PYTORCH_FIXTURES) as f:
         openpi = json.load(f)
@@ -273,14 +275,12 @@ def step_mapping(scratch: pathlib.Path) -> None:
         for size in ("full", "dummy", "dummy-projector-patch"):
             for dtype in ("float32", "bfloat16"):
                 o = {("model." + n): (s, d) for n, s, d in openpi[f"{okind}_{size}_{dtype}"]["state_dict"]}
-                l = {n: (s, d) for n, s, d in lerobot[f"{kind}_{size}_{dtype}"]["state_dict"]}
+                lr = {n: (s, d) for n, s, d in lerobot[f"{kind}_{size}_{dtype}"]["state_dict"]}
                 out["listings"][f"{kind}_{size}_{dtype}"] = {
-                    "only_openpi": sorted(set(o) - set(l)),
-                    "only_lerobot": sorted(set(l) - set(o)),
-                    "shape_differs": sorted(k for k in set(o) & set(l) if o[k][0] != l[k][0]),
-                    "dtype_differs": sorted(
-                        [k, o[k][1], l[k][1]] for k in set(o) & set(l) if o[k][1] != l[k][1]
-                    ),
+                    "only_openpi": sorted(set(o) - set(lr)),
+                    "only_lerobot": sorted(set(lr) - set(o)),
+                    "shape_differs": sorted(k for k in set(o) & set(lr) if o[k][0] != lr[k][0]),
+                    "dtype_differs": sorted([k, o[k][1], lr[k][1]] for k in set(o) & set(lr) if o[k][1] != lr[k][1]),
                 }
     for kind in ("pi0", "pi05"):
         cfg_cls, policy_cls, mod = _modules()[kind]
@@ -297,16 +297,16 @@ def step_mapping(scratch: pathlib.Path) -> None:
         save_file(tensors, str(d / "model.safetensors"))
         inputs, outputs = _features(kind)
         cfg = cfg_cls(device="cpu", dtype=dtype, input_features=inputs, output_features=outputs)
-        cfg._save_pretrained(d)
-        with _tiny(mod, True):
+        cfg._save_pretrained(d)  # noqa: SLF001  (what save_pretrained calls for the config)
+        with _tiny(mod, projector_patch=True):
             buf = io.StringIO()
             with contextlib.redirect_stdout(buf):
                 policy = policy_cls.from_pretrained(d)
             sd = policy.state_dict()
-            fixed = policy._fix_pytorch_state_dict_keys(dict(tensors), policy.config)
+            fixed = policy._fix_pytorch_state_dict_keys(dict(tensors), policy.config)  # noqa: SLF001  (LeRobot's key fixer)
             strict = policy.load_state_dict(fixed, strict=True)  # raises on any missing/unexpected key
             out["load"][kind] = {
-                "from_pretrained_stdout": [l for l in buf.getvalue().splitlines() if l.strip()],
+                "from_pretrained_stdout": [line for line in buf.getvalue().splitlines() if line.strip()],
                 "strict_missing": list(strict.missing_keys),
                 "strict_unexpected": list(strict.unexpected_keys),
                 "fixer_renamed_or_dropped": sorted(set(tensors) ^ set(fixed)),
