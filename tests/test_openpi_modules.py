@@ -10,19 +10,20 @@ import pathlib
 import shutil
 import zlib
 
+from openpi_support import gate
 import pytest
 
-lora = pytest.importorskip("openpi.models.lora", reason="upstream openpi not installed")
+openpi_config = gate.require_openpi(training=False)
 
 import flax.traverse_util as traverse_util  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from openpi.models import gemma  # noqa: E402
+from openpi.models import lora  # noqa: E402
 from openpi.models import model as _model  # noqa: E402
 from openpi.models import pi0_config  # noqa: E402
 from openpi.models import pi0_fast  # noqa: E402
-import openpi.training.config as openpi_config  # noqa: E402
 
 from openpi_merge_plugin.lora import equations  # noqa: E402
 from openpi_merge_plugin.lora import openpi_configs as openpi_compat  # noqa: E402

@@ -11,27 +11,20 @@ the adapters, is untouched.
 
 import dataclasses
 import json
-import sys
 
-from helpers import REPO
 import numpy as np
+from openpi_support import gate
 import pytest
 
-openpi_config = pytest.importorskip("openpi.training.config", reason="upstream openpi is not importable here")
-torch = pytest.importorskip("torch", reason="torch is not installed")
-gemma_pytorch = pytest.importorskip("openpi.models_pytorch.gemma_pytorch", reason="openpi has no PyTorch model here")
-
-sys.path.insert(0, str(REPO / "tests" / "openpi_support"))
-import run_openpi_script  # noqa: E402
-import training  # noqa: E402
-
-if not training.TRAIN_SCRIPT.is_file():
-    pytest.skip(f"openpi's scripts/train.py not found under {training.OPENPI_REPO}", allow_module_level=True)
-
+openpi_config = gate.require_openpi(pytorch=True)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from openpi.models import model as _model  # noqa: E402
+from openpi.models_pytorch import gemma_pytorch  # noqa: E402
 from openpi.policies import policy_config  # noqa: E402
+import run_openpi_script  # noqa: E402
+import torch  # noqa: E402
+import training  # noqa: E402
 
 from openpi_merge_plugin.checkpoint import output as _output  # noqa: E402
 from openpi_merge_plugin.merge.engine import MergeOptions  # noqa: E402

@@ -9,34 +9,19 @@ config its manifest names, three ways: float32 params and compute; bfloat16 thro
 import dataclasses
 import json
 import pathlib
-import sys
 
-from helpers import REPO
 import numpy as np
+from openpi_support import gate
 import pytest
 
-openpi_config = pytest.importorskip(
-    "openpi.training.config", reason="upstream openpi is not importable here (see README: Development)"
-)
-if "merge_lora_on_save" not in openpi_config.TrainConfig.__dataclass_fields__:
-    pytest.skip(
-        "the plugin's start-up hook is not active in this interpreter (reinstall the package)", allow_module_level=True
-    )
-
-sys.path.insert(0, str(REPO / "tests" / "openpi_support"))
-import run_openpi_script  # noqa: E402,F401  (the same tiny SigLIP and user variants in this process)
-import training  # noqa: E402
-
-if not training.TRAIN_SCRIPT.is_file():
-    pytest.skip(
-        f"openpi's scripts/train.py not found under {training.OPENPI_REPO} (set OPENPI_REPO)", allow_module_level=True
-    )
-
+openpi_config = gate.require_openpi()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from openpi.models import model as _model  # noqa: E402
 from openpi.models import pi0_fast  # noqa: E402
 from openpi.policies import policy_config  # noqa: E402
+import run_openpi_script  # noqa: E402,F401  (the same tiny SigLIP and user variants in this process)
+import training  # noqa: E402
 
 pytestmark = pytest.mark.openpi
 

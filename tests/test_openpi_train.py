@@ -14,26 +14,13 @@ import signal
 import subprocess
 import sys
 
-from helpers import REPO
 import numpy as np
+from openpi_support import gate
 import pytest
 
-openpi_config = pytest.importorskip(
-    "openpi.training.config", reason="upstream openpi is not importable here (see README: Development)"
-)
-if "merge_lora_on_save" not in openpi_config.TrainConfig.__dataclass_fields__:
-    pytest.skip(
-        "the plugin's start-up hook is not active in this interpreter (reinstall the package)", allow_module_level=True
-    )
-
-sys.path.insert(0, str(REPO / "tests" / "openpi_support"))
-import run_openpi_script  # noqa: E402,F401  (the same tiny SigLIP in this process, to load the checkpoints)
+openpi_config = gate.require_openpi()
+import run_openpi_script  # noqa: E402,F401  (the same tiny SigLIP in this process)
 import training  # noqa: E402
-
-if not training.TRAIN_SCRIPT.is_file():
-    pytest.skip(
-        f"openpi's scripts/train.py not found under {training.OPENPI_REPO} (set OPENPI_REPO)", allow_module_level=True
-    )
 
 from openpi_merge_plugin.checkpoint import sources  # noqa: E402
 from openpi_merge_plugin.checks import integrity  # noqa: E402
