@@ -36,6 +36,7 @@ from openpi_merge_plugin.pipeline import checkpoint_merge as api  # noqa: E402
 
 pytestmark = [
     pytest.mark.openpi,
+    pytest.mark.openpi_ci,
     # flax 0.10.2's param shape check calls jnp.shape on a ShapeDtypeStruct on every apply: noise, not ours.
     pytest.mark.filterwarnings("ignore:shape requires ndarray or scalar arguments:DeprecationWarning"),
 ]
