@@ -63,3 +63,39 @@ def run_python(code: str, *, pythonpath: pathlib.Path | str | None = None, **env
     if pythonpath is not None:
         full["PYTHONPATH"] = f"{pythonpath}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, check=False)
+
+
+def openpi_jax() -> bool:
+    """JAX at openpi 15a9616's pin (0.5.x), where two merges of one weight that differ only in how they are cut
+    (sharded, chunked) are bitwise equal."""
+    import jax
+
+    return jax.__version_info__ < (0, 6)
+
+
+def assert_same_merge(got, want, err_msg: str = "") -> None:
+    """Two merges of one weight that differ only in how XLA orders the float32 arithmetic (sharded vs one device,
+    column chunks vs the whole slice): bitwise on openpi's JAX. Newer XLA CPU dots may round a piece's products
+    differently, so there they agree up to the output dtype's rounding of a float32 difference: within 2 float32
+    eps of the weight's scale, and, for a bf16 output, where that difference flips the final rounding, within one
+    ulp of the element in the output dtype (one bf16 element one ulp apart, 0.0610 vs 0.0608, on JAX 0.10)."""
+    import ml_dtypes
+    import numpy as np
+
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype, err_msg
+    if openpi_jax():
+        np.testing.assert_array_equal(got, want, err_msg=err_msg)
+        return
+    g, w = got.astype(np.float32), want.astype(np.float32)
+    bound = np.full(w.shape, 2 * np.finfo(np.float32).eps * np.abs(w).max(), np.float32)
+    if want.dtype != np.float32:
+        mantissa_bits = ml_dtypes.finfo(want.dtype).nmant
+        magnitude = np.maximum(np.abs(g), np.abs(w))
+        exponent = np.floor(np.log2(np.where(magnitude > 0, magnitude, 1.0)))
+        bound = np.maximum(bound, np.exp2(exponent - mantissa_bits).astype(np.float32))
+    bad = np.abs(g - w) > bound
+    assert not bad.any(), (
+        f"{err_msg}: {int(bad.sum())} of {w.size} elements beyond the output dtype's rounding, e.g. at "
+        f"{np.argwhere(bad)[0].tolist()}: {g[bad][0]} vs {w[bad][0]} (bound {bound[bad][0]:.3g})"
+    )

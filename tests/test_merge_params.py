@@ -3,6 +3,7 @@
 import re
 
 from helpers import FIXTURE_LORA_CONFIG
+from helpers import assert_same_merge
 import jax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -121,7 +122,7 @@ def test_fsdp_sharded_merge_equals_the_single_device_merge(fsdp_merge, fixture_p
     for path, value in got.items():
         assert isinstance(value, jax.Array)
         assert value.sharding == sharded[path].sharding, path
-        np.testing.assert_array_equal(np.asarray(value), np.asarray(want[path]), err_msg=path)
+        assert_same_merge(value, want[path], err_msg=path)
 
 
 def _largest_sharded_call(fsdp_merge) -> dict:

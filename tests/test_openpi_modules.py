@@ -10,19 +10,20 @@ import pathlib
 import shutil
 import zlib
 
+from openpi_support import gate
 import pytest
 
-lora = pytest.importorskip("openpi.models.lora", reason="upstream openpi not installed")
+openpi_config = gate.require_openpi(training=False)
 
 import flax.traverse_util as traverse_util  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from openpi.models import gemma  # noqa: E402
+from openpi.models import lora  # noqa: E402
 from openpi.models import model as _model  # noqa: E402
 from openpi.models import pi0_config  # noqa: E402
 from openpi.models import pi0_fast  # noqa: E402
-import openpi.training.config as openpi_config  # noqa: E402
 
 from openpi_merge_plugin.lora import equations  # noqa: E402
 from openpi_merge_plugin.lora import openpi_configs as openpi_compat  # noqa: E402
@@ -35,6 +36,7 @@ from openpi_merge_plugin.pipeline import checkpoint_merge as api  # noqa: E402
 
 pytestmark = [
     pytest.mark.openpi,
+    pytest.mark.openpi_ci,
     # flax 0.10.2's param shape check calls jnp.shape on a ShapeDtypeStruct on every apply: noise, not ours.
     pytest.mark.filterwarnings("ignore:shape requires ndarray or scalar arguments:DeprecationWarning"),
 ]

@@ -2,6 +2,8 @@
 
 import json
 
+from helpers import assert_same_merge
+from helpers import openpi_jax
 import jax
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from openpi_merge_plugin.merge import slice_ops
 
 GATING = "PaliGemma/llm/layers/mlp/gating_einsum"
 # openpi's pinned JAX (0.5.x): there the chunked merge is bitwise the whole-slice merge, as it was always tested.
-OPENPI_JAX = jax.__version_info__ < (0, 6)
+OPENPI_JAX = openpi_jax()
 
 
 @pytest.fixture
@@ -70,15 +72,7 @@ def test_chunked_merge_equals_the_whole_slice_merge(
     got, want = sources.flatten(chunked.params), sources.flatten(whole.params)
     assert got.keys() == want.keys()
     for path in want:
-        assert got[path].dtype == want[path].dtype, path
-        if OPENPI_JAX:
-            np.testing.assert_array_equal(got[path], want[path], err_msg=path)
-        else:
-            # Newer XLA CPU dots may round a column piece's products differently from the whole slice's (JAX 0.12:
-            # up to 0.6 float32 eps of the weight's scale), so there: equal up to float32 rounding.
-            g, w = np.asarray(got[path], np.float32), np.asarray(want[path], np.float32)
-            atol = 2 * np.finfo(np.float32).eps * np.abs(w).max()
-            np.testing.assert_allclose(g, w, rtol=0, atol=atol, err_msg=path)
+        assert_same_merge(got[path], want[path], err_msg=path)
     for g, w in zip(chunked.report.weights, whole.report.weights, strict=True):
         assert g.path == w.path
         np.testing.assert_allclose(g.delta_rel_norm, w.delta_rel_norm, rtol=1e-5, err_msg=g.path)
