@@ -10,6 +10,7 @@ import pathlib
 import shutil
 import zlib
 
+from helpers import rel_err
 from openpi_support import gate
 import pytest
 
@@ -26,13 +27,13 @@ from openpi.models import pi0_config  # noqa: E402
 from openpi.models import pi0_fast  # noqa: E402
 
 from openpi_merge_plugin.lora import equations  # noqa: E402
-from openpi_merge_plugin.lora import openpi_configs as openpi_compat  # noqa: E402
+from openpi_merge_plugin.lora import openpi_configs  # noqa: E402
 from openpi_merge_plugin.lora.configs import ResolvedLoRA  # noqa: E402
 from openpi_merge_plugin.lora.spec import ExpertLoRA  # noqa: E402
 from openpi_merge_plugin.lora.spec import LoRASpec  # noqa: E402
-from openpi_merge_plugin.merge.engine import MergeOptions  # noqa: E402
 from openpi_merge_plugin.merge.engine import merge_params  # noqa: E402
-from openpi_merge_plugin.pipeline import checkpoint_merge as api  # noqa: E402
+from openpi_merge_plugin.options import MergeOptions  # noqa: E402
+from openpi_merge_plugin.pipeline import checkpoint_merge  # noqa: E402
 
 pytestmark = [
     pytest.mark.openpi,
@@ -52,11 +53,6 @@ def _float32_matmuls():
     # Full float32 matmuls even on accelerators (TF32 would cost ~3 digits and hide nothing useful).
     with jax.default_matmul_precision("float32"):
         yield
-
-
-def _rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
 def _lora_config(rank: int, alpha: float, rslora: bool) -> "lora.LoRAConfig":  # noqa: FBT001
@@ -150,8 +146,8 @@ def test_merged_einsum_matches_openpi_lora_einsum(module, lora_key):
             got = lora.Einsum(shape=shape, lora_config=None).apply({"params": {"w": merged_w[layer]}}, eqn, x)
             without_lora = lora.Einsum(shape=shape).apply({"params": {"w": layer_params["w"]}}, eqn, x)
             # The adapter moves the output by ~10%: a merge that drops or mis-scales it cannot pass.
-            assert _rel_err(without_lora, want) > 0.05, (name, layer)
-            assert _rel_err(got, want) < F32_TOL, (name, layer, _rel_err(got, want))
+            assert rel_err(without_lora, want) > 0.05, (name, layer)
+            assert rel_err(got, want) < F32_TOL, (name, layer, rel_err(got, want))
 
 
 # (rank, alpha, rslora) of expert 0's MLP; openpi's lora.FeedForward applies NO scaling, whatever alpha says.
@@ -209,8 +205,8 @@ def test_merged_mlp_matches_openpi_lora_feedforward(lora_key):
             without_lora = lora.FeedForward(features=width, hidden_dim=hidden).apply(
                 {"params": {k: layer_params[k] for k in ("gating_einsum", "linear")}}, x
             )
-            assert _rel_err(without_lora, want) > 0.02, (name, layer)
-            assert _rel_err(got, want) < F32_TOL, (name, layer, _rel_err(got, want))
+            assert rel_err(without_lora, want) > 0.02, (name, layer)
+            assert rel_err(got, want) < F32_TOL, (name, layer, rel_err(got, want))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -219,7 +215,7 @@ def test_merged_mlp_matches_openpi_lora_feedforward(lora_key):
 
 def test_lora_from_pi0_config():
     model = pi0_config.Pi0Config(paligemma_variant="gemma_2b_lora", action_expert_variant="gemma_300m_lora")
-    resolved = openpi_compat.lora_from_model(model)
+    resolved = openpi_configs.lora_from_model(model)
     assert sorted(resolved.experts) == [0, 1]
     for index, variant, rank in ((0, "gemma_2b_lora", 16), (1, "gemma_300m_lora", 32)):
         expert = resolved.experts[index]
@@ -231,12 +227,12 @@ def test_lora_from_pi0_config():
 
 
 def test_lora_from_pi0_config_without_lora():
-    resolved = openpi_compat.lora_from_model(pi0_config.Pi0Config())  # gemma_2b + gemma_300m
+    resolved = openpi_configs.lora_from_model(pi0_config.Pi0Config())  # gemma_2b + gemma_300m
     assert all(e.attn is None and e.ffn is None for e in resolved.experts.values())
 
 
 def test_lora_from_pi0_fast_config():
-    resolved = openpi_compat.lora_from_model(pi0_fast.Pi0FASTConfig(paligemma_variant="gemma_2b_lora"))
+    resolved = openpi_configs.lora_from_model(pi0_fast.Pi0FASTConfig(paligemma_variant="gemma_2b_lora"))
     assert list(resolved.experts) == [0]
     expert = resolved.experts[0]
     assert expert.variant == "gemma_2b_lora"
@@ -244,12 +240,12 @@ def test_lora_from_pi0_fast_config():
 
 
 def test_lora_from_train_config():
-    resolved = openpi_compat.lora_from_train_config("pi0_libero_low_mem_finetune")
+    resolved = openpi_configs.lora_from_train_config("pi0_libero_low_mem_finetune")
     assert resolved.config_name == "pi0_libero_low_mem_finetune"
     assert sorted(resolved.experts) == [0, 1]
     assert resolved.experts[0].attn == resolved.experts[0].ffn == LoRASpec(rank=16, alpha=16.0)
     assert resolved.experts[1].attn == resolved.experts[1].ffn == LoRASpec(rank=32, alpha=32.0)
-    from_model = openpi_compat.lora_from_model(
+    from_model = openpi_configs.lora_from_model(
         pi0_config.Pi0Config(paligemma_variant="gemma_2b_lora", action_expert_variant="gemma_300m_lora")
     )
     assert resolved.experts == from_model.experts
@@ -308,7 +304,7 @@ def _fixture_lora() -> ResolvedLoRA:
     model = pi0_config.Pi0Config(
         paligemma_variant=cfg["paligemma_variant"], action_expert_variant=cfg["action_expert_variant"]
     )
-    return openpi_compat.lora_from_model(model)
+    return openpi_configs.lora_from_model(model)
 
 
 def _run_llm(llm_params, variants, golden) -> list[np.ndarray]:
@@ -328,7 +324,7 @@ def _flat(params) -> dict[str, np.ndarray]:
 def _check_golden_gap(golden):
     # The adapters move the outputs far beyond any tolerance used below, so a merge that loses them fails.
     for i in range(2):
-        assert _rel_err(golden[f"out_{i}_base"], golden[f"out_{i}"]) > 1e-2
+        assert rel_err(golden[f"out_{i}_base"], golden[f"out_{i}"]) > 1e-2
 
 
 def test_harness_reproduces_goldens(fixture_variants, golden):
@@ -341,8 +337,8 @@ def test_harness_reproduces_goldens(fixture_variants, golden):
     )
     without_lora = _run_llm(base_llm, ["fx_a", "fx_b"], golden)
     for i in range(2):
-        assert _rel_err(with_lora[i], golden[f"out_{i}"]) < 1e-6
-        assert _rel_err(without_lora[i], golden[f"out_{i}_base"]) < 1e-6
+        assert rel_err(with_lora[i], golden[f"out_{i}"]) < 1e-6
+        assert rel_err(without_lora[i], golden[f"out_{i}_base"]) < 1e-6
     _check_golden_gap(golden)
 
 
@@ -358,7 +354,7 @@ def test_lora_from_model_reads_fixture_variants(fixture_variants):
 def test_merged_checkpoint_reproduces_golden_llm(fixture_variants, golden, tmp_path):
     step = tmp_path / "checkpoint" / "2"
     shutil.copytree(FIXTURE_STEP, step)
-    result = api.merge_checkpoint(step, output=tmp_path / "merged", lora=_fixture_lora())
+    result = checkpoint_merge.merge_checkpoint(step, output=tmp_path / "merged", lora=_fixture_lora())
 
     merged = _model.restore_params(result.output / "params", restore_type=np.ndarray)
     original = _flat(_model.restore_params(FIXTURE_STEP / "params", restore_type=np.ndarray))
@@ -376,7 +372,7 @@ def test_merged_checkpoint_reproduces_golden_llm(fixture_variants, golden, tmp_p
 
     outs = _run_llm(merged["PaliGemma"]["llm"], ["fx_a", "fx_b"], golden)
     for i in range(2):
-        assert _rel_err(outs[i], golden[f"out_{i}"]) < F32_TOL, (i, _rel_err(outs[i], golden[f"out_{i}"]))
+        assert rel_err(outs[i], golden[f"out_{i}"]) < F32_TOL, (i, rel_err(outs[i], golden[f"out_{i}"]))
     _check_golden_gap(golden)
 
 
@@ -391,17 +387,17 @@ def test_merge_params_reproduces_golden_llm(fixture_variants, golden, output_dty
     assert np.dtype(merged_w.dtype) == np.dtype(output_dtype)
     outs = _run_llm(result.params["PaliGemma"]["llm"], ["fx_a", "fx_b"], golden)
     for i in range(2):
-        err = _rel_err(outs[i], golden[f"out_{i}"])
+        err = rel_err(outs[i], golden[f"out_{i}"])
         assert err < tolerance, (i, err)
-        assert _rel_err(golden[f"out_{i}_base"], golden[f"out_{i}"]) > 2 * tolerance
+        assert rel_err(golden[f"out_{i}_base"], golden[f"out_{i}"]) > 2 * tolerance
 
 
 def test_serving_twin_of_a_shipped_lora_config_uses_openpi_s_own_plain_variants():
-    from openpi_merge_plugin.serving import twins as serving_configs
+    from openpi_merge_plugin.serving import twins
 
-    twin = serving_configs.serving_twin(openpi_config.get_config("pi0_libero_low_mem_finetune"))
+    twin = twins.serving_twin(openpi_config.get_config("pi0_libero_low_mem_finetune"))
     assert twin.reason is None
     assert twin.config.name == "pi0_libero_low_mem_finetune_merged"
     assert (twin.config.model.paligemma_variant, twin.config.model.action_expert_variant) == ("gemma_2b", "gemma_300m")
-    fast = serving_configs.serving_twin(openpi_config.get_config("pi0_fast_libero_low_mem_finetune"))
+    fast = twins.serving_twin(openpi_config.get_config("pi0_fast_libero_low_mem_finetune"))
     assert fast.config.model.paligemma_variant == "gemma_2b"

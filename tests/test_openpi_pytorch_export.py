@@ -27,8 +27,8 @@ import torch  # noqa: E402
 import training  # noqa: E402
 
 from openpi_merge_plugin.checkpoint import output as _output  # noqa: E402
-from openpi_merge_plugin.merge.engine import MergeOptions  # noqa: E402
-from openpi_merge_plugin.pipeline import checkpoint_merge as api  # noqa: E402
+from openpi_merge_plugin.options import MergeOptions  # noqa: E402
+from openpi_merge_plugin.pipeline import checkpoint_merge  # noqa: E402
 from openpi_merge_plugin.pipeline import pytorch_export  # noqa: E402
 
 pytestmark = pytest.mark.openpi
@@ -140,7 +140,9 @@ def _base_merged(step, name):
     """The base model as a merged checkpoint (strength 0: the frozen weights, in float32, no adapters)."""
     out = step / "base_merged"
     if not out.exists():
-        api.merge_checkpoint(step, output=out, lora=api.LoRASource(config=name), options=MergeOptions(strength=0.0))
+        checkpoint_merge.merge_checkpoint(
+            step, output=out, lora=checkpoint_merge.LoRASource(config=name), options=MergeOptions(strength=0.0)
+        )
     return out
 
 

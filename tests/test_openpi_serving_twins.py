@@ -10,6 +10,7 @@ import dataclasses
 import json
 import pathlib
 
+from helpers import rel_err
 import numpy as np
 from openpi_support import gate
 import pytest
@@ -87,10 +88,6 @@ def _prefix_logits(model, obs: dict) -> np.ndarray:
     return np.asarray(logits, dtype=np.float32)[0]
 
 
-def _rel(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-
-
 def _dist(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
 
@@ -123,8 +120,8 @@ def test_float32_serving_matches_the_lora_model(trained):
     else:
         noise = _noise(lora_config.model)
         out = {k: _actions(m, obs, noise) for k, m in models.items()}
-    assert _rel(out["merged"], out["lora"]) <= 1e-4
-    assert _rel(out["base"], out["lora"]) >= 0.05  # the adapters matter: a merge that dropped them would fail
+    assert rel_err(out["merged"], out["lora"]) <= 1e-4
+    assert rel_err(out["base"], out["lora"]) >= 0.05  # the adapters matter: a merge that dropped them would fail
 
 
 def test_bfloat16_policy_matches_the_lora_policy_within_2_percent_of_what_lora_changes(trained):

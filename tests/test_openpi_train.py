@@ -7,12 +7,11 @@ encoder so that a CPU step takes a second (see there).
 
 import dataclasses
 import json
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
+from helpers import read_leaves
+from helpers import run_python
 import numpy as np
 from openpi_support import gate
 import pytest
@@ -24,7 +23,7 @@ import training  # noqa: E402
 from openpi_merge_plugin.checkpoint import sources  # noqa: E402
 from openpi_merge_plugin.checks import integrity  # noqa: E402
 from openpi_merge_plugin.errors import IntegrityError  # noqa: E402
-from openpi_merge_plugin.pipeline import checkpoint_merge as api  # noqa: E402
+from openpi_merge_plugin.pipeline import checkpoint_merge  # noqa: E402
 
 pytestmark = pytest.mark.openpi
 CONFIG = "debug_lora"
@@ -39,16 +38,11 @@ def _ckpt(base: pathlib.Path, exp: str) -> pathlib.Path:
     return base / "ckpt" / CONFIG / exp
 
 
-def _leaves(params_dir: pathlib.Path) -> dict[str, np.ndarray]:
-    src = sources.OrbaxSource(params_dir)
-    return src.read(src.tree)
-
-
 def _assert_equals_offline_merge(step: pathlib.Path, tmp: pathlib.Path) -> None:
-    offline = api.merge_checkpoint(
-        step, output=tmp / f"offline-{step.parent.name}-{step.name}", lora=api.LoRASource(config=CONFIG)
+    offline = checkpoint_merge.merge_checkpoint(
+        step, output=tmp / f"offline-{step.parent.name}-{step.name}", lora=checkpoint_merge.LoRASource(config=CONFIG)
     )
-    got, want = _leaves(step / "merged" / "params"), _leaves(offline.output / "params")
+    got, want = read_leaves(step / "merged" / "params"), read_leaves(offline.output / "params")
     assert got.keys() == want.keys()
     for path in want:
         assert got[path].dtype == want[path].dtype, path
@@ -151,8 +145,8 @@ def test_final_only_with_ema_merges_the_saved_ema_params(tmp_path):
     _assert_equals_offline_merge(ckpt / "9", tmp_path)
     # What was merged are the EMA params openpi saves as `params`, not the raw params kept in train_state.
     path = "action_in_proj/kernel"
-    merged = _leaves(ckpt / "9" / "merged" / "params")[path]
-    ema = _leaves(ckpt / "9" / "params")[path]
+    merged = read_leaves(ckpt / "9" / "merged" / "params")[path]
+    ema = read_leaves(ckpt / "9" / "params")[path]
     raw = sources.OrbaxSource(ckpt / "9" / "train_state")
     raw = raw.read([path])[path]
     assert merged.tobytes() == ema.tobytes()
@@ -169,8 +163,10 @@ def test_shipped_pi05_and_pi0_fast_configs_merge_on_save(config, tmp_path):
         step_dir = training.step_dir(tmp_path, config, "shipped", step)
         assert f"Merged the LoRA adapters of step {step} into {step_dir / 'merged'}" in log
         assert integrity.verify_merged(step_dir / "merged").ok
-    offline = api.merge_checkpoint(step_dir, output=tmp_path / "offline", lora=api.LoRASource(config=config))
-    got, want = _leaves(step_dir / "merged" / "params"), _leaves(offline.output / "params")
+    offline = checkpoint_merge.merge_checkpoint(
+        step_dir, output=tmp_path / "offline", lora=checkpoint_merge.LoRASource(config=config)
+    )
+    got, want = read_leaves(step_dir / "merged" / "params"), read_leaves(offline.output / "params")
     assert got.keys() == want.keys()
     assert all(got[p].tobytes() == want[p].tobytes() for p in want)
     manifest = json.loads((step_dir / "merged" / "manifest.json").read_text())
@@ -235,12 +231,6 @@ def test_resume_continues_and_keeps_merging(single, tmp_path):
     assert integrity.verify_merged(ckpt / "14" / "merged").ok
 
 
-def _python(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, check=False
-    )
-
-
 @pytest.mark.openpi_ci
 def test_serving_names_resolve_for_configs_registered_later_in_a_fresh_process():
     code = """
@@ -255,7 +245,7 @@ try:
 except ValueError as e:
     print("no serving config for a non-LoRA config:", e)
 """
-    proc = _python(code)
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
     assert "my_late_lora_merged gemma_2b gemma_300m False" in proc.stdout
     assert "no serving config for a non-LoRA config: Config 'pi0_libero_merged' not found." in proc.stdout
@@ -264,8 +254,8 @@ except ValueError as e:
 @pytest.mark.openpi_ci
 def test_switched_off_by_environment_variable():
     code = "import openpi.training.config as c; print('merge_lora_on_save' in c.TrainConfig.__dataclass_fields__)"
-    assert _python(code).stdout.strip() == "True"
-    assert _python(code, OPENPI_MERGE_PLUGIN_DISABLE="1").stdout.strip() == "False"
+    assert run_python(code).stdout.strip() == "True"
+    assert run_python(code, OPENPI_MERGE_PLUGIN_DISABLE="1").stdout.strip() == "False"
 
 
 def _assert_committed_steps_complete(ckpt: pathlib.Path, committed: list[str]) -> None:
