@@ -94,6 +94,23 @@ def test_layout_matches_pi0pytorch_state_dict(kind, size, model_dtype):
         assert len(layout) == len(want) - 1
 
 
+@pytest.mark.parametrize("case", ["pi0_dummy", "pi05_dummy", "pi0_full", "pi05_full"])
+def test_layout_table_spells_each_jax_path_once(case):
+    """The table is the JAX tree (each path once, with its shape), and its tensors are the layout's, name for name."""
+    tree, cfg = _tree(_fixture("jax_shapes.json.gz")["trees"][case]), _fixture("jax_shapes.json.gz")["configs"][case]
+    pg = _dims(cfg["paligemma_variant"])
+    table = pl.layout_table(
+        pg, _dims(cfg["action_expert_variant"]), cfg["action_dim"], pi05=cfg["pi05"], dims=pl.model_dims(tree, pg)
+    )
+    paths = [leaf.path for leaf in table if leaf.path is not None]
+    assert len(paths) == len(set(paths)) == len(tree)
+    assert {leaf.path: leaf.shape for leaf in table if leaf.path is not None} == {p: s for p, (s, _) in tree.items()}
+    rows = list(pl.pytorch_tensors(table))
+    names = [name for name, *_ in rows]
+    assert len(names) == len(set(names))
+    assert sorted(names) == [t.name for t in _layout(tree, case, "bfloat16")]
+
+
 @pytest.mark.parametrize("kind", ["pi0", "pi05"])
 def test_projector_width_refused_unless_patched(kind):
     """PI0Pytorch hard-codes the projector to 2048 rows, so a "dummy" paligemma (width 64) cannot be loaded."""

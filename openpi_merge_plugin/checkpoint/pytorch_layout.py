@@ -3,7 +3,8 @@
 `build_layout` maps a merged JAX params structure (`path -> (shape, dtype)`, no `params` root) to the entries of the
 `model.safetensors` that upstream's converter writes with `safetensors.torch.save_model(PI0Pytorch(cfg))`: names,
 shapes, dtypes and file order, plus a `Recipe` per entry that `apply` turns into the tensor's values. Only numpy is
-used; reading arrays and writing the file are the caller's (see `safetensors_stream`).
+used; reading arrays and writing the file are the caller's (see `safetensors_stream`). Both read `layout_table`,
+the one table of JAX leaves and the tensors they become, which other formats reuse through `pytorch_tensors`.
 
 Precision, as upstream: the converter copies float32 values into a `PI0Pytorch` built with the config's `dtype`,
 whose bfloat16 parameters round them (round to nearest even), then casts the whole model to `precision`. So with
@@ -19,7 +20,7 @@ dimensions differ cannot be loaded by upstream's PyTorch model, so it is refused
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 import dataclasses
 import json
 import math
@@ -41,6 +42,9 @@ EX = "paligemma_with_expert.gemma_expert."
 LM_HEAD = PG + "lm_head.weight"
 EMBED_TOKENS = LM + "embed_tokens.weight"  # tied to LM_HEAD; save_model keeps the smaller name, LM_HEAD
 EXPERT_LM_HEAD = EX + "lm_head.weight"  # no JAX source (random init upstream, never used): written as zeros
+_IMG = "PaliGemma/img/"  # JAX prefixes, for the table and the dims read off the params
+_ENC = _IMG + "Transformer/encoderblock/"
+_EMBEDDING = "PaliGemma/llm/embedder/input_embedding"
 
 # to_bfloat16_for_selected_params: parameters (names relative to paligemma_with_expert) kept in float32.
 KEEP_FLOAT32 = (
@@ -83,6 +87,22 @@ class GemmaDims:
 
 Op = tuple[str, tuple[int, ...]]  # ("transpose", axes) or ("reshape", shape)
 T: Op = ("transpose", (1, 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One row of the layout table: a JAX leaf, its shape under the dims, and the PI0Pytorch tensors made of it."""
+
+    path: str | None  # JAX path (no `params` root); None: no JAX source, the tensor is zeros of `shape`
+    shape: tuple[int, ...]
+    names: tuple[str, ...]  # PyTorch names, "{i}" for the layer; two: one per half of the split axis (k/v, gate/up)
+    ops: tuple[Op, ...] = ()
+    aliases: tuple[str, ...] = ()  # tied state-dict names save_model drops in favour of names[0]
+
+    @property
+    def scanned(self) -> bool:
+        """Axis 0 is the layer (JAX scans the depth): one tensor per layer."""
+        return "{i}" in self.names[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,16 +190,15 @@ def model_dims(params: Mapping[str, Any], paligemma: GemmaDims) -> dict[str, Any
         return tuple(params[path][0]) if path in params else None
 
     vision = dict(VISION)
-    e = "PaliGemma/img/Transformer/encoderblock/"
-    if (query := shape(f"{e}MultiHeadDotProductAttention_0/query/kernel")) and len(query) == 4:
+    if (query := shape(f"{_ENC}MultiHeadDotProductAttention_0/query/kernel")) and len(query) == 4:
         vision["depth"], vision["width"], vision["num_heads"], vision["head_dim"] = query
-    if (mlp := shape(f"{e}MlpBlock_0/Dense_0/kernel")) and len(mlp) == 3:
+    if (mlp := shape(f"{_ENC}MlpBlock_0/Dense_0/kernel")) and len(mlp) == 3:
         vision["mlp_dim"] = mlp[-1]
-    if (patch := shape("PaliGemma/img/embedding/kernel")) and len(patch) == 4:
+    if (patch := shape(_IMG + "embedding/kernel")) and len(patch) == 4:
         vision["patch"] = patch[0]
-    if (positions := shape("PaliGemma/img/pos_embedding")) and len(positions) == 3:
+    if (positions := shape(_IMG + "pos_embedding")) and len(positions) == 3:
         vision["positions"] = positions[1]
-    embedding = shape("PaliGemma/llm/embedder/input_embedding")
+    embedding = shape(_EMBEDDING)
     return {
         "vision": vision,
         "vocab_size": embedding[0] if embedding else VOCAB_SIZE,
@@ -197,49 +216,73 @@ def nonstandard_dims(dims: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
     return found
 
 
-def _expected_jax_shapes(
-    pg: GemmaDims, ae: GemmaDims, action_dim: int, *, pi05: bool, dims: Mapping[str, Any]
-) -> dict[str, tuple[int, ...]]:
-    v = dims["vision"]
+def _leaf(path: str | None, shape: tuple[int, ...], names: str | tuple[str, ...], *ops: Op, **kw: Any) -> Leaf:
+    return Leaf(path, shape, (names,) if isinstance(names, str) else names, ops, **kw)
+
+
+def _vision_leaves(v: Mapping[str, int], pg: GemmaDims) -> Iterator[Leaf]:
     dv, lv, fv, nv, hv, p = v["width"], v["depth"], v["mlp_dim"], v["num_heads"], v["head_dim"], v["patch"]
-    e = "PaliGemma/img/Transformer/encoderblock/"
-    shapes = {
-        "PaliGemma/img/embedding/kernel": (p, p, 3, dv),
-        "PaliGemma/img/embedding/bias": (dv,),
-        "PaliGemma/img/pos_embedding": (1, v["positions"], dv),
-        "PaliGemma/img/Transformer/encoder_norm/scale": (dv,),
-        "PaliGemma/img/Transformer/encoder_norm/bias": (dv,),
-        "PaliGemma/img/head/kernel": (dv, pg.width),
-        "PaliGemma/img/head/bias": (pg.width,),
-        "PaliGemma/llm/embedder/input_embedding": (dims["vocab_size"], pg.width),
-    }
-    for ln in ("LayerNorm_0", "LayerNorm_1"):
-        shapes[f"{e}{ln}/scale"] = shapes[f"{e}{ln}/bias"] = (lv, dv)
-    shapes[f"{e}MlpBlock_0/Dense_0/kernel"], shapes[f"{e}MlpBlock_0/Dense_0/bias"] = (lv, dv, fv), (lv, fv)
-    shapes[f"{e}MlpBlock_0/Dense_1/kernel"], shapes[f"{e}MlpBlock_0/Dense_1/bias"] = (lv, fv, dv), (lv, dv)
-    for j in ("query", "key", "value"):
-        shapes[f"{e}MultiHeadDotProductAttention_0/{j}/kernel"] = (lv, dv, nv, hv)
-        shapes[f"{e}MultiHeadDotProductAttention_0/{j}/bias"] = (lv, nv, hv)
-    shapes[f"{e}MultiHeadDotProductAttention_0/out/kernel"] = (lv, nv, hv, dv)
-    shapes[f"{e}MultiHeadDotProductAttention_0/out/bias"] = (lv, dv)
-    for sfx, c, ada in (("", pg, False), ("_1", ae, pi05)):
-        t = "PaliGemma/llm/layers/"
-        shapes[f"{t}attn/q_einsum{sfx}/w"] = (c.depth, c.num_heads, c.width, c.head_dim)
-        shapes[f"{t}attn/kv_einsum{sfx}/w"] = (c.depth, 2, c.num_kv_heads, c.width, c.head_dim)
-        shapes[f"{t}attn/attn_vec_einsum{sfx}/w"] = (c.depth, c.num_heads, c.head_dim, c.width)
-        shapes[f"{t}mlp{sfx}/gating_einsum"] = (c.depth, 2, c.width, c.mlp_dim)
-        shapes[f"{t}mlp{sfx}/linear"] = (c.depth, c.mlp_dim, c.width)
-        for norm in ("pre_attention_norm", "pre_ffw_norm"):
-            if ada:
-                shapes[f"{t}{norm}{sfx}/Dense_0/kernel"] = (c.depth, c.width, 3 * c.width)
-                shapes[f"{t}{norm}{sfx}/Dense_0/bias"] = (c.depth, 3 * c.width)
-            else:
-                shapes[f"{t}{norm}{sfx}/scale"] = (c.depth, c.width)
+    img, e, a, lay = _IMG, _ENC, _ENC + "MultiHeadDotProductAttention_0/", VM + "encoder.layers.{i}."
+    emb = VM + "embeddings."
+    yield _leaf(img + "embedding/kernel", (p, p, 3, dv), emb + "patch_embedding.weight", ("transpose", (3, 2, 0, 1)))
+    yield _leaf(img + "embedding/bias", (dv,), emb + "patch_embedding.bias")
+    pos = ("reshape", (v["positions"], dv))
+    yield _leaf(img + "pos_embedding", (1, v["positions"], dv), emb + "position_embedding.weight", pos)
+    for ln, tn in (("LayerNorm_0", "layer_norm1"), ("LayerNorm_1", "layer_norm2")):
+        yield _leaf(f"{e}{ln}/scale", (lv, dv), f"{lay}{tn}.weight")
+        yield _leaf(f"{e}{ln}/bias", (lv, dv), f"{lay}{tn}.bias")
+    for jn, tn, d_in, d_out in (("Dense_0", "fc1", dv, fv), ("Dense_1", "fc2", fv, dv)):
+        yield _leaf(f"{e}MlpBlock_0/{jn}/kernel", (lv, d_in, d_out), f"{lay}mlp.{tn}.weight", T)
+        yield _leaf(f"{e}MlpBlock_0/{jn}/bias", (lv, d_out), f"{lay}mlp.{tn}.bias")
+    for jn, tn in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+        yield _leaf(f"{a}{jn}/kernel", (lv, dv, nv, hv), f"{lay}self_attn.{tn}.weight", ("reshape", (dv, nv * hv)), T)
+        yield _leaf(f"{a}{jn}/bias", (lv, nv, hv), f"{lay}self_attn.{tn}.bias", ("reshape", (nv * hv,)))
+    yield _leaf(f"{a}out/kernel", (lv, nv, hv, dv), f"{lay}self_attn.out_proj.weight", ("reshape", (nv * hv, dv)), T)
+    yield _leaf(f"{a}out/bias", (lv, dv), f"{lay}self_attn.out_proj.bias")
+    yield _leaf(img + "Transformer/encoder_norm/scale", (dv,), VM + "post_layernorm.weight")
+    yield _leaf(img + "Transformer/encoder_norm/bias", (dv,), VM + "post_layernorm.bias")
+    yield _leaf(img + "head/kernel", (dv, pg.width), PG + "model.multi_modal_projector.linear.weight", T)
+    yield _leaf(img + "head/bias", (pg.width,), PG + "model.multi_modal_projector.linear.bias")
+
+
+def _gemma_leaves(c: GemmaDims, prefix: str, sfx: str, *, ada: bool) -> Iterator[Leaf]:
+    """One expert (`sfx` "" PaliGemma's, "_1" the action expert's); `ada`: adaRMS norms (pi0.5's action expert)."""
+    t, lay = "PaliGemma/llm/layers/", prefix + "layers.{i}."
+    d, n, k, h, w, f = c.depth, c.num_heads, c.num_kv_heads, c.head_dim, c.width, c.mlp_dim
+    sa, qkv = lay + "self_attn.", ("transpose", (0, 2, 1))
+    yield _leaf(f"{t}attn/q_einsum{sfx}/w", (d, n, w, h), sa + "q_proj.weight", qkv, ("reshape", (n * h, w)))
+    kv = (sa + "k_proj.weight", sa + "v_proj.weight")
+    yield _leaf(f"{t}attn/kv_einsum{sfx}/w", (d, 2, k, w, h), kv, qkv, ("reshape", (k * h, w)))
+    yield _leaf(f"{t}attn/attn_vec_einsum{sfx}/w", (d, n, h, w), sa + "o_proj.weight", ("reshape", (n * h, w)), T)
+    gate_up = (lay + "mlp.gate_proj.weight", lay + "mlp.up_proj.weight")
+    yield _leaf(f"{t}mlp{sfx}/gating_einsum", (d, 2, w, f), gate_up, T)
+    yield _leaf(f"{t}mlp{sfx}/linear", (d, f, w), lay + "mlp.down_proj.weight", T)
+    norms = (
+        (f"{t}pre_attention_norm{sfx}/", lay + "input_layernorm.", (d,)),
+        (f"{t}pre_ffw_norm{sfx}/", lay + "post_attention_layernorm.", (d,)),
+        (f"PaliGemma/llm/final_norm{sfx}/", prefix + "norm.", ()),
+    )
+    for jn, tn, lead in norms:
         if ada:
-            shapes[f"PaliGemma/llm/final_norm{sfx}/Dense_0/kernel"] = (c.width, 3 * c.width)
-            shapes[f"PaliGemma/llm/final_norm{sfx}/Dense_0/bias"] = (3 * c.width,)
+            yield _leaf(jn + "Dense_0/kernel", (*lead, w, 3 * w), tn + "dense.weight", T)
+            yield _leaf(jn + "Dense_0/bias", (*lead, 3 * w), tn + "dense.bias")
         else:
-            shapes[f"PaliGemma/llm/final_norm{sfx}/scale"] = (c.width,)
+            yield _leaf(jn + "scale", (*lead, w), tn + "weight")
+
+
+def layout_table(
+    paligemma: GemmaDims, action_expert: GemmaDims, action_dim: int, *, pi05: bool, dims: Mapping[str, Any]
+) -> tuple[Leaf, ...]:
+    """Every JAX leaf of the model (each path once) and what it becomes in PI0Pytorch; `dims` from `model_dims`.
+
+    The one place the JAX paths are spelled: the tree check, `build_layout` and any other output format (renaming
+    the PyTorch names, see `pytorch_tensors`) read it.
+    """
+    pg, ae = paligemma, action_expert
+    leaves = [*_vision_leaves(dims["vision"], pg)]
+    leaves.append(_leaf(_EMBEDDING, (dims["vocab_size"], pg.width), LM_HEAD, aliases=(EMBED_TOKENS,)))
+    leaves += [*_gemma_leaves(pg, LM, "", ada=False), *_gemma_leaves(ae, EX + "model.", "_1", ada=pi05)]
+    leaves.append(_leaf(None, (dims["vocab_size"], ae.width), EXPERT_LM_HEAD))
     w = ae.width
     projs = {"action_in_proj": (action_dim, w), "action_out_proj": (w, action_dim)}
     if pi05:
@@ -247,8 +290,21 @@ def _expected_jax_shapes(
     else:
         projs |= {"state_proj": (action_dim, w), "action_time_mlp_in": (2 * w, w), "action_time_mlp_out": (w, w)}
     for k, s in projs.items():
-        shapes[f"{k}/kernel"], shapes[f"{k}/bias"] = s, (s[1],)
-    return shapes
+        leaves += [_leaf(f"{k}/kernel", s, f"{k}.weight", T), _leaf(f"{k}/bias", (s[1],), f"{k}.bias")]
+    return tuple(leaves)
+
+
+def pytorch_tensors(table: Iterable[Leaf]) -> Iterator[tuple[str, Leaf, int | None, int | None]]:
+    """Each PI0Pytorch tensor of the table, in table order: (name, its leaf, layer, split).
+
+    The rest of its recipe (source, ops, aliases) is the leaf's. A format whose keys are PI0Pytorch's, mapped (LeRobot),
+    renames `name` and writes the same tensors.
+    """
+    for leaf in table:
+        for layer in range(leaf.shape[0]) if leaf.scanned else (None,):
+            halves = enumerate(leaf.names) if len(leaf.names) > 1 else [(None, leaf.names[0])]
+            for split, name in halves:
+                yield name.format(i=layer), leaf, layer, split
 
 
 def _check_tree(params: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], dims_note: str) -> None:
@@ -267,6 +323,21 @@ def _check_tree(params: Mapping[str, Any], expected: Mapping[str, tuple[int, ...
             problems.append(f"{path}: dtype {dtype} is not one of {SOURCE_DTYPES}")
     if problems:
         raise LayoutError(f"JAX params do not match {dims_note}:\n  " + "\n  ".join(problems))
+
+
+def _spec(params: Mapping[str, Any], row: tuple, precision: Precision, model_dtype: Precision) -> TensorSpec:
+    name, leaf, layer, split = row  # from `pytorch_tensors`
+    if leaf.path is None:
+        src_shape, shape = None, leaf.shape
+    else:
+        src_shape = tuple(params[leaf.path][0])
+        shape = src_shape[(layer is not None) + (split is not None) :]
+        for op, arg in leaf.ops:
+            shape = tuple(shape[i] for i in arg) if op == "transpose" else tuple(arg)
+    pdt = param_dtype(name, model_dtype)
+    rounded = precision == "bfloat16" or pdt == "bfloat16"
+    recipe = Recipe(leaf.path, src_shape, layer, split, leaf.ops, round_bf16=rounded, dtype=precision, shape=shape)
+    return TensorSpec(name, shape, _ST_DTYPES[precision], pdt, recipe, leaf.aliases)
 
 
 def build_layout(
@@ -298,7 +369,8 @@ def build_layout(
         if getattr(pg, f) != getattr(ae, f):
             raise LayoutError(f"paligemma and action expert must have equal {f} (JAX scans them together): {pg}, {ae}")
     dims = model_dims(params, pg)
-    expected = _expected_jax_shapes(pg, ae, action_dim, pi05=pi05, dims=dims)
+    table = layout_table(pg, ae, action_dim, pi05=pi05, dims=dims)
+    expected = {leaf.path: leaf.shape for leaf in table if leaf.path is not None}
     _check_tree(params, expected, f"paligemma {pg}, action expert {ae}, action_dim={action_dim}, pi05={pi05}")
     nonstandard = nonstandard_dims(dims)
     if nonstandard and not allow_nonstandard_dims:
@@ -309,86 +381,7 @@ def build_layout(
             "with these dimensions)"
         )
 
-    entries: list[TensorSpec] = []
-
-    def add(name, src, ops=(), *, layer=None, split=None, zeros_shape=None, aliases=()):
-        if src is None:
-            src_shape, shape = None, tuple(zeros_shape)
-        else:
-            src_shape = tuple(params[src][0])
-            shape = src_shape[(layer is not None) + (split is not None) :]
-            for op, arg in ops:
-                shape = tuple(shape[i] for i in arg) if op == "transpose" else tuple(arg)
-        pdt = param_dtype(name, model_dtype)
-        rounded = precision == "bfloat16" or pdt == "bfloat16"
-        recipe = Recipe(src, src_shape, layer, split, tuple(ops), round_bf16=rounded, dtype=precision, shape=shape)
-        entries.append(TensorSpec(name, shape, _ST_DTYPES[precision], pdt, recipe, tuple(aliases)))
-
-    # SigLIP
-    vision = dims["vision"]
-    dv, nv, hv = vision["width"], vision["num_heads"], vision["head_dim"]
-    img, e = "PaliGemma/img/", "PaliGemma/img/Transformer/encoderblock/"
-    add(VM + "embeddings.patch_embedding.weight", img + "embedding/kernel", [("transpose", (3, 2, 0, 1))])
-    add(VM + "embeddings.patch_embedding.bias", img + "embedding/bias")
-    add(VM + "embeddings.position_embedding.weight", img + "pos_embedding", [("reshape", (vision["positions"], dv))])
-    for i in range(vision["depth"]):
-        p = f"{VM}encoder.layers.{i}."
-        add(p + "layer_norm1.weight", e + "LayerNorm_0/scale", layer=i)
-        add(p + "layer_norm1.bias", e + "LayerNorm_0/bias", layer=i)
-        add(p + "layer_norm2.weight", e + "LayerNorm_1/scale", layer=i)
-        add(p + "layer_norm2.bias", e + "LayerNorm_1/bias", layer=i)
-        add(p + "mlp.fc1.weight", e + "MlpBlock_0/Dense_0/kernel", [T], layer=i)
-        add(p + "mlp.fc1.bias", e + "MlpBlock_0/Dense_0/bias", layer=i)
-        add(p + "mlp.fc2.weight", e + "MlpBlock_0/Dense_1/kernel", [T], layer=i)
-        add(p + "mlp.fc2.bias", e + "MlpBlock_0/Dense_1/bias", layer=i)
-        a = e + "MultiHeadDotProductAttention_0/"
-        for j, t in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-            add(p + f"self_attn.{t}.weight", a + f"{j}/kernel", [("reshape", (dv, nv * hv)), T], layer=i)
-            add(p + f"self_attn.{t}.bias", a + f"{j}/bias", [("reshape", (nv * hv,))], layer=i)
-        add(p + "self_attn.out_proj.weight", a + "out/kernel", [("reshape", (nv * hv, dv)), T], layer=i)
-        add(p + "self_attn.out_proj.bias", a + "out/bias", layer=i)
-    add(VM + "post_layernorm.weight", img + "Transformer/encoder_norm/scale")
-    add(VM + "post_layernorm.bias", img + "Transformer/encoder_norm/bias")
-    add(PG + "model.multi_modal_projector.linear.weight", img + "head/kernel", [T])
-    add(PG + "model.multi_modal_projector.linear.bias", img + "head/bias")
-    add(LM_HEAD, "PaliGemma/llm/embedder/input_embedding", aliases=[EMBED_TOKENS])
-
-    # Gemma experts
-    for prefix, sfx, c, ada in ((LM, "", pg, False), (EX + "model.", "_1", ae, pi05)):
-        t = "PaliGemma/llm/layers/"
-        n, k, h, w = c.num_heads, c.num_kv_heads, c.head_dim, c.width
-        for i in range(c.depth):
-            p = f"{prefix}layers.{i}."
-            qkv = [("transpose", (0, 2, 1)), ("reshape", (n * h, w))]
-            add(p + "self_attn.q_proj.weight", f"{t}attn/q_einsum{sfx}/w", qkv, layer=i)
-            qkv = [("transpose", (0, 2, 1)), ("reshape", (k * h, w))]
-            add(p + "self_attn.k_proj.weight", f"{t}attn/kv_einsum{sfx}/w", qkv, layer=i, split=0)
-            add(p + "self_attn.v_proj.weight", f"{t}attn/kv_einsum{sfx}/w", qkv, layer=i, split=1)
-            o = [("reshape", (n * h, w)), T]
-            add(p + "self_attn.o_proj.weight", f"{t}attn/attn_vec_einsum{sfx}/w", o, layer=i)
-            add(p + "mlp.gate_proj.weight", f"{t}mlp{sfx}/gating_einsum", [T], layer=i, split=0)
-            add(p + "mlp.up_proj.weight", f"{t}mlp{sfx}/gating_einsum", [T], layer=i, split=1)
-            add(p + "mlp.down_proj.weight", f"{t}mlp{sfx}/linear", [T], layer=i)
-            for jn, tn in (("pre_attention_norm", "input_layernorm"), ("pre_ffw_norm", "post_attention_layernorm")):
-                if ada:
-                    add(p + f"{tn}.dense.weight", f"{t}{jn}{sfx}/Dense_0/kernel", [T], layer=i)
-                    add(p + f"{tn}.dense.bias", f"{t}{jn}{sfx}/Dense_0/bias", layer=i)
-                else:
-                    add(p + f"{tn}.weight", f"{t}{jn}{sfx}/scale", layer=i)
-        if ada:
-            add(prefix + "norm.dense.weight", f"PaliGemma/llm/final_norm{sfx}/Dense_0/kernel", [T])
-            add(prefix + "norm.dense.bias", f"PaliGemma/llm/final_norm{sfx}/Dense_0/bias")
-        else:
-            add(prefix + "norm.weight", f"PaliGemma/llm/final_norm{sfx}/scale")
-    add(EXPERT_LM_HEAD, None, zeros_shape=(dims["vocab_size"], ae.width))
-
-    # Projections
-    projs = ["action_in_proj", "action_out_proj"]
-    projs += ["time_mlp_in", "time_mlp_out"] if pi05 else ["state_proj", "action_time_mlp_in", "action_time_mlp_out"]
-    for k in projs:
-        add(f"{k}.weight", f"{k}/kernel", [T])
-        add(f"{k}.bias", f"{k}/bias")
-
+    entries = [_spec(params, row, precision, model_dtype) for row in pytorch_tensors(table)]
     entries.sort(key=lambda s: s.name)
     return Layout(tuple(entries), {EMBED_TOKENS: LM_HEAD}, pi05, precision, model_dtype, nonstandard)
 
