@@ -120,10 +120,15 @@ def _torch_actions(model, obs, noise) -> np.ndarray:
     return out.float().numpy()[0]
 
 
+def _beside(step, name: str):
+    """An output next to the run's steps: never inside the LoRA step (the export refuses that)."""
+    return step.parents[1] / f"{step.parent.name}-{step.name}-{name}"
+
+
 def _export(step, config, precision: str, name: str):
     return pytorch_export.export_pytorch(
         step / "merged",
-        output=step / name,
+        output=_beside(step, name),
         precision=precision,
         model=_info(config),
     ).output
@@ -138,7 +143,7 @@ def _info(config) -> pytorch_export.ModelInfo:
 
 def _base_merged(step, name):
     """The base model as a merged checkpoint (strength 0: the frozen weights, in float32, no adapters)."""
-    out = step / "base_merged"
+    out = _beside(step, "base_merged")
     if not out.exists():
         checkpoint_merge.merge_checkpoint(
             step, output=out, lora=checkpoint_merge.LoRASource(config=name), options=MergeOptions(strength=0.0)
@@ -181,7 +186,7 @@ def test_bfloat16_export_is_as_close_as_a_non_lora_conversion(trained):
     got = _torch_actions(_served_pytorch_model(serving, _export(step, serving, "bfloat16", "pytorch_bf16")), obs, noise)
     base_jax = _jax_actions(serving, step / "params", obs, noise)
     base_export = pytorch_export.export_pytorch(
-        _base_merged(step, name), output=step / "pytorch_base_bf16", precision="bfloat16", model=_info(serving)
+        _base_merged(step, name), output=_beside(step, "pytorch_base_bf16"), precision="bfloat16", model=_info(serving)
     ).output
     base_torch = _torch_actions(_served_pytorch_model(serving, base_export), obs, noise)
     scale = float(np.max(np.abs(want)))
