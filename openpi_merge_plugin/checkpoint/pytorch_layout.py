@@ -279,9 +279,7 @@ def layout_table(
     the PyTorch names, see `pytorch_tensors`) read it.
     """
     pg, ae = paligemma, action_expert
-    leaves = [*_vision_leaves(dims["vision"], pg)]
-    leaves.append(_leaf(_EMBEDDING, (dims["vocab_size"], pg.width), LM_HEAD, aliases=(EMBED_TOKENS,)))
-    leaves += [*_gemma_leaves(pg, LM, "", ada=False), *_gemma_leaves(ae, EX + "model.", "_1", ada=pi05)]
+    leaves = [*paligemma_table(pg, dims), *_gemma_leaves(ae, EX + "model.", "_1", ada=pi05)]
     leaves.append(_leaf(None, (dims["vocab_size"], ae.width), EXPERT_LM_HEAD))
     w = ae.width
     projs = {"action_in_proj": (action_dim, w), "action_out_proj": (w, action_dim)}
@@ -292,6 +290,12 @@ def layout_table(
     for k, s in projs.items():
         leaves += [_leaf(f"{k}/kernel", s, f"{k}.weight", T), _leaf(f"{k}/bias", (s[1],), f"{k}.bias")]
     return tuple(leaves)
+
+
+def paligemma_table(paligemma: GemmaDims, dims: Mapping[str, Any]) -> tuple[Leaf, ...]:
+    """The PaliGemma part of `layout_table` (SigLIP, projector, embedding, the first expert): all of pi0-FAST."""
+    embedding = _leaf(_EMBEDDING, (dims["vocab_size"], paligemma.width), LM_HEAD, aliases=(EMBED_TOKENS,))
+    return (*_vision_leaves(dims["vision"], paligemma), embedding, *_gemma_leaves(paligemma, LM, "", ada=False))
 
 
 def pytorch_tensors(table: Iterable[Leaf]) -> Iterator[tuple[str, Leaf, int | None, int | None]]:
@@ -307,7 +311,7 @@ def pytorch_tensors(table: Iterable[Leaf]) -> Iterator[tuple[str, Leaf, int | No
                 yield name.format(i=layer), leaf, layer, split
 
 
-def _check_tree(params: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], dims_note: str) -> None:
+def check_tree(params: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], dims_note: str) -> None:
     problems = []
     missing = sorted(set(expected) - set(params))
     extra = sorted(set(params) - set(expected))
@@ -325,15 +329,22 @@ def _check_tree(params: Mapping[str, Any], expected: Mapping[str, tuple[int, ...
         raise LayoutError(f"JAX params do not match {dims_note}:\n  " + "\n  ".join(problems))
 
 
+def tensor_shapes(
+    params: Mapping[str, Any], leaf: Leaf, layer: int | None, split: int | None
+) -> tuple[tuple[int, ...] | None, tuple[int, ...]]:
+    """(the source leaf's shape or None for zeros, the output tensor's shape) of one `pytorch_tensors` row."""
+    if leaf.path is None:
+        return None, leaf.shape
+    src_shape = tuple(params[leaf.path][0])
+    shape = src_shape[(layer is not None) + (split is not None) :]
+    for op, arg in leaf.ops:
+        shape = tuple(shape[i] for i in arg) if op == "transpose" else tuple(arg)
+    return src_shape, shape
+
+
 def _spec(params: Mapping[str, Any], row: tuple, precision: Precision, model_dtype: Precision) -> TensorSpec:
     name, leaf, layer, split = row  # from `pytorch_tensors`
-    if leaf.path is None:
-        src_shape, shape = None, leaf.shape
-    else:
-        src_shape = tuple(params[leaf.path][0])
-        shape = src_shape[(layer is not None) + (split is not None) :]
-        for op, arg in leaf.ops:
-            shape = tuple(shape[i] for i in arg) if op == "transpose" else tuple(arg)
+    src_shape, shape = tensor_shapes(params, leaf, layer, split)
     pdt = param_dtype(name, model_dtype)
     rounded = precision == "bfloat16" or pdt == "bfloat16"
     recipe = Recipe(leaf.path, src_shape, layer, split, leaf.ops, round_bf16=rounded, dtype=precision, shape=shape)
@@ -371,7 +382,7 @@ def build_layout(
     dims = model_dims(params, pg)
     table = layout_table(pg, ae, action_dim, pi05=pi05, dims=dims)
     expected = {leaf.path: leaf.shape for leaf in table if leaf.path is not None}
-    _check_tree(params, expected, f"paligemma {pg}, action expert {ae}, action_dim={action_dim}, pi05={pi05}")
+    check_tree(params, expected, f"paligemma {pg}, action expert {ae}, action_dim={action_dim}, pi05={pi05}")
     nonstandard = nonstandard_dims(dims)
     if nonstandard and not allow_nonstandard_dims:
         differ = ", ".join(f"{k} {mine} (PI0Pytorch: {theirs})" for k, (mine, theirs) in nonstandard.items())
