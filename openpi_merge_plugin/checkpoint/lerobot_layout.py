@@ -119,11 +119,15 @@ def build_lerobot_layout(
             "Pass --allow-nonstandard-dims to write it anyway (it then loads only into a LeRobot patched to these "
             "dimensions)"
         )
-    entries = []
-    for name, leaf, layer, split in layout.pytorch_tensors(table):
-        for torch_name in (name, *leaf.aliases):  # embed_tokens: its own tensor in LeRobot, equal to lm_head
-            entries.append(_spec(params, PREFIX + torch_name, leaf, layer, split, precision))
-    entries.sort(key=lambda s: s.name)
+    # embed_tokens (an alias of lm_head in PI0Pytorch) is its own tensor in LeRobot, equal to lm_head.
+    entries = sorted(
+        (
+            _spec(params, PREFIX + torch_name, leaf, layer, split, precision)
+            for name, leaf, layer, split in layout.pytorch_tensors(table)
+            for torch_name in (name, *leaf.aliases)
+        ),
+        key=lambda s: s.name,
+    )
     variants = {
         role: variant_of(d) or ROLE_DEFAULT_VARIANT[role]
         for role, d in (("paligemma", paligemma), ("action_expert", action_expert))

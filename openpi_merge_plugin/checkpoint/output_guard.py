@@ -14,10 +14,11 @@ from openpi_merge_plugin.errors import OutputExistsError
 from openpi_merge_plugin.errors import OutputRefusedError
 
 MANIFEST = "manifest.json"
-# What the tool writes into a LoRA step: the merged checkpoint, and its PyTorch export (offline or on save).
+# What the tool writes into a LoRA step: the merged checkpoint, its PyTorch and LeRobot exports (offline or on save).
 MERGED_NAME = "merged"
 PYTORCH_NAME = "merged_pytorch"
-STEP_OUTPUT_NAMES = (MERGED_NAME, PYTORCH_NAME)
+LEROBOT_NAME = "merged_lerobot"
+STEP_OUTPUT_NAMES = (MERGED_NAME, PYTORCH_NAME, LEROBOT_NAME)
 PLUGIN = "openpi-merge-plugin"  # the manifest's "plugin" field, which marks an output of this tool
 # Written instead of a checkpoint when a merge on save fails (training goes on).
 FAILURE_MARKER = "MERGE_FAILED.json"

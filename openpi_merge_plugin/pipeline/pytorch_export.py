@@ -86,11 +86,11 @@ def export_pytorch(
     if model is not None and action_horizon is not None:
         raise ConfigError("--config and --action-horizon are alternatives: give one")
     src = pathlib.Path(src).resolve()
-    merged_dir, step_dir = _merged_source(src)
+    merged_dir, step_dir = merged_source(src)
     if merged_dir is None:
         default, protected = step_dir / _output.PYTORCH_NAME, [checkpoint_merge.protect_step(step_dir)]
     else:
-        default, protected = merged_dir.parent / f"{merged_dir.name}_pytorch", _protected_for_merged(merged_dir)
+        default, protected = merged_dir.parent / f"{merged_dir.name}_pytorch", protected_for_merged(merged_dir)
     out = output_guard.check_output(output if output is not None else default, overwrite=overwrite, protected=protected)
     if merged_dir is None:  # a LoRA step: merged first (streamed, verified) into a scratch sibling of `out`
         planned = checkpoint_merge.plan_step_merge(step_dir, lora, MergeOptions())
@@ -126,7 +126,7 @@ def export_pytorch(
     return ExportResult(out, manifest)
 
 
-def _merged_source(src: pathlib.Path) -> tuple[pathlib.Path | None, pathlib.Path]:
+def merged_source(src: pathlib.Path) -> tuple[pathlib.Path | None, pathlib.Path]:
     """(merged dir or None for a LoRA step, the step dir)."""
     if not src.exists():
         raise CheckpointError(f"{src} does not exist")
@@ -138,7 +138,7 @@ def _merged_source(src: pathlib.Path) -> tuple[pathlib.Path | None, pathlib.Path
     raise CheckpointError(f"{src} is neither a merged checkpoint (params/ and manifest.json) nor a LoRA step (params/)")
 
 
-def _protected_for_merged(merged_dir: pathlib.Path) -> list[output_guard.Protected]:
+def protected_for_merged(merged_dir: pathlib.Path) -> list[output_guard.Protected]:
     """A merged directory, and the LoRA step it came from (as its manifest records it, or as its parent)."""
     protected = [output_guard.Protected(merged_dir, "the merged checkpoint")]
     try:
@@ -181,7 +181,9 @@ def write_export(
         done[0] += 1
         if progress is not None:
             progress("export", done[0], len(plan))
-        return None if spec.recipe.source is None else layout.apply(spec.recipe, _read(source, spec.recipe))
+        return (
+            None if spec.recipe.source is None else layout.apply(spec.recipe, read_recipe_source(source, spec.recipe))
+        )
 
     safetensors_stream.write(directory / MODEL_FILE, plan.tensors, produce, plan.metadata)
     (directory / CONFIG_FILE).write_text(
@@ -287,7 +289,7 @@ def verify_file(path: pathlib.Path, plan: layout.Layout, source: sources.OrbaxSo
         raise CheckpointError(f"{path}: the file's tensors are not the layout's")
     for spec in plan.tensors:
         recipe = spec.recipe
-        want = None if recipe.source is None else layout.apply(recipe, _read(source, recipe))
+        want = None if recipe.source is None else layout.apply(recipe, read_recipe_source(source, recipe))
         # Opened per tensor: safe_open maps the file, and the pages a read touched stay resident while it is open.
         with safe_open(str(path), framework="numpy") as f:
             got = f.get_tensor(spec.name)
@@ -304,7 +306,7 @@ def verify_file(path: pathlib.Path, plan: layout.Layout, source: sources.OrbaxSo
     return {"reader": "safetensors.safe_open", "tensors_checked": checked, "bitwise": True}
 
 
-def _read(source: sources.OrbaxSource, recipe: layout.Recipe) -> np.ndarray:
+def read_recipe_source(source: sources.OrbaxSource, recipe: layout.Recipe) -> np.ndarray:
     """The recipe's source: one layer slice of a scanned leaf, or the whole leaf."""
     if recipe.layer is None:
         return source.read([recipe.source])[recipe.source]

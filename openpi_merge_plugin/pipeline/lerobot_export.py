@@ -1,0 +1,355 @@
+"""Export a merged checkpoint for LeRobot 0.6.1: the directory `PI0Policy` / `PI05Policy` / `PI0FastPolicy`
+`.from_pretrained(DIR)` and `make_pre_post_processors(config, pretrained_path=DIR)` load.
+
+`model.safetensors` (`lerobot_layout`: the one layout table, LeRobot's names and dtypes, streamed one tensor or
+layer slice at a time), `config.json` and the processor files (`lerobot_files`, as LeRobot's `save_pretrained`
+writes them, normalization stats from the step's openpi norm stats), and `manifest.json`; committed atomically.
+The source and output handling are the PyTorch export's (`pytorch_export`). Needs no LeRobot, torch or openpi.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+import datetime as dt
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import numpy as np
+
+from openpi_merge_plugin import __version__
+from openpi_merge_plugin import options as _options
+from openpi_merge_plugin.checkpoint import lerobot_files as files
+from openpi_merge_plugin.checkpoint import lerobot_layout
+from openpi_merge_plugin.checkpoint import output as _output
+from openpi_merge_plugin.checkpoint import output_guard
+from openpi_merge_plugin.checkpoint import pytorch_layout as layout
+from openpi_merge_plugin.checkpoint import safetensors_stream
+from openpi_merge_plugin.checkpoint import sources
+from openpi_merge_plugin.errors import CheckpointError
+from openpi_merge_plugin.errors import ConfigError
+from openpi_merge_plugin.options import MergeOptions
+from openpi_merge_plugin.pipeline import checkpoint_merge
+from openpi_merge_plugin.pipeline import export_model
+from openpi_merge_plugin.pipeline import pytorch_export
+from openpi_merge_plugin.pipeline.export_model import Precision
+
+logger = logging.getLogger("openpi_merge_plugin")
+
+MODEL_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+# The one switch for pi0-FAST: None exports it; a reason (what LeRobot's PI0FastPolicy computes differently from
+# openpi's Pi0FAST) refuses it with that reason, before any work.
+PI0_FAST_REFUSED: str | None = None
+# openpi's max_token_len defaults (Pi0Config: 200 for pi0.5, else 48; Pi0FASTConfig: 250).
+DEFAULT_MAX_TOKEN_LEN = {"pi0": 48, "pi05": 200, "pi0_fast": 250}
+
+
+@dataclasses.dataclass(frozen=True)
+class LeRobotModel:
+    """What the files need of the openpi config beyond the params."""
+
+    action_horizon: int
+    max_token_len: int | None = None  # None: openpi's default for the model
+    action_dim: int | None = None  # pi0-FAST's (its params have no action projection); None: the norm stats'
+    asset_id: str | None = None  # where the norm stats are (assets/<asset_id>/); None: the only one there
+    config_name: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Naming:
+    """How the files name the model's inputs and run it, beyond the model itself."""
+
+    cameras: Mapping[str, str] = dataclasses.field(default_factory=dict)  # openpi camera -> LeRobot feature name
+    n_action_steps: int | None = None  # None: the whole chunk
+    device: str = "cuda"
+    norm_stats: pathlib.Path | None = None  # an openpi norm_stats.json to use instead of the checkpoint's
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    layout: lerobot_layout.LeRobotLayout
+    spec: files.PolicySpec
+    stats: dict[str, np.ndarray]
+    norm_stats_path: pathlib.Path
+
+
+def model_from_train_config(config: Any, *, config_name: str | None = None) -> LeRobotModel:
+    """From an openpi TrainConfig: horizon, token length, pi0-FAST's action_dim, the data config's asset_id."""
+    model, data = config.model, getattr(config, "data", None)
+    assets = getattr(data, "assets", None)
+    repo_id = getattr(data, "repo_id", None)
+    asset_id = getattr(assets, "asset_id", None) or (repo_id if isinstance(repo_id, str) else None)
+    fast = not hasattr(model, "action_expert_variant")
+    return LeRobotModel(
+        int(model.action_horizon),
+        int(model.max_token_len),
+        int(model.action_dim) if fast else None,
+        asset_id,
+        config_name or getattr(config, "name", None),
+    )
+
+
+def model_from_openpi(config_name: str) -> LeRobotModel:
+    from openpi_merge_plugin.lora import openpi_configs
+
+    config = openpi_configs.train_config(config_name, without="; or pass --action-horizon")
+    return model_from_train_config(config, config_name=config_name)
+
+
+def _model_from_record(record: dict[str, Any]) -> LeRobotModel:
+    names = [record.get("serving_config"), (record.get("lora_config") or {}).get("config_name")]
+    problems = []
+    for name in filter(None, names):
+        try:
+            return model_from_openpi(name)
+        except ConfigError as e:
+            problems.append(str(e))
+    why = "; ".join(problems) or "the manifest names no openpi config"
+    raise ConfigError(
+        f"the export needs the model config (action_horizon, max_token_len) and cannot get it: {why}. Pass "
+        "--config NAME with openpi importable, or --action-horizon N"
+    )
+
+
+def export_lerobot(
+    src: pathlib.Path | str,
+    *,
+    output: pathlib.Path | str | None = None,
+    precision: Precision = "float32",
+    model: LeRobotModel | None = None,
+    naming: Naming = Naming(),
+    lora: checkpoint_merge.LoRASource | None = None,
+    overwrite: bool = False,
+    allow_nonstandard_dims: bool = False,
+    progress: pytorch_export.ProgressFn | None = None,
+) -> pytorch_export.ExportResult:
+    """Writes the LeRobot directory of `src` (a merged directory, or a LoRA step: merged on the way).
+
+    Default output: `<step>/merged_lerobot` for a LoRA step, `<merged>_lerobot` beside a merged directory.
+    """
+    if (problem := _options.one_of(Precision)(precision)) is not None:
+        raise _options.OptionError("precision", problem)
+    src = pathlib.Path(src).resolve()
+    merged_dir, step_dir = pytorch_export.merged_source(src)
+    if merged_dir is None:
+        default, protected = step_dir / output_guard.LEROBOT_NAME, [checkpoint_merge.protect_step(step_dir)]
+        assets = step_dir / "assets"
+    else:
+        default = merged_dir.parent / f"{merged_dir.name}_lerobot"
+        protected, assets = pytorch_export.protected_for_merged(merged_dir), merged_dir / "assets"
+    out = output_guard.check_output(output if output is not None else default, overwrite=overwrite, protected=protected)
+    if merged_dir is None:
+        planned = checkpoint_merge.plan_step_merge(step_dir, lora, MergeOptions())
+        structure = planned.structure
+        record = {"lora_config": planned.resolved.to_json(), **planned.serving_config.to_json()}
+    else:
+        planned, structure = None, sources.OrbaxSource(merged_dir / "params").tree
+        record = json.loads((merged_dir / _output.MANIFEST).read_text())
+    if model is None:
+        model = _model_from_record(record)
+    # Everything that can be refused is refused here, before the merge and the writes.
+    plan_lerobot(structure, assets, precision, model, naming, allow_nonstandard_dims=allow_nonstandard_dims, what=src)
+    with _output.scratch_directory(out) as scratch:
+        if planned is not None:
+            merged_dir = scratch / _output.MERGED_NAME
+            merged_dir.mkdir()
+            checkpoint_merge.write_merge(merged_dir, planned, merged_dir)
+            source_info = {"lora_step": str(step_dir), "merged_on_the_way": True}
+        else:
+            source_info = {"merged": str(merged_dir), "merged_on_the_way": False}
+        with _output.staged_directory(out, overwrite=overwrite) as tmp:
+            manifest = write_lerobot(
+                tmp,
+                merged_dir,
+                precision,
+                model,
+                out,
+                naming=naming,
+                source_info=source_info,
+                allow_nonstandard_dims=allow_nonstandard_dims,
+                progress=progress,
+            )
+    logger.info("exported %s for LeRobot to %s (%s)", src, out, precision)
+    return pytorch_export.ExportResult(out, manifest)
+
+
+def find_norm_stats(assets: pathlib.Path, asset_id: str | None) -> pathlib.Path:
+    """`assets/<asset_id>/norm_stats.json`, as openpi's `load_norm_stats` reads it; without an asset_id, the only
+    norm stats under `assets/`."""
+    if asset_id is not None:
+        path = assets / asset_id / "norm_stats.json"
+        if not path.is_file():
+            raise ConfigError(f"no norm stats for asset_id {asset_id!r}: {path} is not a file")
+        return path
+    found = sorted(assets.glob("*/norm_stats.json")) if assets.is_dir() else []
+    if len(found) != 1:
+        what = f"{len(found)} ({', '.join(p.parent.name for p in found)})" if found else "none"
+        raise ConfigError(
+            f"LeRobot's processors need the model's norm stats, and {assets} has {what}: pass --asset-id NAME "
+            "(openpi's data config asset_id)"
+        )
+    return found[0]
+
+
+def plan_lerobot(
+    structure: Mapping[str, Any],
+    assets: pathlib.Path,
+    precision: Precision,
+    model: LeRobotModel,
+    naming: Naming,
+    *,
+    allow_nonstandard_dims: bool,
+    what: Any,
+) -> Plan:
+    """The file layout, the policy spec and the normalizer stats; reads only shapes and the norm stats."""
+    tree = {p: (tuple(sd.shape), str(sd.dtype)) for p, sd in structure.items()}
+    if any("lora_" in p.rsplit("/", 1)[-1] for p in tree):
+        raise CheckpointError(f"{what} still holds LoRA leaves: not a merged checkpoint")
+    kind = lerobot_layout.detect_kind(tree)
+    if kind == "pi0_fast" and PI0_FAST_REFUSED:
+        raise ConfigError(f"pi0-FAST is not exported for LeRobot: {PI0_FAST_REFUSED}")
+    paligemma = export_model.dims_from_params(structure, "")
+    expert = export_model.dims_from_params(structure, "_1") if kind != "pi0_fast" else None
+    params_action_dim = int(tree["action_in_proj/kernel"][0][0]) if kind != "pi0_fast" else None
+    try:
+        lay = lerobot_layout.build_lerobot_layout(
+            tree,
+            paligemma=paligemma,
+            action_expert=expert,
+            action_dim=params_action_dim,
+            precision=precision,
+            allow_nonstandard_dims=allow_nonstandard_dims,
+        )
+        cameras = files.camera_names(naming.cameras)
+        norm_path = naming.norm_stats or find_norm_stats(assets, model.asset_id)
+        stats = files.normalizer_tensors(files.read_openpi_norm_stats(norm_path), kind)
+    except layout.NonstandardDimsError as e:
+        raise ConfigError(str(e)) from e
+    except (layout.LayoutError, files.LeRobotFilesError) as e:
+        raise ConfigError(f"{what}: {e}") from e
+    state_dim, action_dim = files.stat_dim(stats, files.STATE), files.stat_dim(stats, files.ACTION)
+    max_dim = params_action_dim or model.action_dim or action_dim
+    for name, dim in (("state", state_dim), ("actions", action_dim)):
+        if dim > max_dim:
+            raise ConfigError(f"{norm_path}: {name} has {dim} dims, more than the model's action_dim {max_dim}")
+    if kind == "pi0_fast" and action_dim != max_dim:
+        raise ConfigError(
+            f"{norm_path}: actions have {action_dim} dims, pi0-FAST's action_dim is {max_dim}; LeRobot decodes the "
+            "FAST tokens with the action feature's dim, so they must be equal"
+        )
+    n_steps = naming.n_action_steps or model.action_horizon
+    if not 0 < n_steps <= model.action_horizon:
+        raise ConfigError(f"--n-action-steps {n_steps} must be 1..the action horizon {model.action_horizon}")
+    spec = files.PolicySpec(
+        kind=kind,
+        paligemma_variant=lay.paligemma_variant,
+        action_expert_variant=lay.action_expert_variant,
+        dtype=precision,
+        chunk_size=model.action_horizon,
+        n_action_steps=n_steps,
+        max_dim=max_dim,
+        tokenizer_max_length=model.max_token_len or DEFAULT_MAX_TOKEN_LEN[kind],
+        cameras=cameras,
+        state_dim=state_dim,
+        action_dim=action_dim,
+        device=naming.device,
+    )
+    return Plan(lay, spec, stats, norm_path)
+
+
+def write_lerobot(
+    directory: pathlib.Path,
+    merged_dir: pathlib.Path,
+    precision: Precision,
+    model: LeRobotModel,
+    output_path: pathlib.Path,
+    *,
+    naming: Naming = Naming(),
+    source_info: dict[str, Any] | None = None,
+    allow_nonstandard_dims: bool = False,
+    progress: pytorch_export.ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Writes model.safetensors (streamed), config.json, the processor files and, last, manifest.json."""
+    start = time.perf_counter()
+    merged_manifest = json.loads((merged_dir / _output.MANIFEST).read_text())
+    source = sources.OrbaxSource(merged_dir / "params")
+    plan = plan_lerobot(
+        source.tree,
+        merged_dir / "assets",
+        precision,
+        model,
+        naming,
+        allow_nonstandard_dims=allow_nonstandard_dims,
+        what=merged_dir,
+    )
+    done = [0]
+
+    def produce(spec: layout.TensorSpec) -> np.ndarray | None:
+        done[0] += 1
+        if progress is not None:
+            progress("export", done[0], len(plan.layout))
+        if spec.recipe.source is None:
+            return None
+        return layout.apply(spec.recipe, pytorch_export.read_recipe_source(source, spec.recipe))
+
+    safetensors_stream.write(directory / MODEL_FILE, plan.layout.tensors, produce, None)
+    side_files = files.write_all(directory, plan.spec, plan.stats)
+    readback = pytorch_export.verify_file(directory / MODEL_FILE, plan.layout, source)
+    stats_check = _verify_stats(directory, plan)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "plugin": "openpi-merge-plugin",
+        "plugin_version": __version__,
+        "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "format": "lerobot",
+        "lerobot_version": "0.6.1",
+        "source": {
+            **(source_info or {"merged": str(merged_dir)}),
+            "step": merged_manifest.get("source", {}).get("step"),
+            "merged_manifest_sha256": _output.sha256_of(merged_dir / _output.MANIFEST),
+            # Relative: the checkpoint's own assets (the same in the step and its merge); absolute: --norm-stats.
+            "norm_stats": str(
+                plan.norm_stats_path.relative_to(merged_dir)
+                if plan.norm_stats_path.is_relative_to(merged_dir)
+                else plan.norm_stats_path
+            ),
+            "norm_stats_sha256": _output.sha256_of(plan.norm_stats_path),
+        },
+        "output": str(output_path),
+        "serving_config": merged_manifest.get("serving_config"),
+        "lora_config": merged_manifest.get("lora_config"),
+        "policy": {"type": plan.spec.kind, **dataclasses.asdict(model)},
+        "precision": precision,
+        "precision_rules": (
+            "LeRobot's to_bfloat16_for_selected_params under config dtype "
+            f"{precision!r}: bfloat16 tensors are bf16(x), float32 ones exactly x"
+        ),
+        "tensors": len(plan.layout),
+        # Written with --allow-nonstandard-dims: loads only into a LeRobot patched to these dimensions.
+        "nonstandard_dims": {k: {"model": m, "lerobot": t} for k, (m, t) in plan.layout.nonstandard_dims.items()},
+        "files_written": [MODEL_FILE, *side_files],
+        "verification": {
+            "merge": {k: merged_manifest.get(k) for k in ("verified", "max_rel_err") if k in merged_manifest},
+            "file": readback,
+            "normalizer_stats": stats_check,
+        },
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return _output.write_manifest(directory, manifest)
+
+
+def _verify_stats(directory: pathlib.Path, plan: Plan) -> dict[str, Any]:
+    """Both stats files read back with safetensors: every stat bitwise as the norm stats give it."""
+    from safetensors.numpy import load_file
+
+    for name in files.state_file_names(plan.spec):
+        got = load_file(str(directory / name))
+        if got.keys() != plan.stats.keys() or any(
+            got[k].dtype != np.float32 or not np.array_equal(got[k], plan.stats[k]) for k in got
+        ):
+            raise CheckpointError(f"{directory / name}: the stats do not read back as written")
+    return {"reader": "safetensors.numpy.load_file", "files": 2, "stats": len(plan.stats), "bitwise": True}
