@@ -233,7 +233,9 @@ def plan_lerobot(
         raise ConfigError(f"{what}: {e}") from e
     state_dim, action_dim = files.stat_dim(stats, files.STATE), files.stat_dim(stats, files.ACTION)
     max_dim = params_action_dim or model.action_dim or action_dim
-    for name, dim in (("state", state_dim), ("actions", action_dim)):
+    # pi0/pi0.5 pad state and actions to action_dim (state_proj, action_in_proj); pi0-FAST puts the state, unpadded,
+    # into the prompt.
+    for name, dim in (("state", state_dim), ("actions", action_dim)) if kind != "pi0_fast" else ():
         if dim > max_dim:
             raise ConfigError(f"{norm_path}: {name} has {dim} dims, more than the model's action_dim {max_dim}")
     if kind == "pi0_fast" and action_dim != max_dim:

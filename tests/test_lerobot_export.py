@@ -1,0 +1,229 @@
+"""`openpi-merge-lora export --format lerobot` on the bundled fixture (runs without LeRobot, openpi and torch).
+
+The fixture is a real pi0 tree whose dims LeRobot does not build (it loads only into a LeRobot patched to them,
+as tests/data/lerobot-0.6.1/make_fixtures.py patches it), so the export is asked for nonstandard dims. That the
+names, shapes, dtypes and side files are LeRobot's own is tests/test_lerobot_layout.py.
+"""
+
+import json
+import shutil
+
+from helpers import FIXTURE
+from helpers import FIXTURE_LORA_CONFIG
+from helpers import REPO
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+from openpi_merge_plugin.checkpoint import lerobot_files
+from openpi_merge_plugin.checkpoint import lerobot_layout
+from openpi_merge_plugin.checkpoint import output as _output
+from openpi_merge_plugin.checkpoint import pytorch_layout
+from openpi_merge_plugin.checkpoint import sources
+from openpi_merge_plugin.cli import app as cli
+from openpi_merge_plugin.errors import MergeError
+from openpi_merge_plugin.lora.adapters import ShapeDtype
+from openpi_merge_plugin.pipeline import checkpoint_merge
+from openpi_merge_plugin.pipeline import lerobot_export
+
+MODEL = json.loads((FIXTURE / "model_config.json").read_text())["pi0_config"]
+HORIZON = lerobot_export.LeRobotModel(MODEL["action_horizon"])
+NORM_STATS = REPO / "tests" / "data" / "lerobot-0.6.1" / "norm_stats.json"
+TREES = REPO / "tests" / "data" / "openpi-15a9616" / "trees"
+
+
+@pytest.fixture
+def merged(step_dir, fixture_lora):
+    return checkpoint_merge.merge_checkpoint(step_dir, lora=fixture_lora).output
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_export_of_a_merged_checkpoint_holds_every_tensor_and_lerobots_files(merged, precision):
+    before = {p.relative_to(merged): p.read_bytes() for p in merged.rglob("*") if p.is_file()}
+    result = lerobot_export.export_lerobot(merged, precision=precision, model=HORIZON, allow_nonstandard_dims=True)
+    out = merged.parent / "merged_lerobot"
+    assert result.output == out
+    kind_files = lerobot_files.state_file_names(lerobot_files.PolicySpec("pi0", "", "", "", 1, 1, 1, 1, (), 1, 1))
+    names = ["config.json", "manifest.json", "model.safetensors", "policy_preprocessor.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "policy_postprocessor.json", *kind_files])
+    assert {p.relative_to(merged): p.read_bytes() for p in merged.rglob("*") if p.is_file()} == before
+
+    source = sources.OrbaxSource(merged / "params")
+    params = source.read(source.tree)
+    tensors = load_file(out / "model.safetensors")
+    with safe_open(str(out / "model.safetensors"), framework="numpy") as f:
+        assert f.metadata() is None  # LeRobot's save_model writes none: nothing is tied
+    bf16 = pytorch_layout.ml_dtypes.bfloat16
+    # Every tensor: LeRobot's name (model. + PI0Pytorch's), its dtype rule, its values from the merged params.
+    q = params["PaliGemma/llm/layers/attn/q_einsum_1/w"][1].astype(np.float32)  # (heads, width, head_dim)
+    got_q = tensors["model.paligemma_with_expert.gemma_expert.model.layers.1.self_attn.q_proj.weight"]
+    want_q = q.transpose(0, 2, 1).reshape(-1, q.shape[1])
+    if precision == "bfloat16":
+        assert got_q.dtype == bf16
+        want_q = want_q.astype(bf16)
+    np.testing.assert_array_equal(got_q, want_q)
+    # Kept float32 in LeRobot's bf16 model, and exact: the vision tower, the norms, the action projections.
+    for name, leaf, transpose in (
+        ("model.action_in_proj.weight", "action_in_proj/kernel", True),
+        ("model.paligemma_with_expert.paligemma.model.language_model.norm.weight", "PaliGemma/llm/final_norm/scale", 0),
+        (
+            "model.paligemma_with_expert.paligemma.model.multi_modal_projector.linear.weight",
+            "PaliGemma/img/head/kernel",
+            True,
+        ),
+    ):
+        want = params[leaf].astype(np.float32)
+        assert tensors[name].dtype == np.float32, name
+        np.testing.assert_array_equal(tensors[name], want.T if transpose else want)
+    embed = "model." + pytorch_layout.EMBED_TOKENS
+    assert tensors[embed].tobytes() == tensors["model." + pytorch_layout.LM_HEAD].tobytes()  # openpi ties them
+    assert not np.any(tensors["model." + pytorch_layout.EXPERT_LM_HEAD].astype(np.float32))
+
+    config = json.loads((out / "config.json").read_text())
+    saved = json.loads((REPO / "tests/data/lerobot-0.6.1/saved/pi0/config.json").read_text())
+    assert list(config) == list(saved)  # LeRobot's PI0Config fields, in its order
+    assert config["type"] == "pi0"
+    assert (config["paligemma_variant"], config["action_expert_variant"]) == ("gemma_2b", "gemma_300m")
+    assert config["dtype"] == precision
+    assert config["chunk_size"] == config["n_action_steps"] == MODEL["action_horizon"]
+    assert config["max_state_dim"] == config["max_action_dim"] == MODEL["action_dim"]
+    assert config["tokenizer_max_length"] == MODEL["max_token_len"]
+    assert config["normalization_mapping"] == {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"}
+    openpi_stats = json.loads((merged / "assets/fixture_robot/norm_stats.json").read_text())["norm_stats"]
+    assert config["input_features"]["observation.state"]["shape"] == [len(openpi_stats["state"]["mean"])]
+    assert config["output_features"]["action"]["shape"] == [len(openpi_stats["actions"]["mean"])]
+    for name in kind_files:
+        stats = load_file(out / name)
+        for stat in ("mean", "std", "q01", "q99"):
+            np.testing.assert_array_equal(stats[f"observation.state.{stat}"], np.float32(openpi_stats["state"][stat]))
+            np.testing.assert_array_equal(stats[f"action.{stat}"], np.float32(openpi_stats["actions"][stat]))
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"] == _output.file_checksums(out)
+    assert manifest["format"] == "lerobot"
+    assert manifest["precision"] == precision
+    assert manifest["source"]["merged_on_the_way"] is False
+    assert manifest["source"]["norm_stats"] == "assets/fixture_robot/norm_stats.json"
+    assert manifest["verification"]["file"]["tensors_checked"] == len(tensors)
+    assert manifest["verification"]["merge"]["verified"] is True
+    assert "paligemma_dims" in manifest["nonstandard_dims"]
+    assert manifest["lora_config"] == json.loads((merged / "manifest.json").read_text())["lora_config"]
+
+
+def test_export_of_a_lora_step_merges_on_the_way_into_step_merged_lerobot(step_dir, merged):
+    from_merged = lerobot_export.export_lerobot(
+        merged, output=step_dir.parent / "a", model=HORIZON, allow_nonstandard_dims=True
+    )
+    shutil.rmtree(merged)
+    before = {p.relative_to(step_dir): p.read_bytes() for p in step_dir.rglob("*") if p.is_file()}
+    from_step = lerobot_export.export_lerobot(
+        step_dir,
+        model=HORIZON,
+        lora=checkpoint_merge.LoRASource(lora_config=FIXTURE_LORA_CONFIG),
+        allow_nonstandard_dims=True,
+    )
+    assert from_step.output == step_dir / "merged_lerobot"
+    after = {p.relative_to(step_dir): p.read_bytes() for p in step_dir.rglob("*") if p.is_file()}
+    assert {p: b for p, b in after.items() if p.parts[0] != "merged_lerobot"} == before
+    assert from_step.manifest["source"]["merged_on_the_way"] is True
+    for name in from_merged.manifest["files"]:
+        if name != "manifest.json":
+            assert (from_step.output / name).read_bytes() == (from_merged.output / name).read_bytes(), name
+    assert not [p for p in step_dir.parent.rglob("*") if ".tmp" in p.name]
+
+
+def test_dims_lerobot_cannot_build_are_refused_before_any_work(merged):
+    with pytest.raises(MergeError, match=r"LeRobot 0.6.1 builds only gemma_2b / gemma_300m.*allow-nonstandard-dims"):
+        lerobot_export.export_lerobot(merged, model=HORIZON)
+    assert not (merged.parent / "merged_lerobot").exists()
+    assert not list(merged.parent.glob(".merged_lerobot*"))
+
+
+def test_norm_stats_are_found_as_openpi_finds_them_or_refused(merged, tmp_path):
+    assets = merged / "assets"
+    assert lerobot_export.find_norm_stats(assets, None) == assets / "fixture_robot" / "norm_stats.json"
+    assert lerobot_export.find_norm_stats(assets, "fixture_robot") == assets / "fixture_robot" / "norm_stats.json"
+    with pytest.raises(MergeError, match="no norm stats for asset_id 'other'"):
+        lerobot_export.find_norm_stats(assets, "other")
+    two = tmp_path / "assets"
+    for name in ("a", "b"):
+        (two / name).mkdir(parents=True)
+        shutil.copy(NORM_STATS, two / name / "norm_stats.json")
+    with pytest.raises(MergeError, match=r"has 2 \(a, b\): pass --asset-id"):
+        lerobot_export.find_norm_stats(two, None)
+
+
+def _plan(tree_name, tmp_path, **kw):
+    params = json.loads((TREES / f"{tree_name}.json").read_text())["params"]
+    tree = {p: ShapeDtype(tuple(v["shape"]), v["dtype"]) for p, v in params.items()}
+    (tmp_path / "assets" / "robot").mkdir(parents=True, exist_ok=True)
+    shutil.copy(NORM_STATS, tmp_path / "assets" / "robot" / "norm_stats.json")
+    model = lerobot_export.LeRobotModel(10, **kw)
+    return lerobot_export.plan_lerobot(
+        tree, tmp_path / "assets", "bfloat16", model, lerobot_export.Naming(), allow_nonstandard_dims=False, what="t"
+    )
+
+
+def test_pi0_fast_is_planned_from_its_own_tree_and_refused_by_the_one_switch(tmp_path, monkeypatch):
+    with pytest.raises(MergeError, match="actions have 7 dims, pi0-FAST's action_dim is 32"):
+        _plan("pi0_fast", tmp_path, action_dim=32)  # Pi0FASTConfig's default; these stats have 7
+    plan = _plan("pi0_fast", tmp_path)  # without openpi's config: the norm stats' action dim
+    assert plan.spec.max_dim == 7
+    plan = _plan("pi0_fast", tmp_path, action_dim=7)
+    assert (plan.spec.kind, plan.spec.max_dim, plan.spec.tokenizer_max_length) == ("pi0_fast", 7, 250)
+    assert plan.spec.normalization_mapping()["ACTION"] == "QUANTILES"  # openpi: quantiles for all but pi0
+    assert (len(plan.layout), plan.layout.nonstandard_dims) == (604, {})
+    monkeypatch.setattr(lerobot_export, "PI0_FAST_REFUSED", "LeRobot's decoding differs")
+    with pytest.raises(MergeError, match="pi0-FAST is not exported for LeRobot: LeRobot's decoding differs"):
+        _plan("pi0_fast", tmp_path, action_dim=7)
+    assert _plan("pi05", tmp_path).spec.kind == "pi05"  # the switch is pi0-FAST's only
+
+
+def test_full_size_pi05_plan(tmp_path):
+    plan = _plan("pi05", tmp_path)
+    assert isinstance(plan.layout, lerobot_layout.LeRobotLayout)
+    assert (plan.spec.tokenizer_max_length, plan.spec.max_dim) == (200, 32)
+    config = json.loads(lerobot_files.config_json(plan.spec))
+    assert (config["type"], config["dtype"], config["chunk_size"]) == ("pi05", "bfloat16", 10)
+
+
+def test_cli_export_lerobot_with_renamed_cameras_and_refusals(merged, capsys):
+    argv = ["export", str(merged), "--format", "lerobot", "--action-horizon", "50", "--no-progress"]
+    argv += ["--allow-nonstandard-dims", "--camera", "base_0_rgb=observation.images.top", "--n-action-steps", "5"]
+    assert cli.main(argv) == 0
+    out = merged.parent / "merged_lerobot"
+    assert f"--policy.path={out}" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert list(config["input_features"])[:3] == [
+        "observation.images.top",
+        "observation.images.left_wrist_0_rgb",
+        "observation.images.right_wrist_0_rgb",
+    ]
+    assert config["n_action_steps"] == 5
+    pre = json.loads((out / "policy_preprocessor.json").read_text())
+    assert "observation.images.top" in pre["steps"][-1]["config"]["features"]
+    assert cli.main(argv) == 1  # exists: refused, not replaced
+    assert "already exists" in capsys.readouterr().err
+    assert cli.main([*argv, "--overwrite"]) == 0
+    for bad, says in (
+        (["--camera", "top=observation.images.top"], "unknown camera"),
+        (["--camera", "base_0_rgb"], "as OPENPI_NAME=FEATURE"),
+        (["--n-action-steps", "51"], "must be 1..the action horizon 50"),
+    ):
+        assert cli.main([*argv, "--overwrite", *bad]) == 1
+        assert says in capsys.readouterr().err, bad
+    pytorch = ["export", str(merged), "--action-horizon", "50", "--camera", "base_0_rgb=observation.images.top"]
+    assert cli.main(pytorch) == 1
+    assert "are for --format lerobot" in capsys.readouterr().err
+
+
+def test_outputs_inside_the_step_other_than_merged_lerobot_are_refused(step_dir, capsys):
+    base = ["export", str(step_dir), "--format", "lerobot", "--action-horizon", "50", "--no-progress"]
+    base += ["--lora-config", str(FIXTURE_LORA_CONFIG), "--allow-nonstandard-dims"]
+    before = sorted(p.relative_to(step_dir) for p in step_dir.rglob("*"))
+    for inside in (step_dir / "params" / "x", step_dir / "elsewhere", step_dir):
+        assert cli.main([*base, "--output", str(inside)]) == 1, inside
+        assert "error:" in capsys.readouterr().err
+    assert sorted(p.relative_to(step_dir) for p in step_dir.rglob("*")) == before
+    assert cli.main([*base, "--output", str(step_dir / "merged_lerobot")]) == 0
