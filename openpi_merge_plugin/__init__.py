@@ -11,6 +11,7 @@ Public API (imported lazily, so that importing the package, as openpi's start-up
     verify_merged(merged_dir) -> VerifyResult        re-check a merged checkpoint (ok, problems, to_json()).
     inspect_checkpoint(path, lora=LoRASource(...))   what a LoRA step or merged checkpoint holds (to_json()).
     export_pytorch(src, precision="float32", ...)    openpi's PyTorch checkpoint (model.safetensors) of a merge.
+    export_lerobot(src, precision="float32", ...)    LeRobot 0.6.1's policy directory of a merge.
     LoRASource(config=, lora_config=, alpha=, rslora=)   where the LoRA config comes from.
     MergeOptions(output_dtype=, strength=, verify=, tolerance=, allow_nonfinite=, seed=)   how to merge.
     LoRASpec, ExpertLoRA, ResolvedLoRA               LoRA configs as openpi defines them.
@@ -39,6 +40,7 @@ _EXPORTS = {
     "LoRASpec": "openpi_merge_plugin.lora.spec",
     "MergeError": "openpi_merge_plugin.errors",
     "MergeOptions": "openpi_merge_plugin.options",
+    "export_lerobot": "openpi_merge_plugin.pipeline.lerobot_export",
     "export_pytorch": "openpi_merge_plugin.pipeline.pytorch_export",
     "read_lora_step": "openpi_merge_plugin.pipeline.checkpoint_merge",
     "ResolvedLoRA": "openpi_merge_plugin.lora.configs",
@@ -54,6 +56,7 @@ __all__ = [
     "MergeError",
     "MergeOptions",
     "ResolvedLoRA",
+    "export_lerobot",
     "export_pytorch",
     "inspect_checkpoint",
     "merge_checkpoint",

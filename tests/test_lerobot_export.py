@@ -7,6 +7,7 @@ names, shapes, dtypes and side files are LeRobot's own is tests/test_lerobot_lay
 
 import json
 import shutil
+import types
 
 from helpers import FIXTURE
 from helpers import FIXTURE_LORA_CONFIG
@@ -23,7 +24,10 @@ from openpi_merge_plugin.checkpoint import pytorch_layout
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.cli import app as cli
 from openpi_merge_plugin.errors import MergeError
+from openpi_merge_plugin.lora import openpi_configs
 from openpi_merge_plugin.lora.adapters import ShapeDtype
+from openpi_merge_plugin.openpi_glue import merged_item
+from openpi_merge_plugin.openpi_glue.training_options import MergeOnSaveOptions
 from openpi_merge_plugin.pipeline import checkpoint_merge
 from openpi_merge_plugin.pipeline import lerobot_export
 
@@ -227,3 +231,37 @@ def test_outputs_inside_the_step_other_than_merged_lerobot_are_refused(step_dir,
         assert "error:" in capsys.readouterr().err
     assert sorted(p.relative_to(step_dir) for p in step_dir.rglob("*")) == before
     assert cli.main([*base, "--output", str(step_dir / "merged_lerobot")]) == 0
+
+
+def test_merge_on_save_exports_for_lerobot_beside_the_merge(tmp_path, fixture_params, fixture_lora, monkeypatch):
+    monkeypatch.setattr(openpi_configs, "lora_from_model", lambda model, config_name=None: fixture_lora)
+    monkeypatch.setattr(lerobot_export, "model_from_train_config", lambda c, config_name=None: HORIZON)
+    written = []
+    real = lerobot_export.write_lerobot
+
+    def write(*args, **kwargs):  # the fixture's dims are not LeRobot's: written as --allow-nonstandard-dims does
+        written.append(args[4])
+        return real(*args, **kwargs, allow_nonstandard_dims=True)
+
+    monkeypatch.setattr(lerobot_export, "write_lerobot", write)
+    config = types.SimpleNamespace(name="fixture", model=None, merge_lora=MergeOnSaveOptions(export_lerobot=True))
+    step = tmp_path / "5"
+    norm = NORM_STATS.read_text()
+
+    def save_assets(assets):  # as openpi's callback writes the run's norm stats into the merge's assets/
+        (assets / "robot").mkdir(parents=True)
+        (assets / "robot" / "norm_stats.json").write_text(norm)
+
+    request = merged_item.MergeRequest(sources.unflatten(dict(fixture_params)), save_assets, config, 5, step)
+    staging = merged_item.write_staged(request)
+    assert request.outcome.error is None, request.outcome.error
+    merged_item.move_into(staging, step / "merged")
+    assert written == [step / "merged_lerobot"]
+    out = step / "merged_lerobot"
+    assert not (out / _output.FAILURE_MARKER).exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"] == _output.file_checksums(out)
+    assert manifest["source"]["merged"] == str(step / "merged")
+    assert manifest["source"]["norm_stats"] == "assets/robot/norm_stats.json"
+    assert (step / "merged" / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["5"]  # nothing staged left

@@ -117,9 +117,34 @@ EXPORT_REFUSED = [
 ]
 
 
+@pytest.mark.parametrize("fmt", ["pytorch", "lerobot"])
 @pytest.mark.parametrize(("argv", "message"), EXPORT_REFUSED, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
-def test_export_refuses_outputs_that_would_touch_user_data(world, capsys, argv, message):
-    _refused(capsys, world, ["export", *argv, *EXPORT], message)
+def test_export_refuses_outputs_that_would_touch_user_data(world, capsys, argv, message, fmt):
+    _refused(capsys, world, ["export", *argv, *EXPORT, "--format", fmt], message)
+
+
+def test_lerobot_export_lands_in_the_step_or_beside_a_merge_and_replaces_only_its_own_output(world, capsys):
+    step = world / "run" / "2"
+    lora_step = {p: d for p, d in tree_digest(step).items() if not p.startswith("merged")}
+    lerobot = [*EXPORT, "--format", "lerobot", "--no-progress"]
+    assert cli.main(["export", "run/2/merged", *lerobot]) == 0
+    assert (step / "merged_lerobot" / "model.safetensors").is_file()
+    _refused(capsys, world, ["export", "run/2/merged", *EXPORT, "--format", "lerobot"], "already exists")
+    assert cli.main(["export", "run/2", *LORA, *lerobot, "--overwrite"]) == 0
+    assert cli.main(["export", "run/2/merged", *EXPORT, "--no-progress"]) == 0  # the PyTorch export beside it
+    _refused(
+        capsys,
+        world,
+        ["export", "run/2/merged", *EXPORT, "--format", "lerobot", "--output", "mywork", "--overwrite"],
+        "holds 1 file (notes.txt)",
+    )
+    assert {p: d for p, d in tree_digest(step).items() if not p.startswith("merged")} == lora_step
+    assert cli.main(["run/2", *LORA, "--output", "serving", "--no-progress"]) == 0
+    assert cli.main(["export", "serving", *lerobot]) == 0
+    assert (world / "serving_lerobot" / "config.json").is_file()
+    assert (world / "mywork" / "notes.txt").read_text() == "three days of notes\n"
+    _no_debris(world)
+    capsys.readouterr()
 
 
 def test_export_of_a_merge_elsewhere_protects_the_step_its_manifest_names(world, capsys):

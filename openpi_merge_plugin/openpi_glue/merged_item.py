@@ -39,7 +39,9 @@ logger = logging.getLogger("openpi_merge_plugin")
 FAILURE_MARKER = _output.FAILURE_MARKER
 ITEM = "merged"  # the item name, and so the directory name in each step
 PYTORCH_ITEM = "merged_pytorch"  # written next to it, with merge_lora.export_pytorch
-_PYTORCH_STAGING = ".pytorch"  # inside the staging directory until the step is committed
+LEROBOT_ITEM = "merged_lerobot"  # and with merge_lora.export_lerobot
+# Exports sit inside the staging directory under these names until the step is committed.
+_STAGED_EXPORTS = {".pytorch": PYTORCH_ITEM, ".lerobot": LEROBOT_ITEM}
 
 
 @dataclasses.dataclass
@@ -130,35 +132,55 @@ def write_staged(request: MergeRequest) -> pathlib.Path | None:
     request.outcome.manifest = manifest
     _report(request, manifest, time.perf_counter() - start)
     if options.export_pytorch:
-        _export_pytorch(directory, request)
+        _export(directory, request, ".pytorch", "PyTorch", _write_pytorch)
+    if options.export_lerobot:
+        _export(directory, request, ".lerobot", "LeRobot", _write_lerobot)
     return directory
 
 
-def _export_pytorch(directory: pathlib.Path, request: MergeRequest) -> None:
-    """openpi's PyTorch checkpoint of the merge just staged, staged beside it; a failure is logged and recorded."""
+def _write_pytorch(target: pathlib.Path, directory: pathlib.Path, request: MergeRequest) -> dict[str, Any]:
     from openpi_merge_plugin.pipeline import pytorch_export
 
-    target = directory / _PYTORCH_STAGING
+    return pytorch_export.write_export(
+        target,
+        directory,
+        request.config.merge_lora.export_precision,
+        pytorch_export.model_info_from_model(request.config.model, config_name=request.config.name),
+        request.step_dir / PYTORCH_ITEM,
+        source_info={"merged": str(request.step_dir / ITEM), "merged_on_the_way": False},
+    )
+
+
+def _write_lerobot(target: pathlib.Path, directory: pathlib.Path, request: MergeRequest) -> dict[str, Any]:
+    from openpi_merge_plugin.pipeline import lerobot_export
+
+    return lerobot_export.write_lerobot(
+        target,
+        directory,
+        request.config.merge_lora.export_precision,
+        lerobot_export.model_from_train_config(request.config, config_name=request.config.name),
+        request.step_dir / LEROBOT_ITEM,
+        source_info={"merged": str(request.step_dir / ITEM), "merged_on_the_way": False},
+    )
+
+
+def _export(directory: pathlib.Path, request: MergeRequest, staged: str, what: str, write: Callable) -> None:
+    """One export of the merge just staged, staged beside it; a failure is logged and recorded, training goes on."""
+    target = directory / staged
     target.mkdir()
     try:
         start = time.perf_counter()
-        manifest = pytorch_export.write_export(
-            target,
-            directory,
-            request.config.merge_lora.export_precision,
-            pytorch_export.model_info_from_model(request.config.model, config_name=request.config.name),
-            request.step_dir / PYTORCH_ITEM,
-            source_info={"merged": str(request.step_dir / ITEM), "merged_on_the_way": False},
-        )
+        manifest = write(target, directory, request)
         logger.info(
-            "Exported the merged step %d for PyTorch (%d tensors, %s) in %.1fs",
+            "Exported the merged step %d for %s (%d tensors, %s) in %.1fs",
             request.step,
+            what,
             manifest["tensors"],
             manifest["precision"],
             time.perf_counter() - start,
         )
     except Exception as e:
-        logger.error("openpi-merge-plugin: the PyTorch export of step %d FAILED: %s", request.step, e)
+        logger.error("openpi-merge-plugin: the %s export of step %d FAILED: %s", what, request.step, e)
         for child in target.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
         marker = {"step": request.step, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
@@ -169,7 +191,8 @@ def move_into(staging: pathlib.Path, directory: pathlib.Path) -> None:
     """Moves everything in `staging` into `directory` (made by Orbax), then removes `staging`."""
     directory.mkdir(parents=True, exist_ok=True)
     for child in staging.iterdir():
-        child.rename(directory.parent / PYTORCH_ITEM if child.name == _PYTORCH_STAGING else directory / child.name)
+        export = _STAGED_EXPORTS.get(child.name)
+        child.rename(directory.parent / export if export else directory / child.name)
     staging.rmdir()
 
 

@@ -31,7 +31,10 @@ class MergeOnSaveOptions:
     # Also write openpi's PyTorch checkpoint (model.safetensors, config.json) to <step>/merged_pytorch, on the same
     # saves as <step>/merged (pi0 and pi0.5).
     export_pytorch: bool = False
-    # Tensor dtype of that export (upstream's converter's precision rules).
+    # Also write LeRobot 0.6.1's policy directory (weights, config.json, pre/post-processors with the run's norm
+    # stats) to <step>/merged_lerobot, on the same saves (pi0, pi0.5, pi0-FAST; gemma_2b / gemma_300m dims only).
+    export_lerobot: bool = False
+    # Tensor dtype of those exports (PyTorch: upstream's converter's rules; LeRobot: also the policy's config dtype).
     export_precision: Literal["float32", "bfloat16"] = "float32"
     # A failed merge stops training (by default it is logged, recorded in <step>/merged/MERGE_FAILED.json,
     # and training goes on; the LoRA checkpoint is saved either way).
@@ -61,6 +64,7 @@ class MergeOnSaveOptions:
                 "tolerance": _options.MERGE_OPTION_CHECKS["tolerance"],
                 "host_buffer_mib": _options.non_negative_int,
                 "export_pytorch": _options.flag,
+                "export_lerobot": _options.flag,
                 "export_precision": _options.choice(MergeOnSaveOptions, "export_precision"),
                 "fatal": _options.flag,
             },
