@@ -49,6 +49,16 @@ BAD = {
     "plot": [(["--plot", "picture.txt"], "{flag} must end in .png, .pdf, .svg")],
     "lora_step": [(["--lora-step", "nope"], "checkpoint {cwd}/nope does not exist")],
     "seed": [(["--seed", "1.5"], "Error parsing --seed")],
+    "camera": [
+        (["--format", "lerobot", "--camera", "base_0_rgb"], "--camera 'base_0_rgb': give each camera once"),
+        (["--format", "lerobot", "--camera", "top=observation.images.top"], "--camera: unknown camera ['top']"),
+        (["--camera", "base_0_rgb=observation.images.top"], "are for --format lerobot"),
+    ],
+    "asset_id": [(["--format", "lerobot", "--asset-id", ""], "{flag} must be a non-empty string")],
+    "norm_stats": [(["--format", "lerobot", "--norm-stats", "nope.json"], "{flag} nope.json does not exist")],
+    "n_action_steps": [(["--format", "lerobot", "--n-action-steps", "0"], "{flag} must be a positive integer")],
+    "max_token_len": [(["--format", "lerobot", "--max-token-len", "-1"], "{flag} must be a positive integer")],
+    "device": [(["--format", "lerobot", "--device", ""], "{flag} must be a non-empty string")],
 }
 # Positional sources: a path that is not there.
 POSITIONAL = {"step_dir", "merged_dir", "path", "src"}

@@ -11,6 +11,7 @@ from typing import Literal
 import tyro
 
 from openpi_merge_plugin import options
+from openpi_merge_plugin.checkpoint import lerobot_files
 from openpi_merge_plugin.errors import ConfigError
 from openpi_merge_plugin.pipeline import checkpoint_merge
 from openpi_merge_plugin.pipeline import lerobot_export
@@ -78,12 +79,12 @@ class Args:
                 "output": options.ANY,
                 "action_horizon": options.optional(options.positive_int),
                 "model_dtype": options.one_of(pytorch_export.Precision),
-                "camera": options.ANY,
-                "asset_id": options.ANY,
-                "norm_stats": options.ANY,
+                "camera": options.ANY,  # checked below: NAME=FEATURE, openpi's names
+                "asset_id": options.optional(options.text),
+                "norm_stats": options.optional(options.existing_file),
                 "n_action_steps": options.optional(options.positive_int),
                 "max_token_len": options.optional(options.positive_int),
-                "device": options.ANY,
+                "device": options.text,
                 "allow_nonstandard_dims": options.ANY,
             },
         )
@@ -92,7 +93,7 @@ class Args:
         lerobot_only = ("camera", "asset_id", "norm_stats", "n_action_steps", "max_token_len")
         if self.format != "lerobot" and any(getattr(self, f) not in ((), None) for f in lerobot_only):
             raise ConfigError(f"--{'/--'.join(f.replace('_', '-') for f in lerobot_only)} are for --format lerobot")
-        self.cameras()  # each NAME=FEATURE well formed
+        self.cameras()  # each NAME=FEATURE well formed, with openpi's names
 
     def cameras(self) -> dict[str, str]:
         """--camera NAME=FEATURE pairs as a dict."""
@@ -102,6 +103,10 @@ class Args:
             if not sep or not name or not feature or name in pairs:
                 raise ConfigError(f"--camera {item!r}: give each camera once, as OPENPI_NAME=FEATURE")
             pairs[name] = feature
+        try:
+            lerobot_files.camera_names(pairs)
+        except lerobot_files.LeRobotFilesError as e:
+            raise ConfigError(f"--camera: {e}") from None
         return pairs
 
 
