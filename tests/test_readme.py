@@ -59,6 +59,7 @@ def test_every_subcommand_the_readme_shows_runs_on_the_bundled_example(tmp_path)
         assert "WARNING:absl" not in proc.stderr
     assert (tmp_path / "example" / "manifest.json").is_file()
     assert (tmp_path / "example_pytorch" / "model.safetensors").is_file()
+    assert (tmp_path / "example_lerobot" / "policy_preprocessor.json").is_file()
     assert (tmp_path / "picture.png").is_file()
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
 

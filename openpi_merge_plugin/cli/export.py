@@ -30,7 +30,8 @@ class Args:
     format: Literal["pytorch", "lerobot"] = "pytorch"
     # Tensor dtype. pytorch, as upstream's converter: bfloat16 rounds every tensor; float32 keeps exact values for
     # the parameters PI0Pytorch holds in float32 (all of them when the config's model dtype is float32). lerobot:
-    # also the policy's config dtype; bfloat16 keeps the vision tower, projector and norms float32, as LeRobot does.
+    # also the policy's config dtype; bfloat16 keeps the vision tower, projector, norms and the action/state/time
+    # projections float32, as LeRobot does.
     precision: pytorch_export.Precision = "float32"
     # Output directory (default: <step>/merged_<format> for a LoRA step, <merged>_<format> beside a merged directory).
     output: pathlib.Path | None = None
@@ -39,13 +40,14 @@ class Args:
     lora_source: tyro.conf.OmitArgPrefixes[checkpoint_merge.LoRASource] = dataclasses.field(
         default_factory=checkpoint_merge.LoRASource
     )
-    # Without openpi: the model's action horizon (config.json); the variants are those the merge records.
+    # Without openpi: the model's action horizon (config.json). pytorch: the variants are those the merge records;
+    # lerobot: they are found by the params' dims.
     action_horizon: int | None = None
     # pytorch, without openpi: Pi0Config.dtype, which decides which params PI0Pytorch rounds to bfloat16.
     model_dtype: pytorch_export.Precision = "bfloat16"
-    # lerobot: name a camera as your LeRobot dataset does, OPENPI_NAME=FEATURE (repeatable), e.g.
-    # base_0_rgb=observation.images.top; openpi's cameras are base_0_rgb, left_wrist_0_rgb, right_wrist_0_rgb, in
-    # model order, and default to observation.images.<name>.
+    # lerobot: name cameras as your LeRobot dataset does, one or more OPENPI_NAME=FEATURE, e.g.
+    # --camera base_0_rgb=observation.images.top left_wrist_0_rgb=observation.images.wrist; openpi's cameras are
+    # base_0_rgb, left_wrist_0_rgb, right_wrist_0_rgb, in model order, and default to observation.images.<name>.
     camera: tuple[str, ...] = ()
     # lerobot: the norm stats' asset_id (assets/<asset_id>/norm_stats.json); default: the openpi config's, else the
     # only norm stats in the checkpoint's assets/.
@@ -57,7 +59,8 @@ class Args:
     # lerobot, without openpi: the prompt's token length (openpi's max_token_len; default: openpi's default for the
     # model, 48 pi0, 200 pi0.5, 250 pi0-FAST).
     max_token_len: int | None = None
-    # lerobot: the device written in config.json and the processors (LeRobot's own policy falls back when absent).
+    # lerobot: the device in config.json and the processors. LeRobot's entry points replace it with the policy's
+    # device, and the policy falls back to an available one; a direct make_pre_post_processors needs it present.
     device: str = "cuda"
     # Replace an earlier export (an empty directory, or an output of this tool; nothing else).
     overwrite: bool = False
