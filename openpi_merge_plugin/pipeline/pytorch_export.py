@@ -314,7 +314,7 @@ def _reads_back(path: pathlib.Path, spec: layout.TensorSpec, want: np.ndarray | 
     for start in range(0, rows, step):
         # Opened per block: safe_open maps the file, and the pages a read touched stay resident while it is open.
         with safe_open(str(path), framework="numpy") as f:
-            block = f.get_slice(spec.name)[start : start + step] if sliced else f.get_tensor(spec.name)
+            block = f.get_slice(spec.name)[start : min(start + step, rows)] if sliced else f.get_tensor(spec.name)
         got = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
         if want is None:
             ok = not np.any(got)
