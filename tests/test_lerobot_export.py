@@ -12,6 +12,7 @@ import types
 from helpers import FIXTURE
 from helpers import FIXTURE_LORA_CONFIG
 from helpers import REPO
+from helpers import write_step
 import numpy as np
 import pytest
 from safetensors import safe_open
@@ -297,3 +298,32 @@ def test_merge_on_save_exports_for_lerobot_beside_the_merge(tmp_path, fixture_pa
     assert manifest["source"]["norm_stats"] == "assets/robot/norm_stats.json"
     assert (step / "merged" / "manifest.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["5"]  # nothing staged left
+
+
+def test_pi0_fast_export_end_to_end_from_a_paligemma_only_merge(merged, tmp_path):
+    """A pi0-FAST-shaped merged checkpoint (the fixture's PaliGemma alone, as openpi's Pi0FAST tree is pi0's
+    PaliGemma; tests/data/openpi-15a9616/trees/pi0_fast.json): LeRobot's PaliGemma tensors only, quantile stats."""
+    source = sources.OrbaxSource(merged / "params")
+    pi0 = source.read(source.tree)
+    second = {p for p in pi0 if p.startswith("PaliGemma/llm/") and any(k.endswith("_1") for k in p.split("/"))}
+    fast = {p: a for p, a in pi0.items() if p.startswith("PaliGemma/") and p not in second}
+    fast_dir = write_step(tmp_path / "fast" / "merged", dict(fast))
+    shutil.copy(merged / "manifest.json", fast_dir / "manifest.json")
+    model = lerobot_export.LeRobotModel(10, max_token_len=180, action_dim=7)
+    result = lerobot_export.export_lerobot(
+        fast_dir, model=model, naming=lerobot_export.Naming(norm_stats=NORM_STATS), allow_nonstandard_dims=True
+    )
+    tensors = load_file(result.output / "model.safetensors")
+    assert all(n.startswith("model.paligemma_with_expert.paligemma.") for n in tensors)
+    assert len(tensors) == result.manifest["tensors"]
+    lm_head = tensors["model." + pytorch_layout.LM_HEAD]
+    np.testing.assert_array_equal(lm_head, fast["PaliGemma/llm/embedder/input_embedding"].astype(np.float32))
+    config = json.loads((result.output / "config.json").read_text())
+    saved = json.loads((REPO / "tests/data/lerobot-0.6.1/saved/pi0_fast/config.json").read_text())
+    assert list(config) == list(saved)
+    assert (config["type"], config["chunk_size"], config["tokenizer_max_length"]) == ("pi0_fast", 10, 180)
+    assert (config["max_action_dim"], config["output_features"]["action"]["shape"]) == (7, [7])
+    assert config["normalization_mapping"]["STATE"] == "QUANTILES"
+    assert sorted(load_file(result.output / "policy_preprocessor_step_3_normalizer_processor.safetensors")) == sorted(
+        f"{f}.{s}" for f in ("observation.state", "action") for s in ("mean", "std", "q01", "q99")
+    )
