@@ -1,0 +1,144 @@
+"""`export --format lerobot` loaded and run by LeRobot 0.6.1's own policy classes, against openpi's JAX models (issue 23).
+
+Needs upstream openpi here (the runs, the export, the JAX references) and LeRobot's Python (3.12, lerobot 0.6.1) named
+by OPENPI_MERGE_LEROBOT_PYTHON; skipped without either. Tiny pi0, pi0.5 and pi0-FAST LoRA runs are trained with
+openpi's scripts/train.py; each LoRA step and its base weights (a strength-0 merge) are exported with
+`openpi-merge-lora export --format lerobot --precision float32 --allow-nonstandard-dims` (the tiny dims are not
+LeRobot's); `lerobot_support/jax_reference.py` writes openpi's outputs, and `lerobot_support/lerobot_check.py`, in
+LeRobot's Python, loads both exports with `<Policy>.from_pretrained` and measures them. The tiny SigLIP and projector
+are those of the other gated tests (run_openpi_script), on both sides. Measured numbers: docs/lerobot.md.
+
+    OPENPI_MERGE_LEROBOT_PYTHON=/work/lerobot-venv/bin/python PYTHONPATH=. \
+        /work/openpi-venv/bin/python -m pytest -m lerobot tests/test_lerobot_gated.py -s
+
+OPENPI_MERGE_TEST_RUNS_DIR=DIR keeps the trained runs there and reuses them (development only).
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+
+import numpy as np
+from openpi_support import gate
+import pytest
+
+LEROBOT_PYTHON = os.environ.get("OPENPI_MERGE_LEROBOT_PYTHON", "")
+if not pathlib.Path(LEROBOT_PYTHON).is_file():
+    pytest.skip("LeRobot's Python is not given (OPENPI_MERGE_LEROBOT_PYTHON)", allow_module_level=True)
+openpi_config = gate.require_openpi()
+from lerobot_support import jax_reference  # noqa: E402
+from openpi.shared import normalize  # noqa: E402
+import training  # noqa: E402
+
+from openpi_merge_plugin import cli  # noqa: E402
+from openpi_merge_plugin.options import MergeOptions  # noqa: E402
+from openpi_merge_plugin.pipeline import checkpoint_merge  # noqa: E402
+
+pytestmark = [pytest.mark.openpi, pytest.mark.lerobot]
+CHECK = pathlib.Path(__file__).resolve().parent / "lerobot_support" / "lerobot_check.py"
+# pi0: the shipped debug_lora; pi0.5 and pi0-FAST: user_variants' configs, whose LLM weights are random (their zero
+# inits would make the action expert's layers, or every logit, vanish).
+CASES = {"pi0": "debug_lora", "pi05": "my_pi05_lora", "pi0_fast": "my_pi0_fast_lora"}
+# openpi's normalization per model (training/config.py: use_quantile_norm = model_type != PI0), in LeRobot's names.
+OPENPI_MODE = {"pi0": "MEAN_STD", "pi05": "QUANTILES", "pi0_fast": "QUANTILES"}
+
+
+def lerobot_export(src: pathlib.Path, output: pathlib.Path) -> pathlib.Path:
+    """`openpi-merge-lora export SRC --format lerobot`, run in this process (where the tiny SigLIP layout is set).
+    OPENPI_MERGE_TEST_LEROBOT_EXPORTER=FILE.py runs that file's `main(argv)` with the same argv instead."""
+    argv = ["export", str(src), "--format", "lerobot", "--precision", "float32", "--allow-nonstandard-dims"]
+    argv += ["--output", str(output), "--no-progress"]
+    main = cli.main
+    if os.environ.get("OPENPI_MERGE_TEST_LEROBOT_EXPORTER"):
+        spec = importlib.util.spec_from_file_location("exporter", os.environ["OPENPI_MERGE_TEST_LEROBOT_EXPORTER"])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        main = module.main
+    assert main(argv) == 0
+    return output
+
+
+def _known_norm_stats(step: pathlib.Path, dim: int) -> pathlib.Path:
+    """Replaces the run's norm stats (train.py's fake data has none, or mean 0 / std 1) by known, non-trivial ones
+    with quantiles, in every assets folder of the step and its merge; returns the step's."""
+    ramp = np.linspace(0.0, 1.0, dim)
+    mean, std = -0.5 + ramp, 0.5 + ramp
+    stats = {
+        key: normalize.NormStats(mean=mean, std=std, q01=mean - 2 * std, q99=mean + 2.5 * std)
+        for key in ("state", "actions")
+    }
+    dirs = sorted(
+        p.parent for p in (*step.glob("assets/*/norm_stats.json"), *step.glob("merged/assets/*/norm_stats.json"))
+    )
+    for d in dirs or [step / "assets" / "fake"]:
+        normalize.save(d, stats)
+    return dirs[0] if dirs else step / "assets" / "fake"
+
+
+def _run(kind: str, tmp: pathlib.Path) -> pathlib.Path:
+    config = CASES[kind]
+    runs = os.environ.get("OPENPI_MERGE_TEST_RUNS_DIR")
+    base = pathlib.Path(runs) / kind if runs else tmp
+    step = training.step_dir(base, config, "lerobot", 9)
+    if not step.exists():
+        base.mkdir(parents=True, exist_ok=True)
+        training.train(base, config, "lerobot", "--keep-period", "None")
+    return step
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def compared(request, tmp_path_factory) -> dict:
+    """One run: both exports, openpi's references and LeRobot's measurements (lerobot_check.py's JSON)."""
+    kind, name = request.param, CASES[request.param]
+    tmp = tmp_path_factory.mktemp(kind)
+    step = _run(kind, tmp)
+    lora, serving = openpi_config.get_config(name), openpi_config.get_config(f"{name}_merged")
+    stats_dir = _known_norm_stats(step, lora.model.action_dim)
+    base_merged = tmp / "base_merged"  # the frozen weights, no adapters (strength 0), float32
+    checkpoint_merge.merge_checkpoint(
+        step, output=base_merged, lora=checkpoint_merge.LoRASource(config=name), options=MergeOptions(strength=0.0)
+    )
+    merged_export = lerobot_export(step, tmp / "lerobot_merged")
+    base_export = lerobot_export(base_merged, tmp / "lerobot_base")
+    jax_reference.write(tmp, lora, serving, step / "params", stats_dir)
+    out = tmp / "lerobot_check.json"
+    cmd = [LEROBOT_PYTHON, str(CHECK), str(tmp), str(merged_export), str(base_export), str(out)]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS", "JAX_PLATFORMS")}
+    proc = subprocess.run(cmd, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    print(f"\n{kind} ({name}):\n{proc.stdout}")
+    return json.loads(out.read_text())
+
+
+def test_policy_loads_the_export_bitwise(compared):
+    """`<Policy>.from_pretrained(dir)` holds exactly the file's tensors: same keys, dtypes and bits (LeRobot's loader
+    would only print a mismatch and keep random weights)."""
+    for name, export in compared["exports"].items():
+        sd = export["state_dict"]
+        assert sd["file_tensors"] == sd["state_dict_tensors"] > 0, (name, sd)
+        for problem in ("only_in_file", "only_in_state_dict", "dtype_differs", "not_bitwise_equal"):
+            assert sd[problem] == [], (name, problem, sd[problem])
+        assert sd["dtypes"] == ["torch.float32"], name
+
+
+def test_processors_normalize_as_openpi(compared):
+    """The processors load from the directory, in openpi's mode for the model, and normalize a known state as openpi's
+    `transforms.Normalize` does with the same stats, but for the eps (LeRobot 1e-8 on std or none on the quantile
+    range, openpi 1e-6 on both): relative difference about 1e-6 / (std or q99 - q01)."""
+    for name, export in compared["exports"].items():
+        norm = export["normalization"]
+        assert norm["state_mode"] == norm["action_mode"] == OPENPI_MODE[compared["kind"]], (name, norm)
+        assert "NormalizerProcessorStep" in norm["pre_steps"], norm
+        assert norm["max_rel_diff"] <= 1e-5, (name, norm)
+
+
+def test_actions_match_the_jax_lora_model(compared):
+    """pi0 / pi0.5, float32, same noise and inputs: LeRobot's model on the merged export is within 2% of what the
+    adapters change (JAX base vs JAX LoRA), and as close as the same LeRobot model is on the base weights."""
+    if compared["kind"] == "pi0_fast":
+        pytest.skip("pi0-FAST decodes tokens: see the logits test")
+    a = compared["actions"]
+    assert a["merged_export_vs_jax_lora"] <= 0.02 * a["jax_base_vs_jax_lora"], a
+    assert a["merged_export_vs_jax_lora"] <= 2 * a["base_export_vs_jax_base"], a
