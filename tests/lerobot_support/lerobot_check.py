@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 import torch
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "data" / "lerobot-0.6.1" / "make_fixtures.py"
+PALIGEMMA_EOS = 1
 GEMMA_KEYS = ("width", "depth", "mlp_dim", "num_heads", "num_kv_heads", "head_dim")
 
 
@@ -133,7 +134,7 @@ def normalization_check(policy, export: pathlib.Path, ref) -> dict:
         "state_mode": mode,
         "action_mode": unnormalizer.norm_map[policy.config.output_features["action"].type].value,
         "max_abs_diff": float(np.max(np.abs(got - want))),
-        "max_rel_diff": float(np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-12))),
+        "max_rel_diff": float(np.max(np.abs(got - want)) / np.max(np.abs(want))),
     }
 
 
@@ -155,28 +156,83 @@ def actions(kind: str, policy, ref) -> np.ndarray:
     return out.float().numpy()
 
 
-@torch.no_grad()
-def fast_outputs(policy, ref, steps: int) -> dict:
-    """PI0FastPytorch's logits at the prompt's valid positions (its prefix-LM pass: embed_prefix_fast, positions
-    cumsum - 1, lm_head; what `sample_actions_fast` runs before it appends BOS) and `sample_actions_fast`'s greedy
-    tokens (LeRobot's decode: BOS appended to the prompt; the KV-cache variant needs the real tokenizer's "|" id)."""
+def _prompt_logits(model, images, img_masks, tokens, token_mask) -> torch.Tensor:
+    """PI0FastPytorch's logits at the prompt's valid positions: its prefix-LM pass (embed_prefix_fast, positions
+    cumsum - 1, lm_head), as `sample_actions_fast` runs it on its prompt."""
     from lerobot.policies.common.vla_utils import prepare_attention_masks_4d
 
-    model = policy.model
-    images, img_masks, tokens, token_mask = _inputs(ref)
     embs, pad_masks, att_masks, _, _ = model.embed_prefix_fast(images, img_masks, tokens, token_mask)
-    positions = torch.cumsum(pad_masks, dim=1) - 1
     (out, _), _ = model.paligemma_with_expert.forward(
         attention_mask=prepare_attention_masks_4d(att_masks, dtype=embs.dtype),
-        position_ids=positions,
+        position_ids=torch.cumsum(pad_masks, dim=1) - 1,
         past_key_values=None,
         inputs_embeds=[embs, None],
         use_cache=False,
         adarms_cond=[None, None],
     )
-    logits = model.paligemma_with_expert.paligemma.lm_head(out)[0][pad_masks[0]]
+    return model.paligemma_with_expert.paligemma.lm_head(out)[0][pad_masks[0]]
+
+
+@torch.no_grad()
+def fast_outputs(policy, ref, steps: int) -> dict:
+    """The prompt's logits; the logits LeRobot decodes its first token from (`sample_actions_fast` appends BOS to the
+    prompt, in the prompt's bidirectional segment, and decodes from it); `sample_actions_fast`'s greedy tokens (the
+    KV-cache variant needs the real tokenizer's "|" id); and the diagnosis `_greedy_without_bos`."""
+    model = policy.model
+    images, img_masks, tokens, token_mask = _inputs(ref)
+    bos = torch.full((1, 1), policy.model._paligemma_tokenizer.bos_token_id)  # noqa: SLF001  (what LeRobot appends)
+    with_bos = _prompt_logits(
+        model,
+        images,
+        img_masks,
+        torch.cat([tokens, bos], 1),
+        torch.cat([token_mask, torch.ones_like(bos, dtype=bool)], 1),
+    )
     greedy = model.sample_actions_fast(images, img_masks, tokens, token_mask, max_decoding_steps=steps)
-    return {"prefix_logits": logits.float().numpy(), "greedy_tokens": greedy[0].numpy()}
+    return {
+        "prefix_logits": _prompt_logits(model, images, img_masks, tokens, token_mask).float().numpy(),
+        "first_step_logits": with_bos[-1].float().numpy(),
+        "greedy_tokens": greedy[0].numpy(),
+        "greedy_tokens_without_bos": _greedy_without_bos(model, images, img_masks, tokens, token_mask, steps),
+    }
+
+
+def _greedy_without_bos(model, images, img_masks, tokens, token_mask, steps: int) -> np.ndarray:
+    """A diagnosis, not LeRobot's decode: greedy decoding over PI0FastPytorch's own modules as openpi's Pi0FAST decodes
+    (no BOS after the prompt; the first token from the prompt's last logit; step s at position prefill_len + s + 1),
+    generated tokens as LeRobot's causal "fast" segment. Equal to openpi's tokens: the BOS is what differs."""
+    from lerobot.policies.common.vla_utils import prepare_attention_masks_4d
+
+    lm_head = model.paligemma_with_expert.paligemma.lm_head
+    generated = []
+    for _ in range(steps):
+        fast = torch.tensor([generated], dtype=torch.long) if generated else None
+        fast_mask = torch.ones_like(fast, dtype=torch.bool) if generated else None
+        embs, pad_masks, att_masks, _, _ = model.embed_prefix_fast(
+            images, img_masks, tokens, token_mask, fast_action_tokens=fast, fast_action_masks=fast_mask
+        )
+        n_prefix = embs.shape[1] - len(generated)
+        prefix_pos = torch.cumsum(pad_masks[:, :n_prefix], dim=1) - 1
+        prefill = int(pad_masks[0, :n_prefix].sum())
+        decode_pos = prefill + 1 + torch.arange(len(generated))[None]
+        positions = torch.cat([prefix_pos, decode_pos], dim=1)
+        (out, _), _ = model.paligemma_with_expert.forward(
+            attention_mask=prepare_attention_masks_4d(att_masks, dtype=embs.dtype),
+            position_ids=positions,
+            past_key_values=None,
+            inputs_embeds=[embs, None],
+            use_cache=False,
+            adarms_cond=[None, None],
+        )
+        last = int(torch.nonzero(pad_masks[0])[-1])  # the last valid position (the prompt is right-padded)
+        generated.append(int(torch.argmax(lm_head(out[0, last]), dim=-1)))
+    return np.asarray(generated)
+
+
+def _until_eos(tokens: np.ndarray) -> np.ndarray:
+    """Up to and including the first EOS (1), where openpi's decoding stops (its later tokens stay 0)."""
+    eos = np.flatnonzero(tokens == PALIGEMMA_EOS)
+    return tokens[: eos[0] + 1] if eos.size else tokens
 
 
 def _rel(a, b, scale) -> float:
@@ -204,15 +260,22 @@ def main(reference_dir: pathlib.Path, merged: pathlib.Path, base: pathlib.Path, 
         result["fast"] = {}
         for name in ("lora", "base"):
             want, got = ref[f"prefix_logits_{name}"], outputs[name]["prefix_logits"]
-            openpi_tokens = ref[f"greedy_tokens_{name}"]
+            openpi_tokens = _until_eos(ref[f"greedy_tokens_{name}"])
             result["fast"][name] = {
                 "prefix_logits_rel_diff": _rel(got, want, np.max(np.abs(want))),
                 "prefix_logits_scale": float(np.max(np.abs(want))),
+                "first_step_logits_rel_diff": _rel(
+                    outputs[name]["first_step_logits"], want[-1], np.max(np.abs(want[-1]))
+                ),
                 "last_prefix_argmax_lerobot": int(np.argmax(got[-1])),
                 "last_prefix_argmax_openpi": int(np.argmax(want[-1])),
                 "greedy_tokens_openpi": openpi_tokens.tolist(),
                 "greedy_tokens_lerobot": outputs[name]["greedy_tokens"].tolist(),
-                "greedy_tokens_equal": bool(np.array_equal(openpi_tokens, outputs[name]["greedy_tokens"])),
+                "greedy_tokens_equal": bool(np.array_equal(openpi_tokens, _until_eos(outputs[name]["greedy_tokens"]))),
+                "greedy_tokens_without_bos": outputs[name]["greedy_tokens_without_bos"].tolist(),
+                "greedy_tokens_without_bos_equal": bool(
+                    np.array_equal(openpi_tokens, _until_eos(outputs[name]["greedy_tokens_without_bos"]))
+                ),
             }
         result["fast"]["lora_vs_base_prefix_logits_rel"] = _rel(
             ref["prefix_logits_lora"], ref["prefix_logits_base"], np.max(np.abs(ref["prefix_logits_lora"]))
