@@ -60,21 +60,21 @@ def lerobot_export(src: pathlib.Path, output: pathlib.Path) -> pathlib.Path:
     return output
 
 
-def _known_norm_stats(step: pathlib.Path, dim: int) -> pathlib.Path:
+def _known_norm_stats(step: pathlib.Path, config) -> pathlib.Path:
     """Replaces the run's norm stats (train.py's fake data has none, or mean 0 / std 1) by known, non-trivial ones
-    with quantiles, in every assets folder of the step and its merge; returns the step's."""
-    ramp = np.linspace(0.0, 1.0, dim)
+    with quantiles, under the config's asset id (its repo id when it has none), in the step and in its merge."""
+    data = config.data.create(config.assets_dirs, config.model)
+    folder = pathlib.Path("assets") / (data.asset_id or data.repo_id)
+    ramp = np.linspace(0.0, 1.0, config.model.action_dim)
     mean, std = -0.5 + ramp, 0.5 + ramp
     stats = {
         key: normalize.NormStats(mean=mean, std=std, q01=mean - 2 * std, q99=mean + 2.5 * std)
         for key in ("state", "actions")
     }
-    dirs = sorted(
-        p.parent for p in (*step.glob("assets/*/norm_stats.json"), *step.glob("merged/assets/*/norm_stats.json"))
-    )
-    for d in dirs or [step / "assets" / "fake"]:
-        normalize.save(d, stats)
-    return dirs[0] if dirs else step / "assets" / "fake"
+    for root in (step, step / "merged"):
+        if root.is_dir():
+            normalize.save(root / folder, stats)
+    return step / folder
 
 
 def _run(kind: str, tmp: pathlib.Path) -> pathlib.Path:
@@ -95,7 +95,7 @@ def compared(request, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp(kind)
     step = _run(kind, tmp)
     lora, serving = openpi_config.get_config(name), openpi_config.get_config(f"{name}_merged")
-    stats_dir = _known_norm_stats(step, lora.model.action_dim)
+    stats_dir = _known_norm_stats(step, lora)
     base_merged = tmp / "base_merged"  # the frozen weights, no adapters (strength 0), float32
     checkpoint_merge.merge_checkpoint(
         step, output=base_merged, lora=checkpoint_merge.LoRASource(config=name), options=MergeOptions(strength=0.0)
