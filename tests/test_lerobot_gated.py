@@ -46,10 +46,12 @@ OPENPI_MODE = {"pi0": "MEAN_STD", "pi05": "QUANTILES", "pi0_fast": "QUANTILES"}
 
 
 def lerobot_export(src: pathlib.Path, output: pathlib.Path) -> pathlib.Path:
-    """`openpi-merge-lora export SRC --format lerobot`, run in this process (where the tiny SigLIP layout is set).
-    OPENPI_MERGE_TEST_LEROBOT_EXPORTER=FILE.py runs that file's `main(argv)` with the same argv instead."""
-    argv = ["export", str(src), "--format", "lerobot", "--precision", "float32", "--allow-nonstandard-dims"]
-    argv += ["--output", str(output), "--no-progress"]
+    """`openpi-merge-lora export SRC --format lerobot --device cpu` of a merged checkpoint (its manifest names the
+    openpi config), run in this process, where the tiny SigLIP layout is set. `--device cpu`: the processors' device
+    (LeRobot refuses to load them for a device it does not have). OPENPI_MERGE_TEST_LEROBOT_EXPORTER=FILE.py runs that
+    file's `main(argv)` with the same argv instead."""
+    argv = ["export", str(src), "--format", "lerobot", "--precision", "float32", "--device", "cpu"]
+    argv += ["--allow-nonstandard-dims", "--output", str(output), "--no-progress"]
     main = cli.main
     if os.environ.get("OPENPI_MERGE_TEST_LEROBOT_EXPORTER"):
         spec = importlib.util.spec_from_file_location("exporter", os.environ["OPENPI_MERGE_TEST_LEROBOT_EXPORTER"])
@@ -100,7 +102,7 @@ def compared(request, tmp_path_factory) -> dict:
     checkpoint_merge.merge_checkpoint(
         step, output=base_merged, lora=checkpoint_merge.LoRASource(config=name), options=MergeOptions(strength=0.0)
     )
-    merged_export = lerobot_export(step, tmp / "lerobot_merged")
+    merged_export = lerobot_export(step / "merged", tmp / "lerobot_merged")  # train.py's merge on save
     base_export = lerobot_export(base_merged, tmp / "lerobot_base")
     jax_reference.write(tmp, lora, serving, step / "params", stats_dir)
     out = tmp / "lerobot_check.json"
