@@ -45,20 +45,35 @@ CASES = {"pi0": "debug_lora", "pi05": "my_pi05_lora", "pi0_fast": "my_pi0_fast_l
 OPENPI_MODE = {"pi0": "MEAN_STD", "pi05": "QUANTILES", "pi0_fast": "QUANTILES"}
 
 
-def lerobot_export(src: pathlib.Path, output: pathlib.Path) -> pathlib.Path:
+def _export_argv(src: pathlib.Path, output: pathlib.Path) -> list[str]:
+    argv = ["export", str(src), "--format", "lerobot", "--precision", "float32", "--device", "cpu"]
+    return [*argv, "--allow-nonstandard-dims", "--output", str(output), "--no-progress"]
+
+
+def _lerobot_pipeline():
+    """The exporter's pipeline module (its `PI0_FAST_REFUSED` switch), or None where this tree has none."""
+    try:
+        return importlib.import_module("openpi_merge_plugin.pipeline.lerobot_export")
+    except ModuleNotFoundError:
+        return None
+
+
+def lerobot_export(src: pathlib.Path, output: pathlib.Path, *, past_pi0_fast_refusal: bool = False) -> pathlib.Path:
     """`openpi-merge-lora export SRC --format lerobot --device cpu` of a merged checkpoint (its manifest names the
     openpi config), run in this process, where the tiny SigLIP layout is set. `--device cpu`: the processors' device
-    (LeRobot refuses to load them for a device it does not have). OPENPI_MERGE_TEST_LEROBOT_EXPORTER=FILE.py runs that
-    file's `main(argv)` with the same argv instead."""
-    argv = ["export", str(src), "--format", "lerobot", "--precision", "float32", "--device", "cpu"]
-    argv += ["--allow-nonstandard-dims", "--output", str(output), "--no-progress"]
+    (LeRobot refuses to load them for a device it does not have). `past_pi0_fast_refusal`: with the exporter's pi0-FAST
+    switch off, so that what it would write can be measured (that measurement is why it refuses).
+    OPENPI_MERGE_TEST_LEROBOT_EXPORTER=FILE.py runs that file's `main(argv)` with the same argv instead."""
     main = cli.main
     if os.environ.get("OPENPI_MERGE_TEST_LEROBOT_EXPORTER"):
         spec = importlib.util.spec_from_file_location("exporter", os.environ["OPENPI_MERGE_TEST_LEROBOT_EXPORTER"])
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         main = module.main
-    assert main(argv) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        if past_pi0_fast_refusal and _lerobot_pipeline() is not None:
+            patch.setattr(_lerobot_pipeline(), "PI0_FAST_REFUSED", None)
+        assert main(_export_argv(src, output)) == 0
     return output
 
 
@@ -102,8 +117,9 @@ def compared(request, tmp_path_factory) -> dict:
     checkpoint_merge.merge_checkpoint(
         step, output=base_merged, lora=checkpoint_merge.LoRASource(config=name), options=MergeOptions(strength=0.0)
     )
-    merged_export = lerobot_export(step / "merged", tmp / "lerobot_merged")  # train.py's merge on save
-    base_export = lerobot_export(base_merged, tmp / "lerobot_base")
+    fast = kind == "pi0_fast"
+    merged_export = lerobot_export(step / "merged", tmp / "lerobot_merged", past_pi0_fast_refusal=fast)
+    base_export = lerobot_export(base_merged, tmp / "lerobot_base", past_pi0_fast_refusal=fast)
     jax_reference.write(tmp, lora, serving, step / "params", stats_dir)
     out = tmp / "lerobot_check.json"
     cmd = [LEROBOT_PYTHON, str(CHECK), str(tmp), str(merged_export), str(base_export), str(out)]
@@ -111,7 +127,7 @@ def compared(request, tmp_path_factory) -> dict:
     proc = subprocess.run(cmd, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     print(f"\n{kind} ({name}):\n{proc.stdout}")
-    return json.loads(out.read_text())
+    return {**json.loads(out.read_text()), "merged_source": str(step / "merged")}
 
 
 def test_policy_loads_the_export_bitwise(compared):
@@ -175,3 +191,20 @@ def test_pi0_fast_lerobot_decodes_other_tokens_than_openpi_because_of_its_bos(co
         assert f["greedy_tokens_without_bos_equal"], (name, f)
         assert not f["greedy_tokens_equal"], (name, f)
         assert f["first_step_logits_rel_diff"] > 100 * f["prefix_logits_rel_diff"], (name, f)
+
+
+def test_pi0_fast_export_is_refused_saying_what_differs(compared, tmp_path, capsys):
+    """What the measurements above decide: the export refuses pi0-FAST, before writing anything, with one error line
+    that names LeRobot's BOS."""
+    _fast(compared)
+    pipeline = _lerobot_pipeline()
+    if pipeline is None or os.environ.get("OPENPI_MERGE_TEST_LEROBOT_EXPORTER"):
+        pytest.skip("this tree has no LeRobot exporter")
+    assert pipeline.PI0_FAST_REFUSED
+    assert cli.main(_export_argv(pathlib.Path(compared["merged_source"]), tmp_path / "out")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: "), err
+    assert "pi0-FAST" in err[0], err
+    assert "BOS" in err[0], err
+    assert not (tmp_path / "out").exists()
