@@ -2,14 +2,14 @@
 
 Needs upstream openpi here (the runs, the export, the JAX references) and LeRobot's Python (3.12, lerobot 0.6.1) named
 by OPENPI_MERGE_LEROBOT_PYTHON; skipped without either. Tiny pi0, pi0.5 and pi0-FAST LoRA runs are trained with
-openpi's scripts/train.py; each LoRA step and its base weights (a strength-0 merge) are exported with
-`openpi-merge-lora export --format lerobot --precision float32 --allow-nonstandard-dims` (the tiny dims are not
-LeRobot's); `lerobot_support/jax_reference.py` writes openpi's outputs, and `lerobot_support/lerobot_check.py`, in
+openpi's scripts/train.py; each step's merge on save and its base weights (a strength-0 merge) are exported with
+`openpi-merge-lora export --format lerobot --precision float32 --device cpu --allow-nonstandard-dims` (the tiny dims
+are not LeRobot's); `lerobot_support/jax_reference.py` writes openpi's outputs, and `lerobot_support/lerobot_check.py`, in
 LeRobot's Python, loads both exports with `<Policy>.from_pretrained` and measures them. The tiny SigLIP and projector
 are those of the other gated tests (run_openpi_script), on both sides. Measured numbers: docs/lerobot.md.
 
-    OPENPI_MERGE_LEROBOT_PYTHON=/work/lerobot-venv/bin/python PYTHONPATH=. \
-        /work/openpi-venv/bin/python -m pytest -m lerobot tests/test_lerobot_gated.py -s
+    OPENPI_MERGE_LEROBOT_PYTHON=LEROBOT_VENV/bin/python PYTHONPATH=. \
+        OPENPI_VENV/bin/python -m pytest -m lerobot tests/test_lerobot_gated.py -s
 
 OPENPI_MERGE_TEST_RUNS_DIR=DIR keeps the trained runs there and reuses them (development only).
 """
