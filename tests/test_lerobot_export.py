@@ -203,6 +203,9 @@ def _plan(tree_name, tmp_path, **kw):
 
 
 def test_pi0_fast_is_planned_from_its_own_tree_and_refused_by_the_one_switch(tmp_path, monkeypatch):
+    with pytest.raises(MergeError, match=r"pi0-FAST is not exported for LeRobot: .*appends a BOS token"):
+        _plan("pi0_fast", tmp_path, action_dim=7)  # refused as shipped (docs/lerobot.md: LeRobot's decode differs)
+    monkeypatch.setattr(lerobot_export, "PI0_FAST_REFUSED", None)  # the layout stays ready for a LeRobot that agrees
     with pytest.raises(MergeError, match="actions have 7 dims, pi0-FAST's action_dim is 32"):
         _plan("pi0_fast", tmp_path, action_dim=32)  # Pi0FASTConfig's default; these stats have 7
     plan = _plan("pi0_fast", tmp_path)  # without openpi's config: the norm stats' action dim
@@ -300,9 +303,10 @@ def test_merge_on_save_exports_for_lerobot_beside_the_merge(tmp_path, fixture_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["5"]  # nothing staged left
 
 
-def test_pi0_fast_export_end_to_end_from_a_paligemma_only_merge(merged, tmp_path):
+def test_pi0_fast_export_end_to_end_from_a_paligemma_only_merge(merged, tmp_path, monkeypatch):
     """A pi0-FAST-shaped merged checkpoint (the fixture's PaliGemma alone, as openpi's Pi0FAST tree is pi0's
     PaliGemma; tests/data/openpi-15a9616/trees/pi0_fast.json): LeRobot's PaliGemma tensors only, quantile stats."""
+    monkeypatch.setattr(lerobot_export, "PI0_FAST_REFUSED", None)  # past the switch (refused as shipped)
     source = sources.OrbaxSource(merged / "params")
     pi0 = source.read(source.tree)
     second = {p for p in pi0 if p.startswith("PaliGemma/llm/") and any(k.endswith("_1") for k in p.split("/"))}

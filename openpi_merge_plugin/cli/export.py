@@ -115,8 +115,6 @@ class Args:
 
 def run(args: Args) -> int:
     """Exports; prints where, and the manifest's verification line."""
-    config = args.lora_source.config
-    model = pytorch_export.model_info_from_openpi(config) if config else None
     bar = None
 
     def progress(stage: str, n: int, total: int) -> None:
@@ -135,6 +133,8 @@ def run(args: Args) -> int:
         finally:
             if bar is not None:
                 bar.close()
+    config = args.lora_source.config
+    model = pytorch_export.model_info_from_openpi(config) if config else None
     try:
         result = pytorch_export.export_pytorch(
             args.src,

@@ -43,7 +43,12 @@ MODEL_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 # The one switch for pi0-FAST: None exports it; a reason (what LeRobot's PI0FastPolicy computes differently from
 # openpi's Pi0FAST) refuses it with that reason, before any work.
-PI0_FAST_REFUSED: str | None = None
+PI0_FAST_REFUSED: str | None = (
+    "LeRobot 0.6.1's PI0FastPolicy decodes differently from openpi's Pi0FAST: it appends a BOS token after the prompt "
+    "and predicts the first action token from it, where openpi predicts it from the prompt's last token (and it does "
+    "not lowercase the task). Its prompt logits match openpi's, but an openpi-trained pi0-FAST would decode other "
+    "actions in LeRobot (see docs/lerobot.md)"
+)
 # openpi's max_token_len defaults (Pi0Config: 200 for pi0.5, else 48; Pi0FASTConfig: 250).
 DEFAULT_MAX_TOKEN_LEN = {"pi0": 48, "pi05": 200, "pi0_fast": 250}
 
@@ -79,10 +84,8 @@ class Plan:
 
 def model_from_train_config(config: Any, *, config_name: str | None = None) -> LeRobotModel:
     """From an openpi TrainConfig: horizon, token length, pi0-FAST's action_dim, the data config's asset_id."""
-    model, data = config.model, getattr(config, "data", None)
-    assets = getattr(data, "assets", None)
-    repo_id = getattr(data, "repo_id", None)
-    asset_id = getattr(assets, "asset_id", None) or (repo_id if isinstance(repo_id, str) else None)
+    model = config.model
+    asset_id = _asset_id(config)
     fast = not hasattr(model, "action_expert_variant")
     return LeRobotModel(
         int(model.action_horizon),
@@ -91,6 +94,17 @@ def model_from_train_config(config: Any, *, config_name: str | None = None) -> L
         asset_id,
         config_name or getattr(config, "name", None),
     )
+
+
+def _asset_id(config: Any) -> str | None:
+    """The data config's asset_id as openpi's serving reads it (`data.create(...).asset_id`, which a data config
+    may set in `create`), else its `assets.asset_id` or `repo_id`."""
+    data = getattr(config, "data", None)
+    try:
+        return data.create(config.assets_dirs, config.model).asset_id
+    except Exception:  # a data config that cannot be created here (no dataset metadata): its fields
+        assets, repo_id = getattr(data, "assets", None), getattr(data, "repo_id", None)
+        return getattr(assets, "asset_id", None) or (repo_id if isinstance(repo_id, str) else None)
 
 
 def model_from_openpi(config_name: str) -> LeRobotModel:
