@@ -233,7 +233,7 @@ class PositionalWriter:
         """Writes tensor `name` as zeros, in chunks of at most CHUNK_BYTES."""
         t = self._begin(name)
         zero = memoryview(bytes(min(t.nbytes, CHUNK_BYTES)))
-        for at in range(0, t.nbytes, CHUNK_BYTES):
+        for at in range(0, max(t.nbytes, 1), CHUNK_BYTES):
             self._put(t, at, zero[: min(CHUNK_BYTES, t.nbytes - at)])
 
     def _begin(self, name: str) -> TensorHeader:
@@ -337,7 +337,7 @@ def read_back(
                 view = f.get_slice(name)
                 if view.get_dtype() != entry["dtype"] or list(view.get_shape()) != shape:
                     raise SafetensorsWriteError(f"{path}: {name} reads back as {view.get_dtype()}{view.get_shape()}")
-                block = view[start : min(start + step, rows)] if shape else f.get_tensor(name)
+                block = view[start : min(start + step, rows)] if shape and rows else f.get_tensor(name)
             data = _raw(block)
             digest.update(data)
             whole.update(data)
