@@ -68,7 +68,7 @@ def _lay_out(spec: layout.TensorSpec, array: Any, block_bytes: int) -> Iterator[
     if recipe.layer is None and recipe.split is None and not recipe.ops and rows and spec.nbytes > block_bytes:
         step = max(1, block_bytes // (spec.nbytes // rows))
         for start in range(0, rows, step):
-            block = np.asarray(array[start : start + step])
+            block = np.asarray(array[start : min(start + step, rows)])  # TensorStore does not clip a range
             part = dataclasses.replace(recipe, source_shape=block.shape, shape=block.shape)
             yield spec, slice(start, start + len(block)), layout.apply(part, block)
             del block
