@@ -40,13 +40,14 @@ class Merge:
 
 
 def laid_out_tensors(
-    source: sources.ParamSource, plan: layout.Layout, merge: Merge | None = None, *, block_bytes: int = BLOCK_BYTES
+    source: sources.ParamSource, plan: layout.Layout, merge: Merge | None = None, *, block_bytes: int | None = None
 ) -> Iterator[LaidOut]:
     """Each tensor of `plan`, laid out from `source` (merged per slice with `merge`; None: the identity), once.
 
     Holds one layer slice of one leaf at a time (a merged slice as the engine hands it over, assembled from its
     column pieces); a large tensor without transposes comes in row blocks (`rows`), each laid out on its own.
     """
+    block_bytes = BLOCK_BYTES if block_bytes is None else block_bytes
     specs: dict[tuple[str | None, int | None], list[layout.TensorSpec]] = defaultdict(list)
     scanned = set()
     for spec in plan.tensors:
