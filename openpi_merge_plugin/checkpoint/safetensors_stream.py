@@ -9,7 +9,9 @@ is written in its own order (safetensors' order there is a hash map's, so not re
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterable, Mapping, Sequence
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -292,6 +294,36 @@ class PositionalWriter:
         except BaseException:
             self.abort()
             raise
+
+
+class InBackground:
+    """Runs calls in one worker thread, in order, at most `depth` of them waiting: hashing and writing a tensor
+    (both release the GIL) overlap laying out the next one. An error comes back from `submit` or the `with`."""
+
+    def __init__(self, depth: int = 2):
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="safetensors-write")
+        self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
+        self._depth = depth
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        while len(self._pending) >= self._depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def __enter__(self) -> InBackground:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is not None:
+                for future in self._pending:
+                    future.cancel()
+            while self._pending:
+                future = self._pending.popleft()
+                if not future.cancelled() and exc_type is None:
+                    future.result()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -227,17 +227,18 @@ def _write(
     )
     action_dim = int(structure["action_in_proj/kernel"].shape[0])
     path = directory / MODEL_FILE
-    done = set()
-    with safetensors_stream.PositionalWriter(path, plan.tensors, plan.metadata) as writer:
+    done = 0
+    writer = safetensors_stream.PositionalWriter(path, plan.tensors, plan.metadata)
+    with writer, safetensors_stream.InBackground() as background:
         for spec, rows, array in export_stream.laid_out_tensors(params, plan, merge):
             if array is None:
-                writer.write_zeros(spec.name)
+                background.submit(writer.write_zeros, spec.name)
             else:
-                writer.write(spec.name, array, rows)
+                background.submit(writer.write, spec.name, array, rows)
             del array
-            if progress is not None and spec.name not in done and spec.name in writer.digests:
-                done.add(spec.name)
-                progress("export", len(done), len(plan))
+            if progress is not None and (rows is None or rows.stop == spec.shape[0]):
+                done += 1
+                progress("export", done, len(plan))
     readback = safetensors_stream.read_back(path, writer.digests, writer.header)
     (directory / CONFIG_FILE).write_text(
         layout.config_json(
