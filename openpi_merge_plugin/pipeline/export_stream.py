@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from openpi_merge_plugin.checkpoint import host_memory
 from openpi_merge_plugin.checkpoint import pytorch_layout as layout
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.errors import CheckpointError
@@ -92,6 +93,7 @@ def _leaf_slices(
     for path in source.tree:
         if path not in paths:
             continue
+        host_memory.release_freed()  # what the last leaf's reads and writes freed, before this one is read
         if path in by_base:
             weight = engine.merged_weight(source, by_base[path], merge.options, merge.report, merge.progress)
             yield from ((path, layer, a) for layer, a in _merged_slices(weight))
