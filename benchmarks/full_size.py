@@ -273,7 +273,7 @@ def _export_rows(me: list[str], step: pathlib.Path, tmp: pathlib.Path, label: st
         note = (
             f"{manifest['tensors']} tensors, {model['bytes'] / 1e9:.1f} GB, read back "
             f"({manifest['verification']['file']['reader']}); merge max rel err {merge['max_rel_err']:.1e}; "
-            f"model.safetensors sha256 {model['sha256'][:16]}"
+            f"model.safetensors sha256 {model['sha256']}"
         )
     rows.append((EXPORT_ROW, label, wall, rss, f"{note}; {wall / rows[0][2]:.2f}x the floor"))
     shutil.rmtree(out, ignore_errors=True)
