@@ -326,6 +326,11 @@ class InBackground:
             self._pool.shutdown(wait=True)
 
 
+def _check_digest(path: pathlib.Path, name: str, digest: Any, want: str) -> None:
+    if digest.hexdigest() != want:
+        raise SafetensorsWriteError(f"{path}: tensor {name} does not read back as written")
+
+
 @dataclasses.dataclass(frozen=True)
 class ReadBack:
     """What `read_back` proved: every tensor's bytes as read by `safe_open` hash as written; and the file's sha256."""
@@ -359,24 +364,27 @@ def read_back(
     entries.pop("__metadata__", None)
     whole = hashlib.sha256(header)
     size = len(header)
-    for name, entry in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        shape, nbytes = entry["shape"], entry["data_offsets"][1] - entry["data_offsets"][0]
-        rows = shape[0] if shape else 1
-        step = max(1, block_bytes // max(1, nbytes // rows)) if rows else 1
-        digest = hashlib.sha256()
-        for start in range(0, max(rows, 1), step):
-            with safe_open(str(path), framework="numpy") as f:
-                view = f.get_slice(name)
-                if view.get_dtype() != entry["dtype"] or list(view.get_shape()) != shape:
-                    raise SafetensorsWriteError(f"{path}: {name} reads back as {view.get_dtype()}{view.get_shape()}")
-                block = view[start : min(start + step, rows)] if shape and rows else f.get_tensor(name)
-            data = _raw(block)
-            digest.update(data)
-            whole.update(data)
-            size += len(data)
-            del block, data
-        if digest.hexdigest() != digests[name]:
-            raise SafetensorsWriteError(f"{path}: tensor {name} does not read back as written")
+    # The two hashes run in two worker threads while the next block is read (hashlib releases the GIL).
+    with InBackground() as tensor_hashes, InBackground() as file_hash:
+        for name, entry in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            shape, nbytes = entry["shape"], entry["data_offsets"][1] - entry["data_offsets"][0]
+            rows = shape[0] if shape else 1
+            step = max(1, block_bytes // max(1, nbytes // rows)) if rows else 1
+            digest = hashlib.sha256()
+            for start in range(0, max(rows, 1), step):
+                with safe_open(str(path), framework="numpy") as f:
+                    view = f.get_slice(name)
+                    if view.get_dtype() != entry["dtype"] or list(view.get_shape()) != shape:
+                        raise SafetensorsWriteError(
+                            f"{path}: {name} reads back as {view.get_dtype()}{view.get_shape()}"
+                        )
+                    block = view[start : min(start + step, rows)] if shape and rows else f.get_tensor(name)
+                data = _raw(block)
+                tensor_hashes.submit(digest.update, data)
+                file_hash.submit(whole.update, data)
+                size += len(data)
+                del block, data
+            tensor_hashes.submit(_check_digest, path, name, digest, digests[name])
     if size != path.stat().st_size:
         raise SafetensorsWriteError(f"{path}: {path.stat().st_size} bytes, read back {size}")
     return ReadBack(len(entries), whole.hexdigest(), size)
