@@ -215,6 +215,8 @@ def run(args: Run) -> None:
                 nbytes = build_step(step, depth)
                 print(f"built depth {depth}: {nbytes / 1e9:.2f} GB of params in {time.perf_counter() - start:.0f}s")
             else:
+                import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
                 nbytes = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in training_layout(depth).values())
                 _warm(step)
             label = f"{depth}/18 layers, {nbytes / 1e9:.1f} GB params"
