@@ -30,8 +30,23 @@ class Run:
     workdir: pathlib.Path | None = None
     # Skip the full-depth case.
     half_only: bool = False
+    # Skip the half-depth case.
+    full_only: bool = False
     # Skip the naive copy at full depth (it needs more memory than a 24 GB machine has).
     skip_full_naive: bool = True
+    # A full-depth LoRA step built before (`build_step`, 18 layers) to measure instead of building one; never modified.
+    step: pathlib.Path | None = None
+    # At full depth, also measure the PyTorch export of the LoRA step against the I/O floor.
+    export: bool = True
+
+
+@dataclasses.dataclass
+class FloorExport:
+    """Child process: the export's I/O floor: read every leaf of STEP once, widen it to float32, append it to one
+    file (OUTPUT), fsync."""
+
+    step: tyro.conf.Positional[pathlib.Path]
+    output: tyro.conf.Positional[pathlib.Path]
 
 
 @dataclasses.dataclass
@@ -149,6 +164,32 @@ def check_bitwise(args: CheckBitwise) -> None:
     print(f"bitwise equal: {compared} leaves ({len(adapted)} merged)")
 
 
+def floor_export(args: FloorExport) -> None:
+    import os
+
+    from openpi_merge_plugin.checkpoint import sources
+
+    source = sources.OrbaxSource(args.step / "params")
+    written = 0
+    with open(args.output, "wb") as f:
+        for path in source.tree:
+            array = source.read([path])[path].astype(np.float32)
+            written += f.write(memoryview(array.reshape(-1).view(np.uint8)))
+            del array
+        f.flush()
+        os.fsync(f.fileno())
+    print(f"{len(source.tree)} leaves, {written / 1e9:.1f} GB written")
+
+
+def _warm(step: pathlib.Path) -> None:
+    """Reads the step's files once, so that every row finds them in the page cache (as the first would not)."""
+    for path in step.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                while f.read(64 << 20):
+                    pass
+
+
 def _timed(cmd: list[str]) -> tuple[float, float, str]:
     start = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, check=False)
@@ -166,16 +207,25 @@ def run(args: Run) -> None:
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp_name:
         tmp = pathlib.Path(tmp_name)
-        for depth in (9,) if args.half_only else (9, 18):
-            step = tmp / f"depth{depth}" / "100"
-            start = time.perf_counter()
-            nbytes = build_step(step, depth)
-            print(f"built depth {depth}: {nbytes / 1e9:.2f} GB of params in {time.perf_counter() - start:.0f}s")
+        for depth in (9,) if args.half_only else (18,) if args.full_only else (9, 18):
+            given = args.step if depth == 18 and args.step is not None else None
+            step = given or tmp / f"depth{depth}" / "100"
+            if given is None:
+                start = time.perf_counter()
+                nbytes = build_step(step, depth)
+                print(f"built depth {depth}: {nbytes / 1e9:.2f} GB of params in {time.perf_counter() - start:.0f}s")
+            else:
+                import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
+                nbytes = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in training_layout(depth).values())
+                _warm(step)
             label = f"{depth}/18 layers, {nbytes / 1e9:.1f} GB params"
             if depth == 9 or not args.skip_full_naive:
                 wall, rss, note = _timed([*me, "naive-copy", str(step), str(tmp / f"naive{depth}")])
                 rows.append(("naive restore-convert-save copy", label, wall, rss, note))
                 shutil.rmtree(tmp / f"naive{depth}", ignore_errors=True)
+            if depth == 18 and args.export:
+                rows += _export_rows(me, step, tmp, label)
             wall, rss, _ = _timed([*merge_cli, str(step), "--output", str(tmp / f"merged{depth}")])
             manifest = json.loads((tmp / f"merged{depth}" / "manifest.json").read_text())
             note = f"max rel err {manifest['max_rel_err']:.1e}; merge math {manifest['timings_s']['merge']:.0f}s"
@@ -183,7 +233,8 @@ def run(args: Run) -> None:
                 _, _, check = _timed([*me, "check-bitwise", str(step), str(tmp / f"merged{depth}")])
                 note += f"; {check}"
             rows.append(("openpi-merge-lora (streaming, fp32 out)", label, wall, rss, note))
-            shutil.rmtree(step.parent)
+            if given is None:
+                shutil.rmtree(step.parent)
             shutil.rmtree(tmp / f"merged{depth}")
     import os
 
@@ -199,9 +250,41 @@ def run(args: Run) -> None:
     for name, label, wall, _, _ in rows:
         if name.startswith("openpi") and label in naive:
             print(f"streaming merge / naive copy at {label}: {wall / naive[label]:.2f}x")
+    floor = {r[1]: r[2] for r in rows if r[0].startswith(FLOOR_ROW)}
+    for name, label, wall, _, _ in rows:
+        if name.startswith(EXPORT_ROW) and label in floor:
+            print(f"export / I/O floor at {label}: {wall / floor[label]:.2f}x")
+
+
+FLOOR_ROW = "I/O floor: read every leaf once, widen to float32, write one file"
+EXPORT_ROW = "openpi-merge-lora export STEP --format pytorch (one pass)"
+
+
+def _export_rows(me: list[str], step: pathlib.Path, tmp: pathlib.Path, label: str) -> list[tuple]:
+    """The I/O floor and the export of the LoRA step, one after the other."""
+    wall, rss, note = _timed([*me, "floor-export", str(step), str(tmp / "floor.bin")])
+    (tmp / "floor.bin").unlink(missing_ok=True)
+    rows = [(FLOOR_ROW, label, wall, rss, note)]
+    out = tmp / "exported"
+    cli = [sys.executable, "-m", "openpi_merge_plugin.cli", "export", str(step), "--output", str(out)]
+    wall, rss, note = _timed([*cli, "--action-horizon", "50", "--no-progress"])
+    if (out / "manifest.json").is_file():
+        manifest = json.loads((out / "manifest.json").read_text())
+        model = manifest["files"]["model.safetensors"]
+        merge = manifest["verification"]["merge"]
+        note = (
+            f"{manifest['tensors']} tensors, {model['bytes'] / 1e9:.1f} GB, read back "
+            f"({manifest['verification']['file']['reader']}); merge max rel err {merge['max_rel_err']:.1e}; "
+            f"model.safetensors sha256 {model['sha256']}"
+        )
+    rows.append((EXPORT_ROW, label, wall, rss, f"{note}; {wall / rows[0][2]:.2f}x the floor"))
+    shutil.rmtree(out, ignore_errors=True)
+    return rows
 
 
 def main() -> None:
     """`python scripts/benchmark_full_size.py`: the subcommand `run`, or a child process's."""
-    cmd = tyro.extras.subcommand_cli_from_dict({"run": Run, "naive-copy": NaiveCopy, "check-bitwise": CheckBitwise})
-    {Run: run, NaiveCopy: naive_copy, CheckBitwise: check_bitwise}[type(cmd)](cmd)
+    cmd = tyro.extras.subcommand_cli_from_dict(
+        {"run": Run, "naive-copy": NaiveCopy, "check-bitwise": CheckBitwise, "floor-export": FloorExport}
+    )
+    {Run: run, NaiveCopy: naive_copy, CheckBitwise: check_bitwise, FloorExport: floor_export}[type(cmd)](cmd)

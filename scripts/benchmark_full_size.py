@@ -8,7 +8,13 @@ depth (9 of 18 LLM layers) and full depth, then measures, each in a child proces
 
 - naive copy: `PyTreeCheckpointer().restore` of the whole params item, adapted weights converted to float32, LoRA
   leaves dropped, `PyTreeCheckpointer().save` (the I/O of a merge without any math);
-- `openpi-merge-lora` (streaming, float32 output, verification on).
+- `openpi-merge-lora` (streaming, float32 output, verification on);
+- at full depth, the I/O floor of a PyTorch export (every leaf of the step read once, widened to float32, written to
+  one file) and `openpi-merge-lora export STEP --format pytorch` from the LoRA step (one pass: merged per slice,
+  laid out, written, read back), with its ratio to the floor.
+
+`--step` measures a full-depth step built before (`full_size.build_step`) instead of building one; `--full-only`
+skips the half-depth case.
 
 At half depth it also checks that the streamed output equals, bitwise, what the in-memory path produces
 (`merge_params` + `params_io.save_params`, one adapted weight at a time so that the check itself fits in memory).

@@ -1,5 +1,6 @@
 """The three entry points (offline merge, export of a LoRA step, merge on save) run the one pipeline:
-`checkpoint_merge.plan_merge` then `write_merge`, and nothing else merges."""
+`checkpoint_merge.plan_merge`, then `write_merge` (a merged checkpoint) or, for the export of a LoRA step, the
+export's one pass (`export_stream.laid_out_tensors`, merged per slice by the same engine); nothing else merges."""
 
 import types
 
@@ -12,6 +13,7 @@ from openpi_merge_plugin.merge import engine
 from openpi_merge_plugin.openpi_glue import merged_item
 from openpi_merge_plugin.openpi_glue.training_options import MergeOnSaveOptions
 from openpi_merge_plugin.pipeline import checkpoint_merge
+from openpi_merge_plugin.pipeline import export_stream
 from openpi_merge_plugin.pipeline import pytorch_export
 
 
@@ -19,7 +21,12 @@ from openpi_merge_plugin.pipeline import pytorch_export
 def calls(monkeypatch) -> list[str]:
     """Records, in order, each call of the pipeline's two halves and of the engine's writer."""
     seen: list[str] = []
-    for module, name in ((checkpoint_merge, "plan_merge"), (checkpoint_merge, "write_merge"), (engine, "write_stream")):
+    for module, name in (
+        (checkpoint_merge, "plan_merge"),
+        (checkpoint_merge, "write_merge"),
+        (engine, "write_stream"),
+        (export_stream, "laid_out_tensors"),
+    ):
         real = getattr(module, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
@@ -40,7 +47,7 @@ def test_export_of_a_lora_step_runs_the_pipeline(step_dir, calls):
     pytorch_export.export_pytorch(
         step_dir, lora=lora, action_horizon=50, allow_nonstandard_dims=True, output=step_dir.parent / "pt"
     )
-    assert calls == ["plan_merge", "write_merge", "write_stream"]
+    assert calls == ["plan_merge", "laid_out_tensors"]  # one pass: no merged checkpoint written first
 
 
 def test_merge_on_save_runs_the_pipeline(tmp_path, fixture_params, fixture_lora, calls, monkeypatch):

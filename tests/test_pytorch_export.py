@@ -21,6 +21,7 @@ from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.cli import app as cli
 from openpi_merge_plugin.errors import MergeError
 from openpi_merge_plugin.pipeline import checkpoint_merge
+from openpi_merge_plugin.pipeline import export_stream
 from openpi_merge_plugin.pipeline import pytorch_export
 
 MODEL = json.loads((FIXTURE / "model_config.json").read_text())["pi0_config"]
@@ -149,3 +150,22 @@ def test_cli_export_refuses_a_second_run_and_names_what_is_missing(merged, tiny_
     assert "exists" in capsys.readouterr().err
     with pytest.raises(MergeError, match="needs the model config"):
         pytorch_export.export_pytorch(merged, output=merged.parent.parent / "c", allow_nonstandard_dims=True)
+
+
+def test_export_in_row_blocks_writes_the_same_bytes(step_dir, tiny_vision, merged, monkeypatch):
+    """The embedding (no transposes) goes out in row blocks when large: the same file, from a LoRA step and a merged
+    directory alike (blocks of a few rows here, so that the fixture's small embedding is split)."""
+    whole = pytorch_export.export_pytorch(
+        merged, output=step_dir.parent / "a", model=_model(merged), allow_nonstandard_dims=True
+    )
+    monkeypatch.setattr(export_stream, "BLOCK_BYTES", 3000)
+    for name, src, lora in (
+        ("b", merged, None),
+        ("c", step_dir, checkpoint_merge.LoRASource(lora_config=FIXTURE_LORA_CONFIG)),
+    ):
+        blocks = pytorch_export.export_pytorch(
+            src, output=step_dir.parent / name, model=_model(merged), lora=lora, allow_nonstandard_dims=True
+        )
+        assert (blocks.output / "model.safetensors").read_bytes() == (whole.output / "model.safetensors").read_bytes()
+        files = blocks.manifest["files"]["model.safetensors"]
+        assert files == _output.file_checksums(blocks.output)["model.safetensors"]

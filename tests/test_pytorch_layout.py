@@ -316,3 +316,51 @@ def test_writer_rejects_and_cleans_up(tmp_path):
     assert not path.exists()
     with pytest.raises(ss.SafetensorsWriteError, match="not supported"):
         ss.header_bytes([ss.TensorHeader("a", "F16", (1,))])
+
+
+def test_positional_writer_any_order_and_row_blocks_gives_safetensors_bytes_and_reads_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(ss, "CHUNK_BYTES", 24)
+    tensors = _sample_tensors()
+    tensors["zeros"] = np.zeros((5, 7), ml_dtypes.bfloat16)
+    heads = [ss.TensorHeader(n, "F32" if a.dtype == np.float32 else "BF16", a.shape) for n, a in tensors.items()]
+    path = tmp_path / "p.safetensors"
+    with ss.PositionalWriter(path, heads, {"tied.embed": "tied.lm_head"}) as w:
+        for name in sorted(tensors, reverse=True):  # not the file's order
+            a = tensors[name]
+            if name == "zeros":
+                w.write_zeros(name)
+            elif name == "layers.10.b":  # in row blocks
+                w.write(name, a[:1], slice(0, 1))
+                w.write(name, a[1:], slice(1, 2))
+            else:
+                w.write(name, a)
+    safetensors.numpy.save_file(tensors, tmp_path / "ref.safetensors", metadata={"tied.embed": "tied.lm_head"})
+    data = path.read_bytes()
+    assert data == (tmp_path / "ref.safetensors").read_bytes()
+    assert w.digests == {n: hashlib.sha256(a.tobytes()).hexdigest() for n, a in tensors.items()}
+    checked = ss.read_back(path, w.digests, w.header, block_bytes=8)
+    assert (checked.tensors_checked, checked.bytes) == (len(tensors), len(data))
+    assert checked.file_sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_positional_writer_refuses_gaps_and_read_back_finds_a_changed_byte(tmp_path):
+    heads = [ss.TensorHeader("a", "F32", (4, 2)), ss.TensorHeader("b", "BF16", (3,))]
+    path = tmp_path / "x.safetensors"
+    with pytest.raises(ss.SafetensorsWriteError, match="bytes from 8 given, expected from 0"):  # noqa: SIM117
+        with ss.PositionalWriter(path, heads) as w:
+            w.write("a", np.ones((1, 2), np.float32), slice(1, 2))
+    assert not path.exists()
+    with pytest.raises(ss.SafetensorsWriteError, match="closed before a"):  # noqa: PT012, SIM117
+        with ss.PositionalWriter(path, heads) as w:
+            w.write("b", np.zeros(3, ml_dtypes.bfloat16))
+            w.write("a", np.ones((2, 2), np.float32), slice(0, 2))
+    assert not path.exists()
+    with ss.PositionalWriter(path, heads) as w:
+        w.write("b", np.zeros(3, ml_dtypes.bfloat16))
+        w.write("a", np.arange(8, dtype=np.float32).reshape(4, 2))
+    ss.read_back(path, w.digests, w.header)
+    data = bytearray(path.read_bytes())
+    data[len(w.header) + 5] ^= 1  # one bit of tensor a
+    path.write_bytes(bytes(data))
+    with pytest.raises(ss.SafetensorsWriteError, match="tensor a does not read back as written"):
+        ss.read_back(path, w.digests, w.header)

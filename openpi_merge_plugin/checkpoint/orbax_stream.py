@@ -36,6 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import multihost
 
+from openpi_merge_plugin.checkpoint import host_memory
 from openpi_merge_plugin.checkpoint import orbax_compat
 from openpi_merge_plugin.checkpoint import sources as _sources
 from openpi_merge_plugin.lora.adapters import ShapeDtype
@@ -160,6 +161,8 @@ class StreamingArrayHandler(ocp.type_handlers.ArrayHandler):
                 array_metadatas.append(await self._write_leaf(item, leaf, info, inflight))
                 await self._write_sharding(info, sharding, sharding_txn)
                 self._written.add(item.path)
+                del item
+                host_memory.release_freed()
         except BaseException:
             # No TensorStore write may land after the caller has removed the staging directory; the error being
             # raised is the first one.

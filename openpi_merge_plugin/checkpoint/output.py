@@ -6,7 +6,7 @@ never removes the directory of a merge that is still running (the kernel drops t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 import contextlib
 import errno
 import fcntl
@@ -214,15 +214,21 @@ def sha256_of(path: pathlib.Path) -> str:
 
 
 def file_checksums(
-    root: pathlib.Path, on_bytes: Callable[[int], None] | None = None
+    root: pathlib.Path,
+    on_bytes: Callable[[int], None] | None = None,
+    known: Mapping[str, dict[str, int | str]] | None = None,
 ) -> dict[str, dict[str, int | str]]:
     """sha256 and size of every file under `root` except the manifest, keyed by relative path.
 
-    `on_bytes(n)` is called after each chunk of n bytes hashed (for progress bars).
+    `on_bytes(n)` is called after each chunk of n bytes hashed (for progress bars). `known`: checksums the caller
+    computed from the file's bytes as it read them back (used when the size agrees), so a large file is read once.
     """
     out: dict[str, dict[str, int | str]] = {}
     for path in sorted(root.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
+        rel = path.relative_to(root).as_posix()
+        if known and rel in known and path.is_file() and path.stat().st_size == known[rel]["bytes"]:
+            out[rel] = dict(known[rel])
+        elif path.is_file() and path.name != MANIFEST:
             digest = hashlib.sha256()
             with open(path, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -233,8 +239,9 @@ def file_checksums(
     return out
 
 
-def write_manifest(root: pathlib.Path, manifest: dict) -> dict:
-    """Adds the checksums of everything already in `root` and writes manifest.json (the last file written)."""
-    manifest = {**manifest, "files": file_checksums(root)}
+def write_manifest(root: pathlib.Path, manifest: dict, known: Mapping[str, dict[str, int | str]] | None = None) -> dict:
+    """Adds the checksums of everything already in `root` (`known`: see `file_checksums`) and writes manifest.json
+    (the last file written)."""
+    manifest = {**manifest, "files": file_checksums(root, known=known)}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return manifest

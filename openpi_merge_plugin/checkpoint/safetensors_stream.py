@@ -9,8 +9,11 @@ is written in its own order (safetensors' order there is a hash map's, so not re
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterable, Mapping, Sequence
+import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -188,3 +191,200 @@ def write(
             else:
                 w.write(t.name, array)
             del array
+
+
+class PositionalWriter:
+    """Writes the header on open, then each tensor at its own offset, in any order (a tensor's row blocks in
+    order); hashes each tensor's bytes (sha256) as they are written. `close` checks that every byte was written and
+    returns the digests (name -> hex); `read_back` proves the file against them.
+
+    Leaving a `with` block by an exception removes the incomplete file.
+    """
+
+    def __init__(self, path: str | os.PathLike, tensors: Iterable[Any], metadata: Mapping[str, str] | None = None):
+        self.path = pathlib.Path(path)
+        self.order: list[TensorHeader] = _entries(tensors)
+        self.header = header_bytes(self.order, metadata)
+        self.size = len(self.header) + sum(t.nbytes for t in self.order)
+        self._entry = {t.name: t for t in self.order}
+        self._offset: dict[str, int] = {}
+        offset = len(self.header)
+        for t in self.order:
+            self._offset[t.name], offset = offset, offset + t.nbytes
+        self._done: dict[str, int] = {}  # bytes written of each tensor begun
+        self._hash: dict[str, Any] = {}
+        self.digests: dict[str, str] = {}
+        self._f: BinaryIO | None = open(self.path, "wb")  # noqa: SIM115
+        self._f.write(self.header)
+
+    def write(self, name: str, array: np.ndarray, rows: slice | None = None) -> None:
+        """Writes tensor `name` whole, or its `rows` (a range of axis 0; the ranges of a tensor in order)."""
+        t = self._begin(name)
+        array = np.asarray(array)
+        start, stop = (0, t.shape[0] if t.shape else 1) if rows is None else (rows.start, rows.stop)
+        want = t.shape if rows is None else (stop - start, *t.shape[1:])
+        if array.dtype != DTYPES[t.dtype] or tuple(array.shape) != tuple(want):
+            raise SafetensorsWriteError(
+                f"{self.path}: {name}[{start}:{stop}] is {array.dtype}{list(array.shape)}, declared "
+                f"{t.dtype}{list(want)}"
+            )
+        row_bytes = t.nbytes // t.shape[0] if t.shape and t.shape[0] else t.nbytes
+        self._put(t, start * row_bytes, _raw(array))
+
+    def write_zeros(self, name: str) -> None:
+        """Writes tensor `name` as zeros, in chunks of at most CHUNK_BYTES."""
+        t = self._begin(name)
+        zero = memoryview(bytes(min(t.nbytes, CHUNK_BYTES)))
+        for at in range(0, max(t.nbytes, 1), CHUNK_BYTES):
+            self._put(t, at, zero[: min(CHUNK_BYTES, t.nbytes - at)])
+
+    def _begin(self, name: str) -> TensorHeader:
+        if self._f is None:
+            raise SafetensorsWriteError(f"{self.path}: writer is closed")
+        if name not in self._entry:
+            raise SafetensorsWriteError(f"{self.path}: {name!r} is not a tensor of this file")
+        if name in self.digests:
+            raise SafetensorsWriteError(f"{self.path}: {name!r} written twice")
+        return self._entry[name]
+
+    def _put(self, t: TensorHeader, at: int, data: memoryview) -> None:
+        done = self._done.get(t.name, 0)
+        if at != done:
+            raise SafetensorsWriteError(f"{self.path}: {t.name}: bytes from {at} given, expected from {done}")
+        digest = self._hash.setdefault(t.name, hashlib.sha256())
+        digest.update(data)
+        n = os.pwrite(self._f.fileno(), data, self._offset[t.name] + at)
+        while n < len(data):  # a short write (large buffers, signals): the rest
+            n += os.pwrite(self._f.fileno(), data[n:], self._offset[t.name] + at + n)
+        self._done[t.name] = done + len(data)
+        if self._done[t.name] > t.nbytes:
+            raise SafetensorsWriteError(f"{self.path}: {t.name}: more than its {t.nbytes} bytes")
+        if self._done[t.name] == t.nbytes:
+            self.digests[t.name] = self._hash.pop(t.name).hexdigest()
+
+    def close(self) -> dict[str, str]:
+        """Finishes the file (fsync); every tensor must be complete. Returns the digests."""
+        if self._f is not None:
+            f, self._f = self._f, None
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            missing = [t.name for t in self.order if t.name not in self.digests]
+            if missing:
+                raise SafetensorsWriteError(f"{self.path}: closed before {missing[0]} ({len(missing)} tensors missing)")
+            if self.path.stat().st_size != self.size:
+                raise SafetensorsWriteError(f"{self.path}: {self.path.stat().st_size} bytes, expected {self.size}")
+        return self.digests
+
+    def abort(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> PositionalWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
+
+
+class InBackground:
+    """Runs calls in one worker thread, in order, at most `depth` of them waiting: hashing and writing a tensor
+    (both release the GIL) overlap laying out the next one. An error comes back from `submit` or the `with`."""
+
+    def __init__(self, depth: int = 2):
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="safetensors-write")
+        self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
+        self._depth = depth
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        while len(self._pending) >= self._depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def __enter__(self) -> InBackground:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is not None:
+                for future in self._pending:
+                    future.cancel()
+            while self._pending:
+                future = self._pending.popleft()
+                if not future.cancelled() and exc_type is None:
+                    future.result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _check_digest(path: pathlib.Path, name: str, digest: Any, want: str) -> None:
+    if digest.hexdigest() != want:
+        raise SafetensorsWriteError(f"{path}: tensor {name} does not read back as written")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadBack:
+    """What `read_back` proved: every tensor's bytes as read by `safe_open` hash as written; and the file's sha256."""
+
+    tensors_checked: int
+    file_sha256: str
+    bytes: int
+
+
+def read_back(
+    path: str | os.PathLike, digests: Mapping[str, str], header: bytes, block_bytes: int = CHUNK_BYTES
+) -> ReadBack:
+    """Reads the file once, in file order, with the `safetensors` library, and checks each tensor's sha256 against
+    `digests` (as written) and the file's tensors against their names; `header` (as written) must open the file.
+
+    Row blocks of at most `block_bytes`, each through its own `safe_open` (which maps the file: the pages a read
+    touched stay resident while it is open), so memory stays at one block. The file's sha256 comes from the same
+    reads: the header, then the tensors' bytes, which are the rest of the file in order.
+    """
+    from safetensors import safe_open
+
+    path = pathlib.Path(path)
+    with open(path, "rb") as f:
+        if f.read(len(header)) != header:
+            raise SafetensorsWriteError(f"{path}: the header does not read back as written")
+    with safe_open(str(path), framework="numpy") as f:
+        names = set(f.keys())
+    if names != set(digests):
+        raise SafetensorsWriteError(f"{path}: the file's tensors are not those written")
+    entries = json.loads(header[8:])
+    entries.pop("__metadata__", None)
+    whole = hashlib.sha256(header)
+    size = len(header)
+    # The two hashes run in two worker threads while the next block is read (hashlib releases the GIL).
+    with InBackground() as tensor_hashes, InBackground() as file_hash:
+        for name, entry in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            shape, nbytes = entry["shape"], entry["data_offsets"][1] - entry["data_offsets"][0]
+            rows = shape[0] if shape else 1
+            step = max(1, block_bytes // max(1, nbytes // rows)) if rows else 1
+            digest = hashlib.sha256()
+            for start in range(0, max(rows, 1), step):
+                with safe_open(str(path), framework="numpy") as f:
+                    view = f.get_slice(name)
+                    if view.get_dtype() != entry["dtype"] or list(view.get_shape()) != shape:
+                        raise SafetensorsWriteError(
+                            f"{path}: {name} reads back as {view.get_dtype()}{view.get_shape()}"
+                        )
+                    block = view[start : min(start + step, rows)] if shape and rows else f.get_tensor(name)
+                data = _raw(block)
+                tensor_hashes.submit(digest.update, data)
+                file_hash.submit(whole.update, data)
+                size += len(data)
+                del block, data
+            tensor_hashes.submit(_check_digest, path, name, digest, digests[name])
+    if size != path.stat().st_size:
+        raise SafetensorsWriteError(f"{path}: {path.stat().st_size} bytes, read back {size}")
+    return ReadBack(len(entries), whole.hexdigest(), size)

@@ -181,10 +181,7 @@ def iter_merged(
     once the iterator and every MergedWeight are exhausted.
     """
     by_base = {a.base_path: a for a in adapters}
-    drop = {p for a in adapters for p in (a.a_path, a.b_path)}
-    report.verified = options.verify
-    report.tolerance = options.tolerance if options.verify else None
-    report.removed_leaves = sorted(drop)
+    drop = start_report(report, adapters, options)
     pending: list[str] = []  # passthrough leaves read together, up to PASSTHROUGH_BATCH_BYTES at a time
     pending_bytes = 0
     for path in [*source.tree, None]:
@@ -199,6 +196,15 @@ def iter_merged(
             pending, pending_bytes = [], 0
         if path in by_base:
             yield path, merged_weight(source, by_base[path], options, report, progress)
+
+
+def start_report(report: MergeReport, adapters: Sequence[_adapters.Adapter], options: MergeOptions) -> set[str]:
+    """Records the merge's settings and the LoRA leaves it drops (returned) in `report`."""
+    drop = {p for a in adapters for p in (a.a_path, a.b_path)}
+    report.verified = options.verify
+    report.tolerance = options.tolerance if options.verify else None
+    report.removed_leaves = sorted(drop)
+    return drop
 
 
 def merged_structure(

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 import dataclasses
 import datetime as dt
-import json
 import logging
 import pathlib
 import time
@@ -27,11 +26,8 @@ from openpi_merge_plugin.checkpoint import lerobot_layout
 from openpi_merge_plugin.checkpoint import output as _output
 from openpi_merge_plugin.checkpoint import output_guard
 from openpi_merge_plugin.checkpoint import pytorch_layout as layout
-from openpi_merge_plugin.checkpoint import safetensors_stream
-from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.errors import CheckpointError
 from openpi_merge_plugin.errors import ConfigError
-from openpi_merge_plugin.options import MergeOptions
 from openpi_merge_plugin.pipeline import checkpoint_merge
 from openpi_merge_plugin.pipeline import export_model
 from openpi_merge_plugin.pipeline import pytorch_export
@@ -151,42 +147,39 @@ def export_lerobot(
     merged_dir, step_dir = pytorch_export.merged_source(src)
     if merged_dir is None:
         default, protected = step_dir / output_guard.LEROBOT_NAME, [checkpoint_merge.protect_step(step_dir)]
-        assets = step_dir / "assets"
     else:
-        default = merged_dir.parent / f"{merged_dir.name}_lerobot"
-        protected, assets = pytorch_export.protected_for_merged(merged_dir), merged_dir / "assets"
+        default, protected = (
+            merged_dir.parent / f"{merged_dir.name}_lerobot",
+            pytorch_export.protected_for_merged(merged_dir),
+        )
     out = output_guard.check_output(output if output is not None else default, overwrite=overwrite, protected=protected)
-    if merged_dir is None:
-        planned = checkpoint_merge.plan_step_merge(step_dir, lora, MergeOptions())
-        structure = planned.structure
-        record = {"lora_config": planned.resolved.to_json(), **planned.serving_config.to_json()}
+    if merged_dir is None:  # a LoRA step: merged in the export's one pass
+        source = pytorch_export.lora_step_source(step_dir, lora)
     else:
-        planned, structure = None, sources.OrbaxSource(merged_dir / "params").tree
-        record = json.loads((merged_dir / _output.MANIFEST).read_text())
+        source = pytorch_export.merged_dir_source(merged_dir)
     if model is None:
-        model = _model_from_record(record)
+        model = _model_from_record(source.record)
     # Everything that can be refused is refused here, before the merge and the writes.
-    plan_lerobot(structure, assets, precision, model, naming, allow_nonstandard_dims=allow_nonstandard_dims, what=src)
-    with _output.scratch_directory(out) as scratch:
-        if planned is not None:
-            merged_dir = scratch / _output.MERGED_NAME
-            merged_dir.mkdir()
-            checkpoint_merge.write_merge(merged_dir, planned, merged_dir)
-            source_info = {"lora_step": str(step_dir), "merged_on_the_way": True}
-        else:
-            source_info = {"merged": str(merged_dir), "merged_on_the_way": False}
-        with _output.staged_directory(out, overwrite=overwrite) as tmp:
-            manifest = write_lerobot(
-                tmp,
-                merged_dir,
-                precision,
-                model,
-                out,
-                naming=naming,
-                source_info=source_info,
-                allow_nonstandard_dims=allow_nonstandard_dims,
-                progress=progress,
-            )
+    plan_lerobot(
+        source.structure,
+        source.assets,
+        precision,
+        model,
+        naming,
+        allow_nonstandard_dims=allow_nonstandard_dims,
+        what=src,
+    )
+    with _output.staged_directory(out, overwrite=overwrite) as tmp:
+        manifest = _write(
+            tmp,
+            source,
+            precision,
+            model,
+            out,
+            naming=naming,
+            allow_nonstandard_dims=allow_nonstandard_dims,
+            progress=progress,
+        )
     logger.info("exported %s for LeRobot to %s (%s)", src, out, precision)
     return pytorch_export.ExportResult(out, manifest)
 
@@ -289,33 +282,47 @@ def write_lerobot(
     allow_nonstandard_dims: bool = False,
     progress: pytorch_export.ProgressFn | None = None,
 ) -> dict[str, Any]:
-    """Writes model.safetensors (streamed), config.json, the processor files and, last, manifest.json."""
+    """Writes the LeRobot directory of a merged directory into `directory` (merge on save's export)."""
+    source = pytorch_export.merged_dir_source(merged_dir, source_info)
+    return _write(
+        directory,
+        source,
+        precision,
+        model,
+        output_path,
+        naming=naming,
+        allow_nonstandard_dims=allow_nonstandard_dims,
+        progress=progress,
+    )
+
+
+def _write(
+    directory: pathlib.Path,
+    source: pytorch_export.ExportSource,
+    precision: Precision,
+    model: LeRobotModel,
+    output_path: pathlib.Path,
+    *,
+    naming: Naming,
+    allow_nonstandard_dims: bool,
+    progress: pytorch_export.ProgressFn | None,
+) -> dict[str, Any]:
+    """model.safetensors (the export's one pass), config.json, the processor files and, last, manifest.json."""
     start = time.perf_counter()
-    merged_manifest = json.loads((merged_dir / _output.MANIFEST).read_text())
-    source = sources.OrbaxSource(merged_dir / "params")
     plan = plan_lerobot(
-        source.tree,
-        merged_dir / "assets",
+        source.structure,
+        source.assets,
         precision,
         model,
         naming,
         allow_nonstandard_dims=allow_nonstandard_dims,
-        what=merged_dir,
+        what=source.what,
     )
-    done = [0]
-
-    def produce(spec: layout.TensorSpec) -> np.ndarray | None:
-        done[0] += 1
-        if progress is not None:
-            progress("export", done[0], len(plan.layout))
-        if spec.recipe.source is None:
-            return None
-        return layout.apply(spec.recipe, pytorch_export.read_recipe_source(source, spec.recipe))
-
-    safetensors_stream.write(directory / MODEL_FILE, plan.layout.tensors, produce, None)
+    readback, known = pytorch_export.write_model_file(directory / MODEL_FILE, plan.layout, None, source, progress)
     side_files = files.write_all(directory, plan.spec, plan.stats)
-    readback = pytorch_export.verify_file(directory / MODEL_FILE, plan.layout, source)
     stats_check = _verify_stats(directory, plan)
+    checkpoint = source.assets.parent if source.assets is not None else None
+    norm_stats = plan.norm_stats_path
     manifest = {
         "format_version": FORMAT_VERSION,
         "plugin": "openpi-merge-plugin",
@@ -324,20 +331,18 @@ def write_lerobot(
         "format": "lerobot",
         "lerobot_version": "0.6.1",
         "source": {
-            **(source_info or {"merged": str(merged_dir)}),
-            "step": merged_manifest.get("source", {}).get("step"),
-            "merged_manifest_sha256": _output.sha256_of(merged_dir / _output.MANIFEST),
+            **source.info,
             # Relative: the checkpoint's own assets (the same in the step and its merge); absolute: --norm-stats.
             "norm_stats": str(
-                plan.norm_stats_path.relative_to(merged_dir)
-                if plan.norm_stats_path.is_relative_to(merged_dir)
-                else plan.norm_stats_path
+                norm_stats.relative_to(checkpoint)
+                if checkpoint is not None and norm_stats.is_relative_to(checkpoint)
+                else norm_stats
             ),
-            "norm_stats_sha256": _output.sha256_of(plan.norm_stats_path),
+            "norm_stats_sha256": _output.sha256_of(norm_stats),
         },
         "output": str(output_path),
-        "serving_config": merged_manifest.get("serving_config"),
-        "lora_config": merged_manifest.get("lora_config"),
+        "serving_config": source.record.get("serving_config"),
+        "lora_config": source.record.get("lora_config"),
         "policy": {"type": plan.spec.kind, **dataclasses.asdict(model)},
         "precision": precision,
         "precision_rules": (
@@ -349,13 +354,13 @@ def write_lerobot(
         "nonstandard_dims": {k: {"model": m, "lerobot": t} for k, (m, t) in plan.layout.nonstandard_dims.items()},
         "files_written": [MODEL_FILE, *side_files],
         "verification": {
-            "merge": {k: merged_manifest.get(k) for k in ("verified", "max_rel_err") if k in merged_manifest},
+            "merge": source.merge_check(),
             "file": readback,
             "normalizer_stats": stats_check,
         },
         "seconds": round(time.perf_counter() - start, 3),
     }
-    return _output.write_manifest(directory, manifest)
+    return _output.write_manifest(directory, manifest, known=known)
 
 
 def _verify_stats(directory: pathlib.Path, plan: Plan) -> dict[str, Any]:

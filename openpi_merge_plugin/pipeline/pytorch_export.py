@@ -11,14 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 import dataclasses
 import datetime as dt
+import functools
 import json
 import logging
 import pathlib
 import shutil
 import time
 from typing import Any
-
-import numpy as np
 
 from openpi_merge_plugin import __version__
 from openpi_merge_plugin import options as _options
@@ -29,9 +28,11 @@ from openpi_merge_plugin.checkpoint import safetensors_stream
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.errors import CheckpointError
 from openpi_merge_plugin.errors import ConfigError
+from openpi_merge_plugin.merge import engine
 from openpi_merge_plugin.options import MergeOptions
 from openpi_merge_plugin.pipeline import checkpoint_merge
 from openpi_merge_plugin.pipeline import export_model
+from openpi_merge_plugin.pipeline import export_stream
 
 # The model info's API, as the export's callers name it.
 from openpi_merge_plugin.pipeline.export_model import ModelInfo
@@ -92,36 +93,19 @@ def export_pytorch(
     else:
         default, protected = merged_dir.parent / f"{merged_dir.name}_pytorch", protected_for_merged(merged_dir)
     out = output_guard.check_output(output if output is not None else default, overwrite=overwrite, protected=protected)
-    if merged_dir is None:  # a LoRA step: merged first (streamed, verified) into a scratch sibling of `out`
-        planned = checkpoint_merge.plan_step_merge(step_dir, lora, MergeOptions())
-        structure = planned.structure
-        record = {"lora_config": planned.resolved.to_json(), **planned.serving_config.to_json()}
-    else:
-        planned, structure = None, sources.OrbaxSource(merged_dir / "params").tree
-        record = json.loads((merged_dir / _output.MANIFEST).read_text())
+    source = lora_step_source(step_dir, lora) if merged_dir is None else merged_dir_source(merged_dir)
     if model is None and action_horizon is not None:
-        model = export_model.model_info_from_variants(record, action_horizon=action_horizon, model_dtype=model_dtype)
+        model = export_model.model_info_from_variants(
+            source.record, action_horizon=action_horizon, model_dtype=model_dtype
+        )
     # Everything that can be refused is refused here, before the merge and the writes.
-    plan_export(structure, record, precision, model, allow_nonstandard_dims=allow_nonstandard_dims, what=src)
-    with _output.scratch_directory(out) as scratch:
-        if planned is not None:
-            merged_dir = scratch / _output.MERGED_NAME
-            merged_dir.mkdir()
-            checkpoint_merge.write_merge(merged_dir, planned, merged_dir)
-            source_info = {"lora_step": str(step_dir), "merged_on_the_way": True}
-        else:
-            source_info = {"merged": str(merged_dir), "merged_on_the_way": False}
-        with _output.staged_directory(out, overwrite=overwrite) as tmp:
-            manifest = write_export(
-                tmp,
-                merged_dir,
-                precision,
-                model,
-                out,
-                source_info=source_info,
-                allow_nonstandard_dims=allow_nonstandard_dims,
-                progress=progress,
-            )
+    plan_export(
+        source.structure, source.record, precision, model, allow_nonstandard_dims=allow_nonstandard_dims, what=src
+    )
+    with _output.staged_directory(out, overwrite=overwrite) as tmp:
+        manifest = _write(
+            tmp, source, precision, model, out, allow_nonstandard_dims=allow_nonstandard_dims, progress=progress
+        )
     logger.info("exported %s to %s (%s)", src, out, precision)
     return ExportResult(out, manifest)
 
@@ -156,6 +140,85 @@ def protected_for_merged(merged_dir: pathlib.Path) -> list[output_guard.Protecte
     return protected
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportSource:
+    """What the export's one pass reads: params (merged, or a LoRA step's, merged on the way), and their record."""
+
+    params: sources.ParamSource
+    record: dict[str, Any]  # the merge's manifest, or what the merge on the way records (lora and serving config)
+    assets: pathlib.Path | None
+    info: dict[str, Any]  # the manifest's `source`
+    merge: export_stream.Merge | None = None  # None: the params are merged already (the identity merge)
+
+    @property
+    def what(self) -> Any:
+        return self.info.get("merged") or self.info.get("lora_step")
+
+    @functools.cached_property
+    def structure(self) -> dict[str, Any]:
+        """The merged params' structure (path -> shape, dtype): the LoRA leaves gone, the merged weights' dtype."""
+        if self.merge is None:
+            return self.params.tree
+        return engine.merged_structure(self.params.tree, self.merge.adapters, self.merge.options)
+
+    def merge_check(self) -> dict[str, Any]:
+        """The merge's verification: the merged directory's record, or the merge on the way's own report."""
+        if self.merge is None:
+            return {k: self.record.get(k) for k in ("verified", "max_rel_err") if k in self.record}
+        return {"verified": self.merge.report.verified, "max_rel_err": self.merge.report.max_rel_err}
+
+
+def merged_dir_source(merged_dir: pathlib.Path, source_info: dict[str, Any] | None = None) -> ExportSource:
+    """A merged directory, read as it is (the identity merge)."""
+    merged_manifest = json.loads((merged_dir / _output.MANIFEST).read_text())
+    info = {
+        **(source_info or {"merged": str(merged_dir), "merged_on_the_way": False}),
+        "step": merged_manifest.get("source", {}).get("step"),
+        "merged_manifest_sha256": _output.sha256_of(merged_dir / _output.MANIFEST),
+    }
+    return ExportSource(sources.OrbaxSource(merged_dir / "params"), merged_manifest, merged_dir / "assets", info)
+
+
+def lora_step_source(step_dir: pathlib.Path, lora: checkpoint_merge.LoRASource | None) -> ExportSource:
+    """A LoRA step, merged in the export's pass one layer slice at a time, verified as `merged/` is."""
+    planned = checkpoint_merge.plan_step_merge(step_dir, lora, MergeOptions())
+    return ExportSource(
+        planned.source,
+        {"lora_config": planned.resolved.to_json(), **planned.serving_config.to_json()},
+        step_dir / "assets",
+        {"lora_step": str(step_dir), "merged_on_the_way": True, "step": planned.source_info["step"]},
+        export_stream.Merge(planned.adapters, planned.options),
+    )
+
+
+def write_model_file(
+    path: pathlib.Path, plan: Any, metadata: dict[str, str] | None, source: ExportSource, progress: ProgressFn | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The one pass: each leaf read once (merged on the way), laid out, written at its offset and hashed; then the
+    file read back once with `safe_open` against the hashes. `plan`: a layout with `.tensors` (PyTorch's or
+    LeRobot's). Returns the manifest's read-back record and the file's checksum entry (not hashed again)."""
+    done = 0
+    writer = safetensors_stream.PositionalWriter(path, plan.tensors, metadata)
+    with writer, safetensors_stream.InBackground() as background:
+        for spec, rows, array in export_stream.laid_out_tensors(source.params, plan, source.merge):
+            if array is None:
+                background.submit(writer.write_zeros, spec.name)
+            else:
+                background.submit(writer.write, spec.name, array, rows)
+            del array
+            if progress is not None and (rows is None or rows.stop == spec.shape[0]):
+                done += 1
+                progress("export", done, len(plan.tensors))
+    readback = safetensors_stream.read_back(path, writer.digests, writer.header)
+    record = {
+        "reader": "safetensors.safe_open",
+        "tensors_checked": readback.tensors_checked,
+        "bitwise": True,
+        "check": "sha256 of each tensor's bytes as written == as read back",
+    }
+    return record, {path.name: {"sha256": readback.file_sha256, "bytes": readback.bytes}}
+
+
 def write_export(
     directory: pathlib.Path,
     merged_dir: pathlib.Path,
@@ -167,25 +230,38 @@ def write_export(
     allow_nonstandard_dims: bool = False,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    """Writes model.safetensors (streamed), config.json, assets/ and, last, manifest.json into `directory`."""
-    start = time.perf_counter()
-    merged_manifest = json.loads((merged_dir / _output.MANIFEST).read_text())
-    source = sources.OrbaxSource(merged_dir / "params")
-    plan, model = plan_export(
-        source.tree, merged_manifest, precision, model, allow_nonstandard_dims=allow_nonstandard_dims, what=merged_dir
+    """Writes model.safetensors, config.json, assets/ and, last, manifest.json of a merged directory into
+    `directory`, in one pass over its params."""
+    return _write(
+        directory,
+        merged_dir_source(merged_dir, source_info),
+        precision,
+        model,
+        output_path,
+        allow_nonstandard_dims=allow_nonstandard_dims,
+        progress=progress,
     )
-    action_dim = int(source.tree["action_in_proj/kernel"].shape[0])
-    done = [0]
 
-    def produce(spec: layout.TensorSpec) -> np.ndarray | None:
-        done[0] += 1
-        if progress is not None:
-            progress("export", done[0], len(plan))
-        return (
-            None if spec.recipe.source is None else layout.apply(spec.recipe, read_recipe_source(source, spec.recipe))
-        )
 
-    safetensors_stream.write(directory / MODEL_FILE, plan.tensors, produce, plan.metadata)
+def _write(
+    directory: pathlib.Path,
+    source: ExportSource,
+    precision: Precision,
+    model: ModelInfo | None,
+    output_path: pathlib.Path,
+    *,
+    allow_nonstandard_dims: bool,
+    progress: ProgressFn | None,
+) -> dict[str, Any]:
+    """The one pass: each leaf read once (merged on the way), laid out, written at its offset and hashed; then the
+    file read back once with `safe_open` against the hashes."""
+    start = time.perf_counter()
+    structure = source.structure
+    plan, model = plan_export(
+        structure, source.record, precision, model, allow_nonstandard_dims=allow_nonstandard_dims, what=source.what
+    )
+    action_dim = int(structure["action_in_proj/kernel"].shape[0])
+    readback, known = write_model_file(directory / MODEL_FILE, plan, plan.metadata, source, progress)
     (directory / CONFIG_FILE).write_text(
         layout.config_json(
             action_dim=action_dim,
@@ -195,24 +271,19 @@ def write_export(
             precision=precision,
         )
     )
-    if (merged_dir / "assets").is_dir():
-        shutil.copytree(merged_dir / "assets", directory / "assets")
-    readback = verify_file(directory / MODEL_FILE, plan, source)
+    if source.assets is not None and source.assets.is_dir():
+        shutil.copytree(source.assets, directory / "assets")
     manifest = {
         "format_version": FORMAT_VERSION,
         "plugin": "openpi-merge-plugin",
         "plugin_version": __version__,
         "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "format": "pytorch",
-        "source": {
-            **(source_info or {"merged": str(merged_dir)}),
-            "step": merged_manifest.get("source", {}).get("step"),
-            "merged_manifest_sha256": _output.sha256_of(merged_dir / _output.MANIFEST),
-        },
+        "source": source.info,
         "output": str(output_path),
-        "serving_config": merged_manifest.get("serving_config"),
-        "serving_config_reason": merged_manifest.get("serving_config_reason"),
-        "lora_config": merged_manifest.get("lora_config"),
+        "serving_config": source.record.get("serving_config"),
+        "serving_config_reason": source.record.get("serving_config_reason"),
+        "lora_config": source.record.get("lora_config"),
         "model": {**dataclasses.asdict(model), "pi05": plan.pi05, "action_dim": action_dim},
         "precision": precision,
         "precision_rules": (
@@ -224,12 +295,12 @@ def write_export(
         "nonstandard_dims": {k: {"model": m, "pi0pytorch": t} for k, (m, t) in plan.nonstandard_dims.items()},
         "tied": plan.metadata,
         "verification": {
-            "merge": {k: merged_manifest.get(k) for k in ("verified", "max_rel_err") if k in merged_manifest},
+            "merge": source.merge_check(),
             "file": readback,
         },
         "seconds": round(time.perf_counter() - start, 3),
     }
-    return _output.write_manifest(directory, manifest)
+    return _output.write_manifest(directory, manifest, known=known)
 
 
 def plan_export(
@@ -276,59 +347,3 @@ def _plan(tree, paligemma, expert, action_dim, precision, model, *, allow_nonsta
         pi05=model.pi05,
         allow_nonstandard_dims=allow_nonstandard_dims,
     )
-
-
-def verify_file(path: pathlib.Path, plan: layout.Layout, source: sources.OrbaxSource) -> dict[str, Any]:
-    """Reads the file back with the safetensors library and checks every tensor, bitwise, against its recipe."""
-    from safetensors import safe_open
-
-    checked = 0
-    with safe_open(str(path), framework="numpy") as f:
-        names = set(f.keys())
-    if names != {t.name for t in plan.tensors}:
-        raise CheckpointError(f"{path}: the file's tensors are not the layout's")
-    for spec in plan.tensors:
-        recipe = spec.recipe
-        want = None if recipe.source is None else layout.apply(recipe, read_recipe_source(source, recipe))
-        if not _reads_back(path, spec, want):
-            raise CheckpointError(f"{path}: tensor {spec.name} does not read back as written")
-        del want
-        checked += 1
-    return {"reader": "safetensors.safe_open", "tensors_checked": checked, "bitwise": True}
-
-
-READBACK_CHUNK_BYTES = 256 << 20
-
-
-def _reads_back(path: pathlib.Path, spec: layout.TensorSpec, want: np.ndarray | None) -> bool:
-    """Whether the file's tensor equals `want` (None: zeros) bitwise, read in row blocks of at most
-    READBACK_CHUNK_BYTES so that a large tensor (the 2 GB embedding) is never held twice."""
-    from safetensors import safe_open
-
-    if want is not None and tuple(want.shape) != tuple(spec.shape):
-        return False
-    # safetensors' numpy slices do not know bfloat16: bf16 tensors (at most half the size) are read whole.
-    sliced = bool(spec.shape) and spec.dtype == "F32"
-    rows = spec.shape[0] if sliced else 1
-    step = max(1, READBACK_CHUNK_BYTES // max(1, spec.nbytes // rows)) if sliced else 1
-    for start in range(0, rows, step):
-        # Opened per block: safe_open maps the file, and the pages a read touched stay resident while it is open.
-        with safe_open(str(path), framework="numpy") as f:
-            block = f.get_slice(spec.name)[start : min(start + step, rows)] if sliced else f.get_tensor(spec.name)
-        got = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
-        if want is None:
-            ok = not np.any(got)
-        else:
-            part = want[start : start + step] if sliced else want
-            ok = got.size == part.nbytes and np.array_equal(got, np.ascontiguousarray(part).reshape(-1).view(np.uint8))
-        del block, got
-        if not ok:
-            return False
-    return True
-
-
-def read_recipe_source(source: sources.OrbaxSource, recipe: layout.Recipe) -> np.ndarray:
-    """The recipe's source: one layer slice of a scanned leaf, or the whole leaf."""
-    if recipe.layer is None:
-        return source.read([recipe.source])[recipe.source]
-    return np.asarray(source.sliced(recipe.source)[(recipe.layer,)])
