@@ -4,10 +4,11 @@ read off the params."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import json
 import pathlib
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from openpi_merge_plugin.checkpoint import output as _output
 from openpi_merge_plugin.checkpoint import pytorch_layout as layout
@@ -15,6 +16,7 @@ from openpi_merge_plugin.errors import ConfigError
 from openpi_merge_plugin.lora import openpi_configs
 
 Precision = Literal["float32", "bfloat16"]
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,17 +75,28 @@ def model_info_from_openpi(config_name: str) -> ModelInfo:
 
 def model_info_from_record(manifest: dict[str, Any]) -> ModelInfo:
     """From the openpi config the merged manifest names: its serving config, else the LoRA config."""
-    names = [manifest.get("serving_config"), (manifest.get("lora_config") or {}).get("config_name")]
+    return from_recorded_config(
+        manifest,
+        model_info_from_openpi,
+        needs="action_horizon, variants, dtype",
+        otherwise="--action-horizon N (variants are then the manifest's)",
+    )
+
+
+def from_recorded_config(record: dict[str, Any], build: Callable[[str], T], *, needs: str, otherwise: str) -> T:
+    """`build(name)` for the first openpi config a merge record names (its serving config, else the LoRA config)
+    that builds; else one error naming why each failed."""
+    names = [record.get("serving_config"), (record.get("lora_config") or {}).get("config_name")]
     problems = []
     for name in filter(None, names):
         try:
-            return model_info_from_openpi(name)
+            return build(name)
         except ConfigError as e:
             problems.append(str(e))
     why = "; ".join(problems) or "the manifest names no openpi config"
     raise ConfigError(
-        f"the export needs the model config (action_horizon, variants, dtype) and cannot get it: {why}. Pass "
-        "--config NAME with openpi importable, or --action-horizon N (variants are then the manifest's)"
+        f"the export needs the model config ({needs}) and cannot get it: {why}. Pass --config NAME with openpi "
+        f"importable, or {otherwise}"
     )
 
 

@@ -111,17 +111,8 @@ def model_from_openpi(config_name: str) -> LeRobotModel:
 
 
 def _model_from_record(record: dict[str, Any]) -> LeRobotModel:
-    names = [record.get("serving_config"), (record.get("lora_config") or {}).get("config_name")]
-    problems = []
-    for name in filter(None, names):
-        try:
-            return model_from_openpi(name)
-        except ConfigError as e:
-            problems.append(str(e))
-    why = "; ".join(problems) or "the manifest names no openpi config"
-    raise ConfigError(
-        f"the export needs the model config (action_horizon, max_token_len) and cannot get it: {why}. Pass "
-        "--config NAME with openpi importable, or --action-horizon N"
+    return export_model.from_recorded_config(
+        record, model_from_openpi, needs="action_horizon, max_token_len", otherwise="--action-horizon N"
     )
 
 
@@ -160,7 +151,7 @@ def export_lerobot(
     if model is None:
         model = _model_from_record(source.record)
     # Everything that can be refused is refused here, before the merge and the writes.
-    plan_lerobot(
+    plan = plan_lerobot(
         source.structure,
         source.assets,
         precision,
@@ -170,16 +161,7 @@ def export_lerobot(
         what=src,
     )
     with _output.staged_directory(out, overwrite=overwrite) as tmp:
-        manifest = _write(
-            tmp,
-            source,
-            precision,
-            model,
-            out,
-            naming=naming,
-            allow_nonstandard_dims=allow_nonstandard_dims,
-            progress=progress,
-        )
+        manifest = _write(tmp, source, plan, model, out, progress=progress)
     logger.info("exported %s for LeRobot to %s (%s)", src, out, precision)
     return pytorch_export.ExportResult(out, manifest)
 
@@ -284,31 +266,6 @@ def write_lerobot(
 ) -> dict[str, Any]:
     """Writes the LeRobot directory of a merged directory into `directory` (merge on save's export)."""
     source = pytorch_export.merged_dir_source(merged_dir, source_info)
-    return _write(
-        directory,
-        source,
-        precision,
-        model,
-        output_path,
-        naming=naming,
-        allow_nonstandard_dims=allow_nonstandard_dims,
-        progress=progress,
-    )
-
-
-def _write(
-    directory: pathlib.Path,
-    source: pytorch_export.ExportSource,
-    precision: Precision,
-    model: LeRobotModel,
-    output_path: pathlib.Path,
-    *,
-    naming: Naming,
-    allow_nonstandard_dims: bool,
-    progress: pytorch_export.ProgressFn | None,
-) -> dict[str, Any]:
-    """model.safetensors (the export's one pass), config.json, the processor files and, last, manifest.json."""
-    start = time.perf_counter()
     plan = plan_lerobot(
         source.structure,
         source.assets,
@@ -318,6 +275,20 @@ def _write(
         allow_nonstandard_dims=allow_nonstandard_dims,
         what=source.what,
     )
+    return _write(directory, source, plan, model, output_path, progress=progress)
+
+
+def _write(
+    directory: pathlib.Path,
+    source: pytorch_export.ExportSource,
+    plan: Plan,
+    model: LeRobotModel,
+    output_path: pathlib.Path,
+    *,
+    progress: pytorch_export.ProgressFn | None,
+) -> dict[str, Any]:
+    """model.safetensors (the export's one pass), config.json, the processor files and, last, manifest.json."""
+    start = time.perf_counter()
     readback, known = pytorch_export.write_model_file(directory / MODEL_FILE, plan.layout, None, source, progress)
     side_files = files.write_all(directory, plan.spec, plan.stats)
     stats_check = _verify_stats(directory, plan)
@@ -344,10 +315,10 @@ def _write(
         "serving_config": source.record.get("serving_config"),
         "lora_config": source.record.get("lora_config"),
         "policy": {"type": plan.spec.kind, **dataclasses.asdict(model)},
-        "precision": precision,
+        "precision": plan.layout.precision,
         "precision_rules": (
             "LeRobot's to_bfloat16_for_selected_params under config dtype "
-            f"{precision!r}: bfloat16 tensors are bf16(x), float32 ones exactly x"
+            f"{plan.layout.precision!r}: bfloat16 tensors are bf16(x), float32 ones exactly x"
         ),
         "tensors": len(plan.layout),
         # Written with --allow-nonstandard-dims: loads only into a LeRobot patched to these dimensions.
