@@ -26,7 +26,8 @@ class Args:
     # A merged checkpoint (<step>/merged) or a LoRA step directory (merged on the way, streamed, verified).
     src: tyro.conf.Positional[pathlib.Path]
     # Output format. pytorch: openpi's PI0Pytorch state dict (pi0 and pi0.5; pi0-FAST has no PyTorch model).
-    # lerobot: LeRobot 0.6.1's PI0Policy / PI05Policy / PI0FastPolicy directory (weights, config, processors).
+    # lerobot: LeRobot 0.6.1's PI0Policy / PI05Policy directory (weights, config, processors); pi0-FAST is refused
+    # (LeRobot's PI0FastPolicy decodes after an extra BOS token: docs/lerobot.md).
     format: Literal["pytorch", "lerobot"] = "pytorch"
     # Tensor dtype. pytorch, as upstream's converter: bfloat16 rounds every tensor; float32 keeps exact values for
     # the parameters PI0Pytorch holds in float32 (all of them when the config's model dtype is float32). lerobot:
