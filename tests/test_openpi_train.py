@@ -182,7 +182,7 @@ def _model_restore(params_dir: pathlib.Path):
 
 
 def test_failed_merge_is_recorded_and_training_goes_on(tmp_path):
-    log = _train(tmp_path, "fails", "--keep-period", "5", "--merge-lora.tolerance", "0")
+    log = _train(tmp_path, "fails", "--keep-period", "5", "--merge-lora.tolerance", "1e-12")
     ckpt = _ckpt(tmp_path, "fails")
     assert "merging the LoRA adapters of step 5 FAILED" in log
     assert "does not reproduce the LoRA forward" in log
@@ -198,7 +198,7 @@ def test_failed_merge_is_recorded_and_training_goes_on(tmp_path):
 
 
 def test_fatal_failure_stops_training_after_the_lora_step_is_committed(tmp_path):
-    code, log = _train(tmp_path, "fatal", "--merge-lora.tolerance", "0", "--merge-lora.fatal", check=False)
+    code, log = _train(tmp_path, "fatal", "--merge-lora.tolerance", "1e-12", "--merge-lora.fatal", check=False)
     ckpt = _ckpt(tmp_path, "fatal")
     assert code != 0
     assert "VerificationError" in log
