@@ -20,7 +20,7 @@ import os
 import pathlib
 import struct
 import sys
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Self
 
 import ml_dtypes
 import numpy as np
@@ -87,7 +87,34 @@ def _raw(array: np.ndarray) -> memoryview:
     return memoryview(a.reshape(-1).view(np.uint8))
 
 
-class StreamWriter:
+class _FileWriter:
+    """A file written in one `with`: `close` checks it complete; an error, or a failed check, deletes it."""
+
+    path: pathlib.Path
+    _f: BinaryIO | None
+
+    def abort(self) -> None:
+        """Close and delete the incomplete file."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
+
+
+class StreamWriter(_FileWriter):
     """Writes the header on open; then `write` (or `write_zeros`) each tensor in `order`; `close` checks the size.
 
     Leaving a `with` block by an exception removes the incomplete file.
@@ -151,26 +178,6 @@ class StreamWriter:
         if self._written != self.size or self.path.stat().st_size != self.size:
             raise SafetensorsWriteError(f"{self.path}: {self.path.stat().st_size} bytes, expected {self.size}")
 
-    def abort(self) -> None:
-        """Close and delete the incomplete file."""
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-        self.path.unlink(missing_ok=True)
-
-    def __enter__(self) -> StreamWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-            return
-        try:
-            self.close()
-        except BaseException:
-            self.abort()
-            raise
-
 
 def write(
     path: str | os.PathLike,
@@ -193,7 +200,7 @@ def write(
             del array
 
 
-class PositionalWriter:
+class PositionalWriter(_FileWriter):
     """Writes the header on open, then each tensor at its own offset, in any order (a tensor's row blocks in
     order); hashes each tensor's bytes (sha256) as they are written. `close` checks that every byte was written and
     returns the digests (name -> hex); `read_back` proves the file against them.
@@ -275,25 +282,6 @@ class PositionalWriter:
             if self.path.stat().st_size != self.size:
                 raise SafetensorsWriteError(f"{self.path}: {self.path.stat().st_size} bytes, expected {self.size}")
         return self.digests
-
-    def abort(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-        self.path.unlink(missing_ok=True)
-
-    def __enter__(self) -> PositionalWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-            return
-        try:
-            self.close()
-        except BaseException:
-            self.abort()
-            raise
 
 
 class InBackground:
