@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 import contextlib
+import datetime as dt
 import errno
 import fcntl
 import hashlib
@@ -16,8 +17,10 @@ import os
 import pathlib
 import re
 import shutil
+from typing import Any
 import uuid
 
+from openpi_merge_plugin import __version__
 from openpi_merge_plugin.checkpoint import orbax_compat
 from openpi_merge_plugin.checkpoint.output_guard import FAILURE_MARKER  # noqa: F401  (re-exported)
 from openpi_merge_plugin.checkpoint.output_guard import MANIFEST
@@ -237,6 +240,16 @@ def file_checksums(
                         on_bytes(len(chunk))
             out[path.relative_to(root).as_posix()] = {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
     return out
+
+
+def manifest_head(format_version: int) -> dict[str, Any]:
+    """The fields every manifest of this tool starts with: its format, the plugin and version, when."""
+    return {
+        "format_version": format_version,
+        "plugin": "openpi-merge-plugin",
+        "plugin_version": __version__,
+        "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
 
 
 def write_manifest(root: pathlib.Path, manifest: dict, known: Mapping[str, dict[str, int | str]] | None = None) -> dict:

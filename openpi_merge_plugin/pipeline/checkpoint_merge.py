@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
-import datetime as dt
 import logging
 import pathlib
 import shutil
@@ -13,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from openpi_merge_plugin import __version__
 from openpi_merge_plugin.checkpoint import orbax_stream
 from openpi_merge_plugin.checkpoint import output as _output
 from openpi_merge_plugin.checkpoint import output_guard
@@ -238,10 +236,7 @@ def build_manifest(
     report: MergeReport,
 ) -> dict[str, Any]:
     return {
-        "format_version": MANIFEST_FORMAT_VERSION,
-        "plugin": "openpi-merge-plugin",
-        "plugin_version": __version__,
-        "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **_output.manifest_head(MANIFEST_FORMAT_VERSION),
         "source": source_info,
         "output": str(out),
         **serving_config.to_json(),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import dataclasses
-import datetime as dt
 import logging
 import pathlib
 import time
@@ -19,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from openpi_merge_plugin import __version__
 from openpi_merge_plugin import options as _options
 from openpi_merge_plugin.checkpoint import lerobot_files as files
 from openpi_merge_plugin.checkpoint import lerobot_layout
@@ -295,10 +293,7 @@ def _write(
     checkpoint = source.assets.parent if source.assets is not None else None
     norm_stats = plan.norm_stats_path
     manifest = {
-        "format_version": FORMAT_VERSION,
-        "plugin": "openpi-merge-plugin",
-        "plugin_version": __version__,
-        "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **_output.manifest_head(FORMAT_VERSION),
         "format": "lerobot",
         "lerobot_version": "0.6.1",
         "source": {

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
-import datetime as dt
 import functools
 import json
 import logging
@@ -19,7 +18,6 @@ import shutil
 import time
 from typing import Any
 
-from openpi_merge_plugin import __version__
 from openpi_merge_plugin import options as _options
 from openpi_merge_plugin.checkpoint import output as _output
 from openpi_merge_plugin.checkpoint import output_guard
@@ -99,13 +97,11 @@ def export_pytorch(
             source.record, action_horizon=action_horizon, model_dtype=model_dtype
         )
     # Everything that can be refused is refused here, before the merge and the writes.
-    plan_export(
+    plan, model = plan_export(
         source.structure, source.record, precision, model, allow_nonstandard_dims=allow_nonstandard_dims, what=src
     )
     with _output.staged_directory(out, overwrite=overwrite) as tmp:
-        manifest = _write(
-            tmp, source, precision, model, out, allow_nonstandard_dims=allow_nonstandard_dims, progress=progress
-        )
+        manifest = _write(tmp, source, plan, model, out, progress=progress)
     logger.info("exported %s to %s (%s)", src, out, precision)
     return ExportResult(out, manifest)
 
@@ -232,35 +228,32 @@ def write_export(
 ) -> dict[str, Any]:
     """Writes model.safetensors, config.json, assets/ and, last, manifest.json of a merged directory into
     `directory`, in one pass over its params."""
-    return _write(
-        directory,
-        merged_dir_source(merged_dir, source_info),
+    source = merged_dir_source(merged_dir, source_info)
+    plan, model = plan_export(
+        source.structure,
+        source.record,
         precision,
         model,
-        output_path,
         allow_nonstandard_dims=allow_nonstandard_dims,
-        progress=progress,
+        what=source.what,
     )
+    return _write(directory, source, plan, model, output_path, progress=progress)
 
 
 def _write(
     directory: pathlib.Path,
     source: ExportSource,
-    precision: Precision,
-    model: ModelInfo | None,
+    plan: layout.Layout,
+    model: ModelInfo,
     output_path: pathlib.Path,
     *,
-    allow_nonstandard_dims: bool,
     progress: ProgressFn | None,
 ) -> dict[str, Any]:
     """The one pass: each leaf read once (merged on the way), laid out, written at its offset and hashed; then the
     file read back once with `safe_open` against the hashes."""
     start = time.perf_counter()
-    structure = source.structure
-    plan, model = plan_export(
-        structure, source.record, precision, model, allow_nonstandard_dims=allow_nonstandard_dims, what=source.what
-    )
-    action_dim = int(structure["action_in_proj/kernel"].shape[0])
+    precision = plan.precision
+    action_dim = int(source.structure["action_in_proj/kernel"].shape[0])
     readback, known = write_model_file(directory / MODEL_FILE, plan, plan.metadata, source, progress)
     (directory / CONFIG_FILE).write_text(
         layout.config_json(
@@ -274,10 +267,7 @@ def _write(
     if source.assets is not None and source.assets.is_dir():
         shutil.copytree(source.assets, directory / "assets")
     manifest = {
-        "format_version": FORMAT_VERSION,
-        "plugin": "openpi-merge-plugin",
-        "plugin_version": __version__,
-        "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **_output.manifest_head(FORMAT_VERSION),
         "format": "pytorch",
         "source": source.info,
         "output": str(output_path),
