@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 from openpi_merge_plugin.checkpoint import output as _output
 from openpi_merge_plugin.checkpoint import pytorch_layout
 from openpi_merge_plugin.checkpoint import sources
+from openpi_merge_plugin.checkpoint import zarr_stream
 from openpi_merge_plugin.cli import app as cli
 from openpi_merge_plugin.errors import MergeError
 from openpi_merge_plugin.pipeline import checkpoint_merge
@@ -111,6 +112,23 @@ def test_export_of_a_merged_checkpoint_holds_every_tensor_as_laid_out(merged, ti
     assert manifest["verification"]["merge"]["verified"] is True
     assert manifest["lora_config"] == json.loads((merged / "manifest.json").read_text())["lora_config"]
     assert (out / "assets" / "fixture_robot" / "norm_stats.json").is_file()
+
+
+def test_export_reading_every_leaf_streamed_writes_the_same_file(step_dir, tiny_vision, merged, monkeypatch):
+    """Leaves read by stream-decoding their chunks (`zarr_stream`, every leaf here) give the file read through
+    TensorStore gives, byte for byte."""
+    files = []
+    for name, threshold in (("streamed", 0), ("tensorstore", 1 << 62)):
+        monkeypatch.setattr(zarr_stream, "STREAM_MIN_CHUNK_BYTES", threshold)
+        result = pytorch_export.export_pytorch(
+            step_dir,
+            output=step_dir.parent / name,
+            model=_model(merged),
+            lora=checkpoint_merge.LoRASource(lora_config=FIXTURE_LORA_CONFIG),
+            allow_nonstandard_dims=True,
+        )
+        files.append((result.output / "model.safetensors").read_bytes())
+    assert files[0] == files[1]
 
 
 def test_export_of_a_lora_step_merges_on_the_way_and_leaves_the_step_alone(step_dir, tiny_vision, merged):

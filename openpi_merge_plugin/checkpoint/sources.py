@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+import functools
 import logging
 import pathlib
 import re
@@ -12,6 +13,7 @@ import jax
 import numpy as np
 
 from openpi_merge_plugin.checkpoint import orbax_compat
+from openpi_merge_plugin.checkpoint import zarr_stream
 from openpi_merge_plugin.errors import CheckpointError
 from openpi_merge_plugin.lora.adapters import ShapeDtype
 
@@ -105,10 +107,25 @@ class OrbaxSource:
         """The leaf, read slice by slice (`SlicedArray`); read whole, as `read` does, if TensorStore cannot open it
         directly (a layout this module does not know: the whole read then works, or raises its usual error)."""
         try:
-            return SlicedArray.open(self.params_dir, ("params", *self._keys[path]), path)
+            array = SlicedArray.open(self.params_dir, ("params", *self._keys[path]), path, self._ocdbt_index)
         except Exception as e:
             logger.debug("reading %s whole: %s", path, _short(e))
             return self.read([path])[path]
+        if (array.shape, array.dtype.name) != (tuple(self.tree[path].shape), self.tree[path].dtype):
+            raise CheckpointError(
+                f"{self.params_dir}: {path} is stored as {array.dtype}{list(array.shape)}, its metadata says "
+                f"{self.tree[path].dtype}{list(self.tree[path].shape)} (corrupted checkpoint?)"
+            )
+        return array
+
+    @functools.cached_property
+    def _ocdbt_index(self) -> zarr_stream.OcdbtIndex | None:
+        """Where the checkpoint's chunks are, for the arrays read streamed (None: all read through TensorStore)."""
+        try:
+            return zarr_stream.OcdbtIndex.load(self.params_dir)
+        except Exception as e:
+            logger.debug("%s: chunks read through TensorStore only: %s", self.params_dir, _short(e))
+            return None
 
     def read(self, paths: Iterable[str]) -> dict[str, np.ndarray]:
         paths = list(paths)
@@ -142,21 +159,27 @@ class OrbaxSource:
 
 class SlicedArray:
     """An array of an Orbax (OCDBT) checkpoint, read one slice at a time: `x[index]` reads `index` (ints into its
-    leading axes, `()` for all of it) through TensorStore, with the spec Orbax reads it with.
+    leading axes, or a range of its first axis; `()` for all of it).
 
-    A chunk, once decoded, stays cached while this object lives: a weight written by a one-device training run is one
-    zstd chunk, decoded once for all its layer slices instead of being copied whole into a second array first.
+    A large array in a layout `zarr_stream` knows is read by stream-decoding its chunks (memory: the slice read);
+    any other through TensorStore, with the spec Orbax reads it with, where a chunk, once decoded, stays cached while
+    this object lives (decoded once for all its layer slices).
     """
 
-    def __init__(self, store: Any, params_dir: pathlib.Path, path: str):
-        self._store = store
+    def __init__(
+        self, read: Callable[[Any], np.ndarray], shape: tuple[int, ...], dtype: Any, params_dir: pathlib.Path, path: str
+    ):
+        self._read = read
         self._params_dir = params_dir
         self.path = path
-        self.shape = tuple(int(d) for d in store.shape)
-        self.dtype = np.dtype(store.dtype.numpy_dtype)
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = np.dtype(dtype)
+        self.streamed = isinstance(getattr(read, "__self__", None), zarr_stream.StreamedArray)
 
     @classmethod
-    def open(cls, params_dir: pathlib.Path, keys: tuple[str, ...], path: str) -> SlicedArray:
+    def open(
+        cls, params_dir: pathlib.Path, keys: tuple[str, ...], path: str, index: zarr_stream.OcdbtIndex | None = None
+    ) -> SlicedArray:
         import json
 
         import tensorstore as ts
@@ -174,6 +197,10 @@ class SlicedArray:
             missing_is_error=tree_metadata.get("store_array_data_equal_to_fill_value", False),
             context=context,
         )
+        if index is not None and spec["driver"] == "zarr" and spec["kvstore"]["driver"] == "ocdbt":
+            streamed = zarr_stream.open_streamed(index, spec["kvstore"]["path"], path)
+            if streamed is not None:
+                return cls(streamed.__getitem__, streamed.shape, streamed.dtype, params_dir, path)
         probe = ts.open(ts.Spec(spec), open=True, read=True, context=context).result()
         # A cache of this store's own (freed with it), with room for the decoded chunks that hold one index of the
         # first axis (a layer), so that each is decoded once; TensorStore keeps no entry as large as the whole pool,
@@ -182,11 +209,14 @@ class SlicedArray:
         row = chunk[:1] + tuple(-(-n // c) * c for n, c in zip(shape[1:], chunk[1:], strict=True))
         row_bytes = int(np.prod(row, dtype=np.int64)) * probe.dtype.numpy_dtype.itemsize
         spec["cache_pool"] = {"total_bytes_limit": 2 * row_bytes}
-        return cls(ts.open(ts.Spec(spec), open=True, read=True, context=context).result(), params_dir, path)
+        store = ts.open(ts.Spec(spec), open=True, read=True, context=context).result()
+        return cls(lambda i: store[i].read().result(), store.shape, store.dtype.numpy_dtype, params_dir, path)
 
-    def __getitem__(self, index: tuple[int, ...]) -> np.ndarray:
+    def __getitem__(self, index: Any) -> np.ndarray:
         try:
-            return self._store[index].read().result()
+            return self._read(index)
+        except IndexError:
+            raise
         except Exception as e:
             raise CheckpointError(
                 f"cannot read {self._params_dir} (truncated or corrupted checkpoint?): {self.path}: {_short(e)}"
