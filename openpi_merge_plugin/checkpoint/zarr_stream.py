@@ -18,7 +18,9 @@ least `STREAM_MIN_CHUNK_BYTES`; for anything else it returns None and the caller
 from __future__ import annotations
 
 from collections.abc import Mapping
+import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -105,6 +107,12 @@ def _value_ref(root: pathlib.Path, text: str) -> ValueRef:
     return ValueRef(file, int(offset), int(length))
 
 
+@functools.cache
+def _read_ahead_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """One worker for every array's read-ahead: at most one slice is read ahead at a time."""
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zarr-read-ahead")
+
+
 def _dtype(zarr_dtype: Any) -> np.dtype | None:
     """The numpy dtype of a zarr v2 dtype, if it is a little-endian (or one-byte) number; else None."""
     if zarr_dtype == "bfloat16":
@@ -114,10 +122,18 @@ def _dtype(zarr_dtype: Any) -> np.dtype | None:
     return np.dtype(zarr_dtype).newbyteorder("=")
 
 
-@dataclasses.dataclass(frozen=True)
+# (rows of axis 0, ints fixing the next axes, whether the rows axis is dropped): what one `x[index]` reads.
+_Request = tuple[range, tuple[int, ...], bool]
+
+
+@dataclasses.dataclass(eq=False)
 class StreamedArray:
     """A zarr v2 array of an OCDBT checkpoint, read by `x[index]`: `()` (all of it), ints into the leading axes,
-    or a `slice` of the first axis (step 1)."""
+    or a `slice` of the first axis (step 1).
+
+    After each read, the next one in order (the next layer, the next block of rows) is read ahead in a worker thread
+    (zstd and the copies release the GIL), so that decoding overlaps what the caller does with the slice it has.
+    """
 
     path: str  # the leaf's path, for errors
     shape: tuple[int, ...]
@@ -126,8 +142,23 @@ class StreamedArray:
     compressed: bool
     refs: Mapping[tuple[int, ...], ValueRef]  # chunk grid position -> its bytes
     streams: dict[tuple[int, ...], _ChunkStream] = dataclasses.field(default_factory=dict)
+    _ahead: tuple[_Request, concurrent.futures.Future] | None = None
 
     def __getitem__(self, index: Any) -> np.ndarray:
+        request = self._request(index)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == request:
+            out = ahead[1].result()
+        else:
+            if ahead is not None and not ahead[1].cancel():
+                concurrent.futures.wait([ahead[1]])  # the streams are the worker's until it is done
+            out = self._read(request)
+        following = self._following(request)
+        if following is not None:
+            self._ahead = (following, _read_ahead_pool().submit(self._read, following))
+        return out
+
+    def _request(self, index: Any) -> _Request:
         if isinstance(index, slice):
             index = (index,)
         if not isinstance(index, tuple):
@@ -136,7 +167,7 @@ class StreamedArray:
             start, stop, step = index[0].indices(self.shape[0])
             if step != 1:
                 raise IndexError(f"{self.path}: only a step of 1 is read streamed")
-            return self._read(range(start, max(start, stop)), (), squeeze=False)
+            return range(start, max(start, stop)), (), False
         if not all(isinstance(i, int | np.integer) for i in index) or len(index) > len(self.shape):
             raise IndexError(f"{self.path}: {index!r} is not read streamed")
         index = tuple(int(i) for i in index)
@@ -144,12 +175,29 @@ class StreamedArray:
             if not 0 <= i < n:
                 raise IndexError(f"{self.path}: index {index} out of bounds for shape {self.shape}")
         if not self.shape:
-            return self._read(range(1), (), squeeze=True)
+            return range(1), (), True
         rows = range(self.shape[0]) if not index else range(index[0], index[0] + 1)
-        return self._read(rows, index[1:], squeeze=bool(index))
+        return rows, index[1:], bool(index)
 
-    def _read(self, rows: range, fixed: tuple[int, ...], *, squeeze: bool) -> np.ndarray:
-        """Rows `rows` of axis 0 with the next axes fixed at `fixed`: shape (len(rows), *shape[1 + len(fixed):])."""
+    def _following(self, request: _Request) -> _Request | None:
+        """The request that comes next in order (None after the last, or after a whole read)."""
+        rows, fixed, squeeze = request
+        if not squeeze:
+            if not self.shape or rows.stop >= self.shape[0] or not len(rows) or len(rows) == self.shape[0]:
+                return None
+            return range(rows.stop, min(rows.stop + len(rows), self.shape[0])), (), False
+        index = [rows.start, *fixed]
+        for axis in reversed(range(len(index))):  # the next index in C order
+            index[axis] += 1
+            if index[axis] < self.shape[axis]:
+                return range(index[0], index[0] + 1), tuple(index[1:]), True
+            index[axis] = 0
+        return None
+
+    def _read(self, request: _Request) -> np.ndarray:
+        """Rows `rows` of axis 0 with the next axes fixed at `fixed`: shape (len(rows), *shape[1 + len(fixed):]),
+        without the rows axis if `squeeze`."""
+        rows, fixed, squeeze = request
         k = 1 + len(fixed) if self.shape else 0
         trailing, trailing_chunks = self.shape[k:], self.chunks[k:]
         out = np.empty((len(rows), *trailing), self.dtype)
