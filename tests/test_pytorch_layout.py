@@ -186,6 +186,60 @@ def test_apply_equals_upstream_converter(kind):
     assert checked == sum(len(r["tensors"]) - n_vision for r in runs)
 
 
+def _special_values(shape: tuple[int, ...], dtype: str, rng: np.random.Generator) -> np.ndarray:
+    """Random values of `dtype` with NaNs (payloads and signs), infinities, signed zeros, subnormals (of float32
+    and of bfloat16) and values halfway between two bfloat16s."""
+    if dtype == "bfloat16":  # every bit pattern is a value: NaN payloads included
+        return rng.integers(0, 1 << 16, shape, dtype=np.uint16).view(ml_dtypes.bfloat16)
+    bits = rng.integers(0, 1 << 32, shape, dtype=np.uint32)
+    special = np.array([0x7FC00000, 0xFFC00001, 0x7F800001, 0x7FBFFFFF, 0x7F800000, 0xFF800000, 0, 0x80000000,
+                        0x00000001, 0x807FFFFF, 0x00010000, 0x3F808000, 0x3F818000, 0xBF808000], np.uint32)  # fmt: skip
+    picks = rng.random(shape) < 0.3
+    bits[picks] = rng.choice(special, int(picks.sum()))
+    x = bits.view(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return x if dtype == "float32" else x.astype(dtype)
+
+
+def _apply_reference(recipe: pl.Recipe, x: np.ndarray) -> np.ndarray:
+    """The values `apply` must give, spelled out: f32(source), the ops, bfloat16 rounding (none for a bfloat16
+    source: bf16 -> f32 -> bf16 is exact, NaN payloads kept), the output dtype."""
+    a = x[recipe.layer] if recipe.layer is not None and x.shape == recipe.source_shape else x
+    a = (a[recipe.split] if recipe.split is not None else a).astype(np.float32)
+    for op, arg in recipe.ops:
+        a = a.transpose(arg) if op == "transpose" else a.reshape(arg)
+    if recipe.round_bf16 and x.dtype != ml_dtypes.bfloat16:
+        a = a.astype(ml_dtypes.bfloat16)
+    return np.ascontiguousarray(a.astype(ml_dtypes.bfloat16 if recipe.dtype == "bfloat16" else np.float32))
+
+
+@pytest.mark.parametrize(("kind", "tile"), [("pi0", 16), ("pi05", pl.TILE)])
+def test_apply_is_bitwise_the_plain_casts_on_every_recipe_and_special_value(kind, tile, monkeypatch):
+    """Every recipe (transposes, reshapes, splits, rounding; float32 and bfloat16 output) on sources of every
+    dtype, NaNs, infinities, -0 and subnormals included: `apply` gives exactly the bytes of the plain cast-then-lay-out
+    sequence, whether or not its transposes are copied in tiles (a small TILE tiles these small shapes)."""
+    monkeypatch.setattr(pl, "TILE", tile)
+    tree = _fixture("jax_shapes.json.gz")["trees"][f"{kind}_dummy"]
+    rng = np.random.default_rng(24)
+    checked = set()
+    for precision, model_dtype in (("float32", "bfloat16"), ("bfloat16", "bfloat16"), ("float32", "float32")):
+        for t in _layout(tree, f"{kind}_dummy", precision, model_dtype):
+            r = t.recipe
+            if r.source is None or r.layer not in (None, 0):  # every layer has layer 0's recipe
+                continue
+            for dtype in pl.SOURCE_DTYPES:
+                x = _special_values(r.source_shape[r.layer is not None :], dtype, rng)
+                with np.errstate(invalid="ignore", over="ignore"):
+                    want = _apply_reference(r, x)
+                    got = pl.apply(r, x)
+                assert got.flags.c_contiguous, t.name
+                assert (got.dtype, got.shape) == (want.dtype, want.shape) == (ss.DTYPES[t.dtype], t.shape), t.name
+                assert got.tobytes() == want.tobytes(), (t.name, dtype, precision, model_dtype)
+                checked.add((r.ops, r.split is not None, r.round_bf16, r.dtype, dtype))
+    assert len({ops for ops, *_ in checked}) >= 6  # every kind of op sequence of the table
+    assert {(rnd, out) for _, _, rnd, out, _ in checked} == {(True, "float32"), (False, "float32"), (True, "bfloat16")}
+
+
 def test_precision_rules():
     tree = _fixture("jax_shapes.json.gz")["trees"]["pi0_dummy"]
 

@@ -398,7 +398,13 @@ def build_layout(
 
 
 def apply(recipe: Recipe, array: Any = None) -> np.ndarray:
-    """The output tensor (C-contiguous) from the whole source array or its layer slice (None for zeros)."""
+    """The output tensor (C-contiguous) from the whole source array or its layer slice (None for zeros).
+
+    Values as upstream's: `f32(source)`, laid out by `ops`, rounded to bfloat16 if `round_bf16`, cast to the
+    output dtype. Rounding and casts are elementwise, so they are done where they are cheapest: on the contiguous
+    source (a bfloat16 array is laid out as its 16-bit patterns, half the bytes of float32) and, for float32 output,
+    by widening the laid-out bfloat16 bits (`_widen_bf16`), bitwise as ml_dtypes casts them.
+    """
     out_dtype = _NP_DTYPES[recipe.dtype]
     if recipe.source is None:
         return np.zeros(recipe.shape, out_dtype)
@@ -413,14 +419,76 @@ def apply(recipe: Recipe, array: Any = None) -> np.ndarray:
         raise LayoutError(f"{recipe.source}: dtype {a.dtype} is not one of {SOURCE_DTYPES}")
     if recipe.split is not None:
         a = a[recipe.split]
-    # bf16 -> f32 -> bf16 is exact, so a bf16 source needs no rounding pass (and no second full-size copy).
-    round_bf16 = recipe.round_bf16 and a.dtype != ml_dtypes.bfloat16
-    a = a.astype(np.float32, copy=False)  # upstream restores with dtype="float32"
-    for op, arg in recipe.ops:
-        a = a.transpose(arg) if op == "transpose" else a.reshape(arg)
-    if round_bf16:
-        a = a.astype(ml_dtypes.bfloat16)
-    return np.ascontiguousarray(a.astype(out_dtype, copy=False))
+    bf16_source = a.dtype == ml_dtypes.bfloat16
+    if not bf16_source:
+        a = a.astype(np.float32, copy=False)  # upstream restores with dtype="float32"
+        if recipe.round_bf16 or recipe.dtype == "bfloat16":
+            a = a.astype(ml_dtypes.bfloat16)
+    if a.dtype != ml_dtypes.bfloat16:  # float32, not rounded: laid out as it is
+        return _copied(*_laid_out_view(a, recipe.ops), np.float32)
+    bits, shape = _laid_out_view(a.view(np.uint16), recipe.ops)
+    if recipe.dtype == "float32":
+        if bits.flags.c_contiguous:  # nothing to move: ml_dtypes' cast is the one pass
+            return bits.reshape(shape).view(ml_dtypes.bfloat16).astype(np.float32)
+        wide = _copied(bits, shape, np.uint32)  # f32 of a bf16: its 16 bits as the high half (as ml_dtypes casts)
+        wide <<= 16
+        return wide.view(np.float32)
+    bits = _copied(bits, shape, np.uint16)
+    if bf16_source:  # bf16 -> f32 -> bf16 is exact, but for NaNs: ml_dtypes gives each its quiet NaN
+        nan = (bits & 0x7FFF) > 0x7F80
+        if nan.any():
+            bits = bits.copy()
+            bits[nan] = bits[nan].view(ml_dtypes.bfloat16).astype(np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+    return bits.view(ml_dtypes.bfloat16)
+
+
+TILE = 256  # rows and columns of one block of a transposing copy
+
+
+def _laid_out_view(a: np.ndarray, ops: tuple[Op, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(`a` under `ops` up to its trailing reshapes, the output shape): views, but for a reshape before the last
+    transpose that needs a copy. The trailing reshapes are left to the output (a C-order reshape of a contiguous
+    array is a view), so that the one copy of a transpose goes straight into it."""
+    tail = len(ops)
+    while tail and ops[tail - 1][0] == "reshape":
+        tail -= 1
+    for op, arg in ops[:tail]:
+        if op == "transpose":
+            a = a.transpose(arg)
+            continue
+        view = a.view()
+        try:
+            view.shape = arg  # in place, or AttributeError where the strides need a copy
+        except AttributeError:
+            view = _copy(a, np.empty(a.shape, a.dtype)).reshape(arg)
+        a = view
+    return a, (ops[-1][1] if tail < len(ops) else a.shape)
+
+
+def _copied(a: np.ndarray, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """`a` reshaped to `shape`, C-contiguous, as `dtype` (an exact widening or none): `a` itself if it is that."""
+    if a.flags.c_contiguous and a.dtype == dtype:
+        return a.reshape(shape)
+    out = np.empty(shape, dtype)
+    _copy(a, out.reshape(a.shape))
+    return out
+
+
+def _copy(a: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """`out[...] = a`; a view whose fastest axis in memory is not its last (a transpose) in TILE x TILE blocks of
+    those two axes, which stay in cache (numpy's strided copy of a large transpose misses it on every element)."""
+    steps = [abs(s) if n > 1 else np.inf for s, n in zip(a.strides, a.shape, strict=True)]
+    fast, last = (int(np.argmin(steps)), a.ndim - 1) if a.ndim > 1 else (0, 0)
+    if fast == last or (a.shape[fast] <= TILE and a.shape[last] <= TILE):
+        out[...] = a
+        return out
+    index = [slice(None)] * a.ndim
+    for i in range(0, a.shape[fast], TILE):
+        index[fast] = slice(i, i + TILE)
+        for j in range(0, a.shape[last], TILE):
+            index[last] = slice(j, j + TILE)
+            out[tuple(index)] = a[tuple(index)]
+    return out
 
 
 def config_json(
