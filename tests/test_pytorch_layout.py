@@ -418,3 +418,26 @@ def test_positional_writer_refuses_gaps_and_read_back_finds_a_changed_byte(tmp_p
     path.write_bytes(bytes(data))
     with pytest.raises(ss.SafetensorsWriteError, match="tensor a does not read back as written"):
         ss.read_back(path, w.digests, w.header)
+
+
+def test_read_back_cross_checks_safe_open_against_the_bytes_at_the_offsets(tmp_path, monkeypatch):
+    """Bytes read at the header's offsets that hash as the digests say, but are not what `safe_open` reads for the
+    tensor (here: the reads see a changed last row), fail the read-back."""
+    a = np.arange(12, dtype=np.float32).reshape(4, 3)
+    path = tmp_path / "x.safetensors"
+    with ss.PositionalWriter(path, [ss.TensorHeader("a", "F32", a.shape)]) as w:
+        w.write("a", a)
+    assert ss.read_back(path, w.digests, w.header).tensors_checked == 1
+    changed = a.copy()
+    changed[-1, -1] = -1
+    read = ss.read_into
+
+    def misread(fd, buffer, offset):  # as if the offsets pointed elsewhere: other bytes, hashed as such
+        read(fd, buffer, offset)
+        if offset == len(w.header):
+            buffer[:] = memoryview(changed.tobytes())
+
+    monkeypatch.setattr(ss, "read_into", misread)
+    digests = {"a": hashlib.sha256(changed.tobytes()).hexdigest()}
+    with pytest.raises(ss.SafetensorsWriteError, match="a is not at its offsets as safe_open reads it"):
+        ss.read_back(path, digests, w.header)

@@ -321,58 +321,96 @@ def _check_digest(path: pathlib.Path, name: str, digest: Any, want: str) -> None
 
 @dataclasses.dataclass(frozen=True)
 class ReadBack:
-    """What `read_back` proved: every tensor's bytes as read by `safe_open` hash as written; and the file's sha256."""
+    """What `read_back` proved: `safe_open` opens the file and reports every tensor as written; every tensor's bytes,
+    read at the header's offsets, hash as written, and its first and last rows are those `safe_open` reads; and
+    the file's sha256."""
 
     tensors_checked: int
     file_sha256: str
     bytes: int
 
 
+def read_into(fd: int, buffer: memoryview, offset: int) -> None:
+    """Fills `buffer` with the file's bytes from `offset` (short reads continued; end of file is an error)."""
+    done = 0
+    while done < len(buffer):
+        n = os.preadv(fd, [buffer[done:]], offset + done)
+        if n <= 0:
+            raise SafetensorsWriteError(f"file ends at {offset + done}, {len(buffer) - done} bytes short")
+        done += n
+
+
+def _safe_open_view(path: pathlib.Path, entries: Mapping[str, Any]) -> dict[str, tuple[bytes, bytes]]:
+    """Opens the file with the `safetensors` library: its tensors must be `entries` (names, dtypes, shapes);
+    returns each tensor's first and last row (whole if 0-d) as that library reads them, for the cross-check."""
+    from safetensors import safe_open
+
+    rows: dict[str, tuple[bytes, bytes]] = {}
+    with safe_open(str(path), framework="numpy") as f:
+        if set(f.keys()) != set(entries):
+            raise SafetensorsWriteError(f"{path}: the file's tensors are not those written")
+        for name, entry in entries.items():
+            view, shape = f.get_slice(name), entry["shape"]
+            if view.get_dtype() != entry["dtype"] or list(view.get_shape()) != shape:
+                raise SafetensorsWriteError(f"{path}: {name} reads back as {view.get_dtype()}{view.get_shape()}")
+            if not shape:
+                whole = bytes(_raw(f.get_tensor(name)))
+                rows[name] = (whole, whole)
+            elif shape[0]:
+                rows[name] = (bytes(_raw(view[0:1])), bytes(_raw(view[shape[0] - 1 : shape[0]])))
+    return rows
+
+
 def read_back(
     path: str | os.PathLike, digests: Mapping[str, str], header: bytes, block_bytes: int = CHUNK_BYTES
 ) -> ReadBack:
-    """Reads the file once, in file order, with the `safetensors` library, and checks each tensor's sha256 against
-    `digests` (as written) and the file's tensors against their names; `header` (as written) must open the file.
+    """Proves the file against `digests` (each tensor's sha256 as written) and `header` (as written).
 
-    Row blocks of at most `block_bytes`, each through its own `safe_open` (which maps the file: the pages a read
-    touched stay resident while it is open), so memory stays at one block. The file's sha256 comes from the same
-    reads: the header, then the tensors' bytes, which are the rest of the file in order.
+    The `safetensors` library's `safe_open` must open the file and report every tensor's name, dtype and shape as
+    written. Then the file is read once, in order, with `os.preadv` at the header's offsets into two reused buffers
+    of at most `block_bytes` (whole rows): each tensor's bytes must hash as written, and its first and last rows
+    must be those `safe_open` reads (its own data path agrees with the offsets). The file's sha256 comes from the
+    same reads; the two hashes run in two worker threads while the next block is read (hashlib releases the GIL).
     """
-    from safetensors import safe_open
-
     path = pathlib.Path(path)
     with open(path, "rb") as f:
         if f.read(len(header)) != header:
             raise SafetensorsWriteError(f"{path}: the header does not read back as written")
-    with safe_open(str(path), framework="numpy") as f:
-        names = set(f.keys())
-    if names != set(digests):
-        raise SafetensorsWriteError(f"{path}: the file's tensors are not those written")
     entries = json.loads(header[8:])
     entries.pop("__metadata__", None)
+    if set(entries) != set(digests):
+        raise SafetensorsWriteError(f"{path}: the file's tensors are not those written")
+    rows = _safe_open_view(path, entries)
+    plan = []  # (name, offset in the file, bytes, bytes of a block: whole rows)
+    for name, entry in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        begin, end = entry["data_offsets"]
+        n_rows = entry["shape"][0] if entry["shape"] else 1
+        row = (end - begin) // n_rows if n_rows else 0
+        plan.append((name, len(header) + begin, end - begin, max(1, row, row * (block_bytes // max(row, 1)))))
+    buffers = [bytearray(max((p[3] for p in plan), default=0)) for _ in range(2)]
     whole = hashlib.sha256(header)
-    size = len(header)
-    # The two hashes run in two worker threads while the next block is read (hashlib releases the GIL).
-    with InBackground() as tensor_hashes, InBackground() as file_hash:
-        for name, entry in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            shape, nbytes = entry["shape"], entry["data_offsets"][1] - entry["data_offsets"][0]
-            rows = shape[0] if shape else 1
-            step = max(1, block_bytes // max(1, nbytes // rows)) if rows else 1
-            digest = hashlib.sha256()
-            for start in range(0, max(rows, 1), step):
-                with safe_open(str(path), framework="numpy") as f:
-                    view = f.get_slice(name)
-                    if view.get_dtype() != entry["dtype"] or list(view.get_shape()) != shape:
-                        raise SafetensorsWriteError(
-                            f"{path}: {name} reads back as {view.get_dtype()}{view.get_shape()}"
-                        )
-                    block = view[start : min(start + step, rows)] if shape and rows else f.get_tensor(name)
-                data = _raw(block)
-                tensor_hashes.submit(digest.update, data)
-                file_hash.submit(whole.update, data)
-                size += len(data)
-                del block, data
-            tensor_hashes.submit(_check_digest, path, name, digest, digests[name])
+    size, turn = len(header), 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        # depth 1: a buffer is refilled only after both hashes of its last block are done
+        with InBackground(depth=1) as tensor_hashes, InBackground(depth=1) as file_hash:
+            for name, offset, nbytes, step in plan:
+                digest = hashlib.sha256()
+                for at in range(0, nbytes, step):
+                    data = memoryview(buffers[turn])[: min(step, nbytes - at)]
+                    turn ^= 1
+                    read_into(fd, data, offset + at)
+                    first, last = rows.get(name, (b"", b""))
+                    if (at == 0 and data[: len(first)] != first) or (
+                        at + len(data) == nbytes and data[len(data) - len(last) :] != last
+                    ):
+                        raise SafetensorsWriteError(f"{path}: {name} is not at its offsets as safe_open reads it")
+                    tensor_hashes.submit(digest.update, data)
+                    file_hash.submit(whole.update, data)
+                    size += len(data)
+                tensor_hashes.submit(_check_digest, path, name, digest, digests[name])
+    finally:
+        os.close(fd)
     if size != path.stat().st_size:
         raise SafetensorsWriteError(f"{path}: {path.stat().st_size} bytes, read back {size}")
     return ReadBack(len(entries), whole.hexdigest(), size)
