@@ -167,14 +167,21 @@ class SlicedArray:
     """
 
     def __init__(
-        self, read: Callable[[Any], np.ndarray], shape: tuple[int, ...], dtype: Any, params_dir: pathlib.Path, path: str
+        self,
+        read: Callable[[Any], np.ndarray],
+        shape: tuple[int, ...],
+        dtype: Any,
+        params_dir: pathlib.Path,
+        path: str,
+        *,
+        streamed: bool = False,  # `read` stream-decodes (zarr_stream), rather than reading through TensorStore
     ):
         self._read = read
         self._params_dir = params_dir
         self.path = path
         self.shape = tuple(int(d) for d in shape)
         self.dtype = np.dtype(dtype)
-        self.streamed = isinstance(getattr(read, "__self__", None), zarr_stream.StreamedArray)
+        self.streamed = streamed
 
     @classmethod
     def open(
@@ -200,7 +207,7 @@ class SlicedArray:
         if index is not None and spec["driver"] == "zarr" and spec["kvstore"]["driver"] == "ocdbt":
             streamed = zarr_stream.open_streamed(index, spec["kvstore"]["path"], path)
             if streamed is not None:
-                return cls(streamed.__getitem__, streamed.shape, streamed.dtype, params_dir, path)
+                return cls(streamed.__getitem__, streamed.shape, streamed.dtype, params_dir, path, streamed=True)
         probe = ts.open(ts.Spec(spec), open=True, read=True, context=context).result()
         # A cache of this store's own (freed with it), with room for the decoded chunks that hold one index of the
         # first axis (a layer), so that each is decoded once; TensorStore keeps no entry as large as the whole pool,
