@@ -456,13 +456,24 @@ def _laid_out_view(a: np.ndarray, ops: tuple[Op, ...]) -> tuple[np.ndarray, tupl
         if op == "transpose":
             a = a.transpose(arg)
             continue
+        view = _reshaped_view(a, arg)
+        a = view if view is not None else _copy(a, np.empty(a.shape, a.dtype)).reshape(arg)
+    return a, (ops[-1][1] if tail < len(ops) else a.shape)
+
+
+def _reshaped_view(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
+    """`a` reshaped without a copy, or None where its strides need one."""
+    try:
+        return np.reshape(a, shape, copy=False)  # numpy >= 2.1: ValueError where a copy is needed
+    except TypeError:  # an older numpy, without `copy`: setting the shape of a view (deprecated from numpy 2.5)
         view = a.view()
         try:
-            view.shape = arg  # in place, or AttributeError where the strides need a copy
+            view.shape = shape
         except AttributeError:
-            view = _copy(a, np.empty(a.shape, a.dtype)).reshape(arg)
-        a = view
-    return a, (ops[-1][1] if tail < len(ops) else a.shape)
+            return None
+        return view
+    except ValueError:
+        return None
 
 
 def _copied(a: np.ndarray, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
