@@ -1,6 +1,7 @@
 """Reading arrays by stream-decoding their chunks (`zarr_stream`) against TensorStore's reads of the same arrays."""
 
 import pathlib
+import sys
 
 from helpers import FIXTURE_STEP
 import ml_dtypes
@@ -130,3 +131,31 @@ def test_a_merge_read_streamed_equals_one_read_through_tensorstore(tmp_path, fix
     assert got.tree == want.tree
     for path in want.tree:
         assert got.read([path])[path].tobytes() == want.read([path])[path].tobytes(), path
+
+
+def test_without_zstandard_chunks_are_read_through_tensorstore(tmp_path, fixture_lora, monkeypatch, caplog):
+    """python-zstandard missing (an environment installed with --no-deps): every read goes through TensorStore, as
+    before streaming, instead of failing with "No module named 'zstandard'" on every large read."""
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # `import zstandard` raises ImportError
+    monkeypatch.setattr(zarr_stream, "STREAM_MIN_CHUNK_BYTES", 0)  # every chunk large enough to stream
+    _forget_zstandard()
+    try:
+        source = sources.OrbaxSource(FIXTURE_STEP / "params")
+        assert not any(source.sliced(path).streamed for path in source.tree)
+        out = tmp_path / "merged"
+        merge_checkpoint(FIXTURE_STEP, lora=fixture_lora, output=out, options=MergeOptions())
+    finally:
+        _forget_zstandard()
+    assert "zstandard is not importable" in caplog.text
+    monkeypatch.setattr(zarr_stream, "STREAM_MIN_CHUNK_BYTES", 1 << 62)
+    want = sources.OrbaxSource(FIXTURE_STEP / "params")
+    got = sources.OrbaxSource(out / "params")
+    for path, sd in got.tree.items():
+        if path in want.tree and sd.dtype == want.tree[path].dtype:  # passed through: bitwise the step's leaf
+            assert got.read([path])[path].tobytes() == want.read([path])[path].tobytes(), path
+
+
+def _forget_zstandard() -> None:
+    """Whether zstandard imports is looked up once per process: look again."""
+    if hasattr(zarr_stream, "zstd_available"):
+        zarr_stream.zstd_available.cache_clear()

@@ -22,6 +22,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import pathlib
@@ -29,6 +30,8 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+logger = logging.getLogger("openpi_merge_plugin")
 
 # Chunks smaller than this are read through TensorStore: decoding one whole costs little.
 STREAM_MIN_CHUNK_BYTES = 64 << 20
@@ -111,6 +114,22 @@ def _value_ref(root: pathlib.Path, text: str) -> ValueRef:
 def _read_ahead_pool() -> concurrent.futures.ThreadPoolExecutor:
     """One worker for every array's read-ahead: at most one slice is read ahead at a time."""
     return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zarr-read-ahead")
+
+
+@functools.cache
+def zstd_available() -> bool:
+    """Whether python-zstandard imports (a dependency, but an environment installed with --no-deps may lack it);
+    without it, zstd chunks are read through TensorStore, whole, as before streaming (more memory, same values)."""
+    try:
+        import zstandard  # noqa: F401
+    except ImportError as e:
+        logger.warning(
+            "zstandard is not importable (%s): large checkpoint chunks are read through TensorStore, decoding each "
+            "whole chunk (more memory); pip install zstandard to stream them",
+            e,
+        )
+        return False
+    return True
 
 
 def _dtype(zarr_dtype: Any) -> np.dtype | None:
@@ -334,7 +353,7 @@ def open_streamed(index: OcdbtIndex, name: str, path: str) -> StreamedArray | No
         or dtype is None
         or zarray.get("order") != "C"
         or zarray.get("filters")
-        or not (compressor is None or compressor.get("id") == "zstd")
+        or not (compressor is None or (compressor.get("id") == "zstd" and zstd_available()))
         or len(shape) != len(chunks)
         or not all(isinstance(c, int) and c > 0 for c in chunks)
         or math.prod(chunks) * dtype.itemsize < STREAM_MIN_CHUNK_BYTES
