@@ -3,20 +3,24 @@
 openpi-merge-lora [merge] STEP_DIR ...    merge a LoRA step into STEP_DIR/merged
 openpi-merge-lora verify MERGED_DIR ...   re-check a merged checkpoint against its manifest
 openpi-merge-lora inspect DIR ...         show what a LoRA step or merged checkpoint holds
-openpi-merge-lora export SRC ...          openpi's PyTorch checkpoint of a merged checkpoint or LoRA step
+openpi-merge-lora export SRC ...          openpi's PyTorch checkpoint, or LeRobot's policy, of a merge or LoRA step
+openpi-merge-lora --version               the plugin's version
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import io
 import logging
+import os
 import re
 import sys
 
 import tyro
 
+from openpi_merge_plugin import __version__
 from openpi_merge_plugin.errors import MergeError
 from openpi_merge_plugin.options import OptionError
 
@@ -28,9 +32,14 @@ SUBCOMMANDS = {
         "openpi_merge_plugin.cli.inspect",
         "show a LoRA step's or merged checkpoint's adapters and updates",
     ),
-    "export": ("openpi_merge_plugin.cli.export", "write openpi's PyTorch checkpoint (model.safetensors) of a merge"),
+    "export": (
+        "openpi_merge_plugin.cli.export",
+        "write openpi's PyTorch checkpoint, or LeRobot's policy directory (--format lerobot), of a merge",
+    ),
 }
 DEFAULT_SUBCOMMAND = "merge"
+# An error message is one line of at most this many characters (a path or a library's text can be any length).
+MAX_MESSAGE_CHARS = 2000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,24 +48,65 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(_overview())
         return 0
-    name = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else DEFAULT_SUBCOMMAND
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"openpi-merge-lora {__version__}")
+        return 0
+    try:
+        name = _subcommand(argv)
+    except UsageError as e:
+        _error(str(e))
+        return 2
+    if argv and argv[0] == name:
+        argv.pop(0)
     module = importlib.import_module(SUBCOMMANDS[name][0])
     _quiet_logging()
     try:
         args = _parse(module.Args, argv, prog=f"openpi-merge-lora {name}")
         return module.run(args)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(str(e))
         return 2
     except OptionError as e:
-        print(f"error: {e.as_flag()}", file=sys.stderr)
+        _error(e.as_flag())
         return 1
     except MergeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(str(e))
         return 1
     except OSError as e:  # the filesystem said no (permissions, a vanished file, ...): its own words, one line
-        print(f"error: {e}", file=sys.stderr)
+        _error(str(e))
         return 1
+
+
+def _error(message: str) -> None:
+    """`error: <message>` on one line, however long or multi-line the message (a library's text, a path)."""
+    text = " ".join(message.split())
+    if len(text) > MAX_MESSAGE_CHARS:
+        head, tail = MAX_MESSAGE_CHARS * 2 // 3, MAX_MESSAGE_CHARS // 4
+        text = f"{text[:head]} ... ({len(text) - head - tail} characters left out) ... {text[-tail:]}"
+    print(f"error: {text}", file=sys.stderr)
+
+
+def _subcommand(argv: list[str]) -> str:
+    """The subcommand `argv` names (its first word), else merge; a first word that is neither a subcommand nor an
+    existing path but reads like a misspelt subcommand is a usage error."""
+    if not argv or argv[0] in SUBCOMMANDS:
+        return argv[0] if argv else DEFAULT_SUBCOMMAND
+    word = argv[0]
+    if word.startswith("-") or os.path.lexists(word):
+        return DEFAULT_SUBCOMMAND
+    close = difflib.get_close_matches(word, SUBCOMMANDS, n=1, cutoff=0.6)
+    names = ", ".join(SUBCOMMANDS)
+    if close:
+        raise UsageError(
+            f"unknown subcommand {word!r} (and no such path): did you mean {close[0]!r}? Subcommands: {names}; "
+            f"without one, the first argument is the step to merge"
+        )
+    if len(argv) > 1 and not argv[1].startswith("-"):
+        raise UsageError(
+            f"unknown subcommand {word!r} (and no such path): subcommands are {names}; without one, the first "
+            "argument is the step to merge"
+        )
+    return DEFAULT_SUBCOMMAND
 
 
 class UsageError(Exception):
@@ -80,7 +130,7 @@ def _parse(args_type: type, argv: list[str], prog: str) -> object:
 def _overview() -> str:
     lines = ["usage: openpi-merge-lora [SUBCOMMAND] ARGS ...  (default subcommand: merge)", "", "subcommands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
-    lines += ["", "`openpi-merge-lora SUBCOMMAND --help` shows the options of each."]
+    lines += ["", "`openpi-merge-lora SUBCOMMAND --help` shows the options of each; --version the plugin's version."]
     return "\n".join(lines)
 
 
