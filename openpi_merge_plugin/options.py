@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 import dataclasses
 import math
+import os
 import pathlib
 import typing
 from typing import Any, Literal
@@ -80,6 +81,11 @@ def existing_file(value: Any) -> str | None:
     if not path.is_file():
         return f"{path} is not a file"
     return None
+
+
+def shown(path: Any) -> str:
+    """A path as a message shows it: bytes that are not UTF-8 (a name from another encoding) as \\xNN escapes."""
+    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
 
 
 def text(value: Any) -> str | None:

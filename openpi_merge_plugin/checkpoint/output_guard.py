@@ -1,69 +1,97 @@
-"""What an output may be: never the source, around it or inside it, and `--overwrite` replaces only what this tool
-wrote (or an empty directory). Checked before any work, and again at the commit (`output`)."""
+"""What an output may be, checked before any work (and again at the commit, `output`):
+
+1. never the source, a directory around it, or anything inside it;
+2. never inside any checkpoint (`checkpoint_dirs`: an openpi step, an Orbax checkpoint, an output of this tool),
+   judged on the path as written and as resolved (symlinks followed), except a step's own reserved slot:
+   `<step>/merged`, `<step>/merged_pytorch`, `<step>/merged_lerobot`, each for its kind of output and for the step
+   the command reads (step 1's slot never holds step 2's weights; the Orbax slot never a PyTorch export);
+3. a path this tool can write: UTF-8, a name short enough for its staging directory, a parent directory;
+4. `--overwrite` replaces only an empty directory or what this tool can prove it wrote (`ownership`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
-import json
 import os
 import pathlib
+from typing import Literal
 
+from openpi_merge_plugin.checkpoint import checkpoint_dirs
+from openpi_merge_plugin.checkpoint import ownership
 from openpi_merge_plugin.errors import MergeError
 from openpi_merge_plugin.errors import OutputExistsError
 from openpi_merge_plugin.errors import OutputRefusedError
+from openpi_merge_plugin.options import shown
 
-MANIFEST = "manifest.json"
-# What the tool writes into a LoRA step: the merged checkpoint, its PyTorch and LeRobot exports (offline or on save).
+MANIFEST = checkpoint_dirs.MANIFEST
+PLUGIN = checkpoint_dirs.PLUGIN
+FAILURE_MARKER = ownership.FAILURE_MARKER
+# A step's reserved slots: the merged checkpoint, its PyTorch and LeRobot exports (offline or on save).
 MERGED_NAME = "merged"
 PYTORCH_NAME = "merged_pytorch"
 LEROBOT_NAME = "merged_lerobot"
 STEP_OUTPUT_NAMES = (MERGED_NAME, PYTORCH_NAME, LEROBOT_NAME)
-PLUGIN = "openpi-merge-plugin"  # the manifest's "plugin" field, which marks an output of this tool
-# Written instead of a checkpoint when a merge on save fails (training goes on).
-FAILURE_MARKER = "MERGE_FAILED.json"
+OutputKind = Literal["merged", "pytorch", "lerobot"]
+SLOT: dict[OutputKind, str] = {"merged": MERGED_NAME, "pytorch": PYTORCH_NAME, "lerobot": LEROBOT_NAME}
+KIND_DESCRIPTION: dict[OutputKind, str] = {
+    "merged": "merged Orbax checkpoint",
+    "pytorch": "PyTorch export",
+    "lerobot": "LeRobot export",
+}
+# What this tool adds to an output's name for the directories beside it: `.<name>.tmp-old-<12 hex>` (longest).
+STAGING_EXTRA_BYTES = len(".") + len(".tmp-old-") + 12
 
 
 @dataclasses.dataclass(frozen=True)
 class Protected:
-    """A directory a command reads and must never modify: the output may not be it, contain it or lie inside it,
-    except as one of `own_children` (new direct children the tool itself writes there, such as `<step>/merged`)."""
+    """A directory a command reads and must never modify: the output may not be it, contain it or lie inside it.
+    `own_children`: the step's reserved slots the command's output may take (the source step's own), if any."""
 
     path: pathlib.Path
     what: str  # "the LoRA step", "the merged checkpoint"
     own_children: tuple[str, ...] = ()
 
 
-def check_output(output: pathlib.Path, *, overwrite: bool, protected: Sequence[Protected] = ()) -> pathlib.Path:
-    """Fails early, before any work, if `output` cannot or must not be written; returns it as an absolute path.
-
-    `--overwrite` replaces only an empty directory or an earlier output of this tool (recognised by its manifest, or
-    by the failure marker of a merge on save) holding nothing its manifest does not list.
-    """
-    out = absolute(output)
+def check_output(
+    output: pathlib.Path,
+    *,
+    overwrite: bool,
+    protected: Sequence[Protected] = (),
+    kind: OutputKind | None = None,
+) -> pathlib.Path:
+    """Fails early, before any work, if `output` cannot or must not be written; returns it as an absolute path
+    (its parent resolved). `kind`: what the command writes, which decides the step slot it may take."""
+    written, out = as_written(output), absolute(output)
+    check_utf8(written, "--output")
+    slot = SLOT.get(kind) if kind is not None else None
     for guarded in protected:
-        _check_apart(out, guarded)
+        for path in dict.fromkeys((written, out)):
+            _check_apart(path, written, guarded, slot)
+    check_not_in_checkpoint(written, out, "--output", kind=kind, own_steps=_own_steps(protected, kind))
     exists = out.is_symlink() or out.exists()
-    if not exists and out.name.isdigit() and any(_is_step(p) for p in out.parent.glob("[0-9]*")):
+    if not exists and out.name.isdigit() and checkpoint_dirs.steps_in(out.parent):
         raise OutputRefusedError(
-            f"--output {out} would look like step {out.name} of the training run {out.parent} to openpi and Orbax; "
-            "choose a name that is not a step number"
+            f"--output {shown(written)} would look like step {out.name} of the training run {shown(out.parent)} to "
+            "openpi and Orbax; choose a name that is not a step number"
         )
     if exists:
         if not overwrite:
-            raise OutputExistsError(f"output {out} already exists (pass --overwrite to replace it)")
+            raise OutputExistsError(f"output {shown(written)} already exists (pass --overwrite to replace it)")
         why_not = not_replaceable(out)
         if why_not is not None:
             raise OutputRefusedError(
-                f"--output {out} {why_not}; --overwrite replaces only an earlier output of openpi-merge-lora or an "
-                "empty directory: choose another --output"
+                f"--output {shown(written)} {why_not}; --overwrite replaces only an earlier output of "
+                "openpi-merge-lora or an empty directory: choose another --output"
             )
-    parent = out.parent
-    if not parent.is_dir():
-        raise MergeError(f"cannot write {out}: parent directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise MergeError(f"cannot write {out}: parent directory {parent} is not writable")
+    check_writable(out, written, "--output", extra_bytes=STAGING_EXTRA_BYTES)
     return out
+
+
+def as_written(path: pathlib.Path | str) -> pathlib.Path:
+    """`path` made absolute as the user wrote it: `~` expanded, `.` and `..` taken by their names (no symlink
+    followed)."""
+    return pathlib.Path(os.path.abspath(os.path.expanduser(path)))
 
 
 def absolute(path: pathlib.Path | str) -> pathlib.Path:
@@ -75,73 +103,126 @@ def absolute(path: pathlib.Path | str) -> pathlib.Path:
     return path.parent.resolve() / path.name
 
 
-def _check_apart(out: pathlib.Path, guarded: Protected) -> None:
+def check_utf8(path: pathlib.Path, flag: str) -> None:
+    """Paths are written into manifests and opened by TensorStore, which need UTF-8."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise OutputRefusedError(
+            f"{flag} {shown(path)} is not a UTF-8 path (TensorStore and the manifest cannot name it): choose a "
+            "UTF-8 name"
+        ) from None
+
+
+def check_not_in_checkpoint(
+    written: pathlib.Path,
+    resolved: pathlib.Path,
+    flag: str,
+    *,
+    kind: OutputKind | None = None,
+    own_steps: Sequence[pathlib.Path] = (),
+) -> None:
+    """Refuses a path inside any checkpoint (as written or as resolved), but for one of `own_steps`' slot for
+    `kind` (`<step>/merged` for a merge, ...)."""
+    slot = SLOT.get(kind) if kind is not None else None
+    own = {p.resolve() for p in own_steps}
+    for path in dict.fromkeys((written, resolved)):
+        for found in checkpoint_dirs.containing(path):
+            in_slot = found.path == path.parent and found.kind == "step"
+            if in_slot and path.name == slot and found.path.resolve() in own:
+                continue
+            via = f" (which resolves into {found.path})" if path != written else ""
+            if in_slot and path.name in STEP_OUTPUT_NAMES:
+                raise OutputRefusedError(_wrong_slot(written, found.path, path.name, kind, own) + via)
+            outside = "any checkpoint step" if found.kind == "step" else "it"
+            raise OutputRefusedError(
+                f"{flag} {shown(written)} lies inside {checkpoint_dirs.DESCRIPTION[found.kind]} {shown(found.path)}{via}, which is never modified: choose a "
+                f"directory outside {outside}{_slot_hint(own, slot)}"
+            )
+
+
+def _wrong_slot(
+    written: pathlib.Path, step: pathlib.Path, name: str, kind: OutputKind | None, own: set[pathlib.Path]
+) -> str:
+    slot_kind = next(k for k, n in SLOT.items() if n == name)
+    what = KIND_DESCRIPTION[kind] if kind is not None else "this output"
+    if kind is None or step.resolve() not in own:
+        whose = (
+            f"this command writes the {what} of step {', '.join(shown(s) for s in sorted(own))}"
+            if own
+            else f"this command's {what} is not that step's"
+        )
+        return (
+            f"--output {shown(written)} is the slot of step {shown(step)} for its own {KIND_DESCRIPTION[slot_kind]}, "
+            f"and {whose}: choose a directory outside any checkpoint step{_slot_hint(own, SLOT.get(kind))}"
+        )
+    return (
+        f"--output {shown(written)} is the slot of step {shown(step)} for its {KIND_DESCRIPTION[slot_kind]}, not for "
+        f"a {what}: choose {shown(step / SLOT[kind])} or a directory outside the step"
+    )
+
+
+def _slot_hint(own: set[pathlib.Path], slot: str | None) -> str:
+    if not own or slot is None:
+        return ""
+    return f" (or {' or '.join(shown(step / slot) for step in sorted(own))})"
+
+
+def _own_steps(protected: Sequence[Protected], kind: OutputKind | None) -> list[pathlib.Path]:
+    """The steps whose slot for `kind` the output may take: the sources' steps that allow it."""
+    slot = SLOT.get(kind) if kind is not None else None
+    return [guarded.path for guarded in protected if slot in guarded.own_children]
+
+
+def check_writable(out: pathlib.Path, written_as: pathlib.Path, flag: str, *, extra_bytes: int) -> None:
+    """The parent exists (as a directory) and may be written, and `out`'s name, with the `extra_bytes` the tool adds
+    for the temporary files beside it, fits the filesystem's limit."""
+    parent = out.parent
+    written = f"plot {shown(written_as)}" if flag == "--plot" else shown(written_as)
+    if not parent.is_dir():
+        existing = next((p for p in parent.parents if p.exists()), None) if not parent.exists() else parent
+        if existing is not None and not existing.is_dir():
+            raise MergeError(f"cannot write {written}: {shown(existing)} is a file, not a directory")
+        raise MergeError(f"cannot write {written}: parent directory {shown(parent)} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MergeError(f"cannot write {written}: parent directory {shown(parent)} is not writable")
+    name_bytes = len(os.fsencode(out.name))
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    if name_bytes + extra_bytes > name_max:
+        raise MergeError(
+            f"{flag} name {out.name[:40]}... is {name_bytes} bytes long: the tool writes it through a hidden "
+            f"temporary file or directory beside it, {extra_bytes} bytes longer, and this filesystem allows names of "
+            f"{name_max} bytes: choose a name of at most {name_max - extra_bytes} bytes"
+        )
+
+
+def _check_apart(path: pathlib.Path, written: pathlib.Path, guarded: Protected, slot: str | None) -> None:
+    """`path` (the output, as written or resolved) is not the protected directory, around it or inside it (but for
+    its reserved slots: which one holds what is `check_not_in_checkpoint`'s to say)."""
     src = guarded.path.resolve()
-    if out == src:
-        raise OutputRefusedError(
-            f"--output {out} is {guarded.what} itself; it is never modified: choose another --output"
-        )
-    if src.is_relative_to(out):
-        raise OutputRefusedError(
-            f"--output {out} contains {guarded.what} {src}, which is never modified: choose another --output"
-        )
-    if out.is_relative_to(src) and not (out.parent == src and out.name in guarded.own_children):
-        allowed = " or ".join(str(src / n) for n in guarded.own_children)
-        raise OutputRefusedError(
-            f"--output {out} lies inside {guarded.what} {src}, which is never modified: choose a directory outside "
-            f"it{f' (or {allowed})' if allowed else ''}"
-        )
+    sources = dict.fromkeys((src, as_written(guarded.path)))
+    for source in sources:
+        if path == source:
+            raise OutputRefusedError(
+                f"--output {shown(written)} is {guarded.what} itself; it is never modified: choose another --output"
+            )
+        if source.is_relative_to(path):
+            raise OutputRefusedError(
+                f"--output {shown(written)} contains {guarded.what} {shown(src)}, which is never modified: choose "
+                "another --output"
+            )
+        if path.is_relative_to(source) and not (path.parent == source and path.name in guarded.own_children):
+            allowed = " or ".join(shown(src / n) for n in guarded.own_children if n == slot)
+            raise OutputRefusedError(
+                f"--output {shown(written)} lies inside {guarded.what} {shown(src)}, which is never modified: choose "
+                f"a directory outside it{f' (or {allowed})' if allowed else ''}"
+            )
 
 
 def not_replaceable(path: pathlib.Path) -> str | None:
-    """Why `--overwrite` must not replace `path`, or None if it may (an earlier output of this tool, or empty)."""
-    if path.is_symlink():
-        return "is a symbolic link (replacing it would replace the link, not what it points to)"
-    if not path.is_dir():
-        return "is a file, not a directory"
-    if os.path.ismount(path):
-        return "is a mount point, which cannot be replaced by a rename"
-    names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir())
-    if not names:
-        return None  # empty (or empty directories only): nothing to lose
-    listed = _own_files(path)
-    if listed is None:
-        if _is_step(path):
-            return "is an openpi checkpoint step (it has params/ and no manifest of openpi-merge-lora)"
-        steps = sorted(p.name for p in path.glob("[0-9]*") if _is_step(p))
-        if steps:
-            return f"is a training run's checkpoint directory (steps {', '.join(steps)})"
-        return f"holds {_count(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) and no manifest of openpi-merge-lora"
-    unknown = [n for n in names if n not in listed]
-    if unknown:
-        return (
-            f"is an output of openpi-merge-lora but also holds files its manifest does not list "
-            f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''})"
-        )
-    return None
-
-
-def _own_files(path: pathlib.Path) -> set[str] | None:
-    """The files an output of this tool at `path` consists of, by its manifest (or failure marker); None if none."""
-    marker = path / FAILURE_MARKER
-    if marker.is_file() and [p.name for p in path.iterdir()] == [FAILURE_MARKER]:
-        return {FAILURE_MARKER}
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    if (
-        not isinstance(manifest, dict)
-        or manifest.get("plugin") != PLUGIN
-        or not isinstance(manifest.get("files"), dict)
-    ):
-        return None
-    return {MANIFEST, *manifest["files"]}
-
-
-def _is_step(path: pathlib.Path) -> bool:
-    return path.is_dir() and (path / "params").is_dir() and not (path / MANIFEST).is_file()
-
-
-def _count(names: list[str]) -> str:
-    return f"{len(names)} file{'s' if len(names) != 1 else ''}"
+    """Why `--overwrite` must not replace `path`, or None if it may (an unchanged earlier output of this tool, or
+    an empty directory): `ownership.why_not_ours`."""
+    return ownership.why_not_ours(path)

@@ -189,6 +189,7 @@ def merge_checkpoint(
         output if output is not None else step_dir / DEFAULT_OUTPUT_NAME,
         overwrite=overwrite,
         protected=[protect_step(step_dir)],
+        kind="merged",
     )
     plan = plan_step_merge(step_dir, lora, options, on_plan)
     with _output.write_errors(out, plan.needed_bytes), _output.staged_directory(out, overwrite=overwrite) as tmp:

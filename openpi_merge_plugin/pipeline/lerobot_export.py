@@ -141,7 +141,9 @@ def export_lerobot(
             merged_dir.parent / f"{merged_dir.name}_lerobot",
             pytorch_export.protected_for_merged(merged_dir),
         )
-    out = output_guard.check_output(output if output is not None else default, overwrite=overwrite, protected=protected)
+    out = output_guard.check_output(
+        output if output is not None else default, overwrite=overwrite, protected=protected, kind="lerobot"
+    )
     if merged_dir is None:  # a LoRA step: merged in the export's one pass
         source = pytorch_export.lora_step_source(step_dir, lora)
     else:

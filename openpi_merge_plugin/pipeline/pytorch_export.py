@@ -90,7 +90,9 @@ def export_pytorch(
         default, protected = step_dir / _output.PYTORCH_NAME, [checkpoint_merge.protect_step(step_dir)]
     else:
         default, protected = merged_dir.parent / f"{merged_dir.name}_pytorch", protected_for_merged(merged_dir)
-    out = output_guard.check_output(output if output is not None else default, overwrite=overwrite, protected=protected)
+    out = output_guard.check_output(
+        output if output is not None else default, overwrite=overwrite, protected=protected, kind="pytorch"
+    )
     source = lora_step_source(step_dir, lora) if merged_dir is None else merged_dir_source(merged_dir)
     if model is None and action_horizon is not None:
         model = export_model.model_info_from_variants(
