@@ -1,12 +1,14 @@
-"""Committing a merged checkpoint: write into a temporary sibling, manifest last, then one atomic rename.
+"""Committing an output: write into a temporary sibling, manifest last, then one atomic rename.
 
 The temporary directory is flock()ed for as long as its merge runs, so the cleanup of leftovers of killed merges
 never removes the directory of a merge that is still running (the kernel drops the lock when a process dies).
+Space is checked before anything is written (`needed_bytes`, an upper bound: `disk_bytes`); a failed write is one
+error naming the output (never the temporary directory) and what to do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 import contextlib
 import datetime as dt
 import errno
@@ -38,14 +40,19 @@ _WRITE_ERRNOS = {
     errno.EDQUOT: "free space or raise the disk quota and run again",
     errno.EFBIG: "a file is larger than the file-size limit (ulimit -f) or the filesystem allows",
     errno.EROFS: "the filesystem is read-only",
+    errno.ENAMETOOLONG: "choose a shorter --output (the files inside it have names of their own)",
 }
+_LEAF_METADATA_BYTES = 2048  # per array: its entries in Orbax's _METADATA, _sharding, array metadata
+_MANIFEST_BYTES = (16 << 10, 1 << 10, 512)  # a manifest: fixed, per merged layer slice, per file
 
 
 @contextlib.contextmanager
-def write_errors(output: pathlib.Path, needed_bytes: int) -> Iterator[None]:
-    """Turns a failed write (disk full, file-size limit, read-only filesystem) into a MergeError saying so.
+def write_errors(output: pathlib.Path, needed_bytes: int | None = None, what: str = "the output") -> Iterator[None]:
+    """Turns a failed write (disk full, file-size limit, read-only filesystem, a name too long) into one MergeError
+    naming `output` and what to do.
 
-    The error may come as an OSError or as TensorStore's error text ("[OS error 28: ENOSPC ...]").
+    The error may come as an OSError, as shutil.copytree's list of them, or as TensorStore's error text
+    ("[OS error 28: ENOSPC ...]").
     """
     try:
         yield
@@ -55,10 +62,92 @@ def write_errors(output: pathlib.Path, needed_bytes: int) -> Iterator[None]:
         code = _errno_of(e)
         if code not in _WRITE_ERRNOS:
             raise
+        needs = f" ({what} needs up to {_human(needed_bytes)})" if needed_bytes is not None else ""
         raise MergeError(
-            f"cannot write {output}: {os.strerror(code)} ({errno.errorcode[code]}): {_WRITE_ERRNOS[code]} "
-            f"(the merged checkpoint needs up to {_human(needed_bytes)}); nothing was written"
+            f"cannot write {output}: {os.strerror(code)} ({errno.errorcode[code]}): {_WRITE_ERRNOS[code]}{needs}; "
+            "nothing was written"
         ) from e
+
+
+def disk_bytes(
+    file_bytes: Iterable[int],
+    *,
+    arrays: int = 0,
+    merged_slices: int = 0,
+    copied: Iterable[pathlib.Path | None] = (),
+    block: int = 4096,
+) -> int:
+    """An upper bound of the disk space an output takes: its files of `file_bytes` (an Orbax array's data may be
+    split in several files and is zstd-compressed, which can grow incompressible data by a little), each rounded
+    up to `block`, with the metadata of `arrays` Orbax arrays, a manifest recording `merged_slices` layer slices,
+    and copies of the directories `copied`."""
+    sizes = list(file_bytes)
+    total = sum(-(-(n + n // 128) // block) * block for n in sizes)
+    files = len(sizes) + 3 * arrays
+    total += arrays * (2 * block + _LEAF_METADATA_BYTES) + 16 * block
+    for directory in copied:
+        if directory is not None and directory.is_dir():
+            for path in directory.rglob("*"):
+                files += 1
+                total += block + (-(-path.stat().st_size // block) * block if path.is_file() else 0)
+    fixed, per_slice, per_file = _MANIFEST_BYTES
+    return total + fixed + per_slice * merged_slices + per_file * files
+
+
+def check_space(output: pathlib.Path, needed_bytes: int, what: str = "the output") -> None:
+    """Fails before anything is written if the filesystem of `output` has less free space than `needed_bytes`."""
+    try:
+        stats = os.statvfs(output.parent)
+    except OSError:
+        return  # the write will say
+    free = stats.f_bavail * stats.f_frsize
+    if free < needed_bytes:
+        raise MergeError(
+            f"cannot write {output}: {what} needs up to {_human(needed_bytes)} and its filesystem has "
+            f"{_human(free)} free: free space (or choose an --output elsewhere) and run again; nothing was written"
+        )
+
+
+def block_size(output: pathlib.Path) -> int:
+    """The allocation unit of the filesystem `output` is written to."""
+    try:
+        return os.statvfs(output.parent).f_frsize or 4096
+    except OSError:
+        return 4096
+
+
+def copy_assets(src: pathlib.Path, dst: pathlib.Path) -> None:
+    """Copies the directory `src` (a step's `assets/`, symlinks followed as openpi reads them) to the new `dst`,
+    after checking that no link in it leads into `dst` itself or back above itself (which would copy without end)."""
+    _check_no_loop(src, dst)
+    try:
+        shutil.copytree(src, dst)
+    except shutil.Error as e:  # every file's error in one exception (a loop gives thousands): the first one
+        errors = e.args[0] if e.args and isinstance(e.args[0], list) else []
+        if _errno_of(e) in _WRITE_ERRNOS:
+            raise
+        first = errors[0][2] if errors and len(errors[0]) == 3 else str(e)[:300]
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise MergeError(f"cannot copy {src}: {first}{more}") from e
+
+
+def _check_no_loop(src: pathlib.Path, dst: pathlib.Path) -> None:
+    target = dst.parent.resolve() / dst.name
+    stack = [(src, pathlib.Path(os.path.realpath(src)), ())]
+    while stack:
+        directory, real, above = stack.pop()
+        if target.is_relative_to(real):
+            raise MergeError(
+                f"cannot copy {src}: {directory} leads to {real}, which holds the directory being written (a link "
+                f"into its own copy): point it at the files themselves"
+            )
+        if real in above:
+            raise MergeError(f"cannot copy {src}: {directory} leads back to {real}, a directory above it (a loop)")
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_dir():  # follows links, as the copy does
+                    path = pathlib.Path(entry.path)
+                    stack.append((path, pathlib.Path(os.path.realpath(path)), (*above, real)))
 
 
 def _errno_of(e: BaseException) -> int | None:
@@ -93,15 +182,30 @@ def leftovers(output: pathlib.Path) -> list[pathlib.Path]:
 
 
 @contextlib.contextmanager
-def staged_directory(output: pathlib.Path, *, overwrite: bool) -> Iterator[pathlib.Path]:
+def staged_directory(
+    output: pathlib.Path, *, overwrite: bool, needed_bytes: int | None = None, what: str = "the output"
+) -> Iterator[pathlib.Path]:
     """Yields a fresh temporary sibling of `output`; on clean exit renames it to `output` atomically.
 
-    On any error the temporary directory is removed and `output` is left as it was.
+    On any error the temporary directory is removed and `output` is left as it was; an error naming the temporary
+    directory names `output` instead. `needed_bytes`: checked against the free space first.
     """
+    if needed_bytes is not None:
+        check_space(output, needed_bytes, what)
     for stale in leftovers(output):
         _remove_if_abandoned(stale)
-    with scratch_directory(output) as tmp:
-        yield tmp
+    with write_errors(output, needed_bytes, what), scratch_directory(output) as tmp:
+        try:
+            yield tmp
+        except MergeError as e:
+            if str(tmp) not in str(e):
+                raise
+            text = str(e).replace(str(tmp), str(output))
+            try:
+                renamed = type(e)(text)
+            except TypeError:  # an error class with another signature
+                renamed = MergeError(text)
+            raise renamed from e
         _commit(tmp, output, overwrite=overwrite)
 
 

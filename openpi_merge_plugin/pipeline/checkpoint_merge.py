@@ -6,7 +6,6 @@ from collections.abc import Callable
 import dataclasses
 import logging
 import pathlib
-import shutil
 import time
 from typing import Any
 
@@ -94,11 +93,15 @@ class MergePlan:
     source_info: dict[str, Any]  # recorded in the manifest
     save_assets: Callable[[pathlib.Path], None] | None = None  # writes the norm stats beside the params
 
-    @property
-    def needed_bytes(self) -> int:
-        """The merged params' size, for the disk-full message."""
-        return sum(
-            int(np.prod(sd.shape, dtype=np.int64)) * np.dtype(sd.dtype).itemsize for sd in self.structure.values()
+    def needed_bytes(self, *, assets: pathlib.Path | None = None, block: int = 4096) -> int:
+        """An upper bound of the disk space the merged checkpoint takes (`output.disk_bytes`): the merged params,
+        Orbax's metadata, the manifest, and a copy of `assets`."""
+        return _output.disk_bytes(
+            (int(np.prod(sd.shape, dtype=np.int64)) * np.dtype(sd.dtype).itemsize for sd in self.structure.values()),
+            arrays=len(self.structure),
+            merged_slices=sum(a.num_slices for a in self.adapters),
+            copied=[assets],
+            block=block,
         )
 
 
@@ -161,7 +164,7 @@ def plan_step_merge(
         lora,
         options,
         source_info={"step_dir": str(step_dir), "step": _step_number(step_dir), "params": str(step_dir / "params")},
-        save_assets=(lambda d: shutil.copytree(assets, d)) if assets.is_dir() else None,
+        save_assets=(lambda d: _output.copy_assets(assets, d)) if assets.is_dir() else None,
         on_plan=on_plan,
     )
 
@@ -192,7 +195,8 @@ def merge_checkpoint(
         kind="merged",
     )
     plan = plan_step_merge(step_dir, lora, options, on_plan)
-    with _output.write_errors(out, plan.needed_bytes), _output.staged_directory(out, overwrite=overwrite) as tmp:
+    needed = plan.needed_bytes(assets=step_dir / "assets", block=_output.block_size(out))
+    with _output.staged_directory(out, overwrite=overwrite, needed_bytes=needed, what="the merged checkpoint") as tmp:
         manifest, report = write_merge(tmp, plan, out, progress=progress)
     logger.info("merged %d adapted weights of %s into %s", len(plan.adapters), step_dir, out)
     return CheckpointMergeResult(output=out, report=report, manifest=manifest)
