@@ -32,6 +32,8 @@ class Args:
     )
     # Also draw heat maps of ||dW||/||W|| and of the bf16-surviving fraction per (layer, weight) to this file.
     plot: pathlib.Path | None = None
+    # Replace an existing --plot picture, if this command drew it and it is unchanged since (nothing else).
+    overwrite: bool = False
     # Print the numbers as JSON instead of the table.
     json: bool = False
     # Merged checkpoint only: re-hash every file and compare with the manifest (reads the whole checkpoint).
@@ -62,13 +64,13 @@ def inspect(args: Args) -> inspection.Inspection:
 def run(args: Args) -> int:
     """Inspects, then prints the table (or JSON) and writes the picture if asked."""
     if args.plot is not None:
-        inspect_plot.check_can_plot(args.plot, inspected=args.path)
+        inspect_plot.check_can_plot(args.plot, inspected=args.path, overwrite=args.overwrite)
     result = inspect(args)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
         inspect_table.render(result)
     if args.plot is not None:
-        inspect_plot.save(result, args.plot)
+        inspect_plot.save(result, args.plot, overwrite=args.overwrite)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0 if result.checksums is None or result.checksums.ok else 1

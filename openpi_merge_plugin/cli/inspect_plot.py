@@ -16,8 +16,11 @@ import numpy as np
 from openpi_merge_plugin.checkpoint import output_guard
 from openpi_merge_plugin.checks.inspection import Inspection
 from openpi_merge_plugin.checks.inspection import WeightStats
+from openpi_merge_plugin.cli import plot_mark
 from openpi_merge_plugin.errors import MergeError
+from openpi_merge_plugin.errors import OutputExistsError
 from openpi_merge_plugin.errors import OutputRefusedError
+from openpi_merge_plugin.options import shown
 
 # Fixed size, whatever the checkpoint: 1400 x 900 pixels.
 FIGSIZE = (14.0, 9.0)
@@ -26,9 +29,9 @@ DPI = 100
 _ANNOTATE_MAX_LAYERS = 8
 
 
-# Written into every picture's metadata: a file that carries it was drawn by this command and may be redrawn.
-MARK = "openpi-merge-lora inspect"
+# The metadata field that carries the mark and digest (`plot_mark`), per format.
 _METADATA_KEY = {".png": "Software", ".pdf": "Creator", ".svg": "Creator"}
+_TMP_EXTRA_BYTES = len(".") + len(".tmp-") + 12  # `.<name>.tmp-<12 hex>`, the picture being drawn
 
 
 def plot_suffix(path: pathlib.Path) -> str | None:
@@ -36,30 +39,40 @@ def plot_suffix(path: pathlib.Path) -> str | None:
     return None if suffix in _METADATA_KEY else f"must end in {', '.join(_METADATA_KEY)}, got {str(path)!r}"
 
 
-def check_can_plot(path: pathlib.Path, inspected: pathlib.Path | None = None) -> None:
-    """Fails before any work if matplotlib is missing or `path` must not or cannot be written: it may not lie in
-    the inspected directory, and an existing file is replaced only if this command drew it."""
+def check_can_plot(path: pathlib.Path, inspected: pathlib.Path | None = None, *, overwrite: bool = False) -> None:
+    """Fails before any work if matplotlib is missing or `path` must not or cannot be written: not inside the
+    inspected directory or any checkpoint (as written and as resolved), and an existing file only with `overwrite`
+    and only if this command drew it and it is unchanged since (`plot_mark`)."""
     try:
         import matplotlib as mpl  # noqa: F401
     except ImportError as e:
         raise MergeError(f"--plot needs matplotlib: pip install 'openpi-merge-plugin[plot]' ({e})") from e
-    path = output_guard.absolute(path)
-    if inspected is not None and path.is_relative_to(pathlib.Path(inspected).resolve()):
-        raise OutputRefusedError(f"--plot {path} lies inside the inspected {inspected}, which is never modified")
-    if path.is_symlink() or (path.exists() and not (path.is_file() and _drawn_here(path))):
-        raise OutputRefusedError(
-            f"--plot {path} already exists and was not drawn by openpi-merge-lora inspect: choose a new file name"
-        )
-    parent = path.parent
-    if not parent.is_dir():
-        raise MergeError(f"cannot write plot {path}: parent directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise MergeError(f"cannot write plot {path}: parent directory {parent} is not writable")
+    written, path = output_guard.as_written(path), output_guard.absolute(path)
+    output_guard.check_utf8(written, "--plot")
+    if inspected is not None:
+        for source in dict.fromkeys((pathlib.Path(inspected).resolve(), output_guard.as_written(inspected))):
+            if any(p.is_relative_to(source) for p in (written, path)):
+                raise OutputRefusedError(
+                    f"--plot {shown(written)} lies inside the inspected {shown(inspected)}, which is never modified"
+                )
+    output_guard.check_not_in_checkpoint(written, path, "--plot")
+    if path.is_symlink() or path.exists():
+        if not overwrite:
+            raise OutputExistsError(
+                f"--plot {shown(written)} already exists (pass --overwrite to replace a picture this command drew)"
+            )
+        if path.is_symlink() or not path.is_file() or not _drawn_here(path):
+            raise OutputRefusedError(
+                f"--plot {shown(written)} already exists and is not a picture drawn by openpi-merge-lora inspect, "
+                "unchanged since (its recorded sha256 does not match): choose a new file name"
+            )
+    output_guard.check_writable(path, written, "--plot", extra_bytes=_TMP_EXTRA_BYTES)
 
 
-def save(ins: Inspection, path: pathlib.Path) -> None:
-    """Writes the heat maps (format from the file suffix, e.g. .png) at FIGSIZE and DPI, atomically."""
-    check_can_plot(path)
+def save(ins: Inspection, path: pathlib.Path, *, overwrite: bool = False) -> None:
+    """Writes the heat maps (format from the file suffix, e.g. .png) at FIGSIZE and DPI, atomically, sealed with
+    their sha256 (`plot_mark`)."""
+    check_can_plot(path, overwrite=overwrite)
     import matplotlib as mpl
     from matplotlib import colors
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -99,7 +112,10 @@ def save(ins: Inspection, path: pathlib.Path) -> None:
             stale.unlink(missing_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
     try:
-        fig.savefig(tmp, dpi=DPI, format=suffix[1:], metadata={_METADATA_KEY[suffix]: MARK})
+        fig.savefig(tmp, dpi=DPI, format=suffix[1:], metadata={_METADATA_KEY[suffix]: plot_mark.metadata_value()})
+        tmp.write_bytes(plot_mark.seal(tmp.read_bytes()))
+        if (path.is_symlink() or path.exists()) and not (overwrite and path.is_file() and _drawn_here(path)):
+            raise OutputExistsError(f"--plot {shown(path)} appeared while drawing; it was left as it is")
         os.replace(tmp, path)
     except OSError as e:
         raise MergeError(f"cannot write plot {path}: {e}") from e
@@ -138,7 +154,7 @@ def _annotate(ax: Any, grid: np.ndarray, norm: Any, cmap: Any, fmt: str) -> None
 
 
 def _drawn_here(path: pathlib.Path) -> bool:
-    """Whether the file carries MARK in its metadata (pictures are small: the whole file is searched)."""
-    if path.stat().st_size > 64 << 20:
+    """Whether the file is a picture this command drew, unchanged since (pictures are small: read whole)."""
+    if path.stat().st_size > plot_mark.MAX_BYTES:
         return False
-    return MARK.encode() in path.read_bytes()
+    return plot_mark.drawn_here(path.read_bytes())

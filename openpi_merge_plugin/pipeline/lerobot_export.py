@@ -160,7 +160,8 @@ def export_lerobot(
         allow_nonstandard_dims=allow_nonstandard_dims,
         what=src,
     )
-    with _output.staged_directory(out, overwrite=overwrite) as tmp:
+    needed = _output.disk_bytes([sum(t.nbytes for t in plan.layout.tensors)])
+    with _output.staged_directory(out, overwrite=overwrite, needed_bytes=needed, what="the export") as tmp:
         manifest = _write(tmp, source, plan, model, out, progress=progress)
     logger.info("exported %s for LeRobot to %s (%s)", src, out, precision)
     return pytorch_export.ExportResult(out, manifest)

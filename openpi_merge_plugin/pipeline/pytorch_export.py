@@ -102,7 +102,8 @@ def export_pytorch(
     plan, model = plan_export(
         source.structure, source.record, precision, model, allow_nonstandard_dims=allow_nonstandard_dims, what=src
     )
-    with _output.staged_directory(out, overwrite=overwrite) as tmp:
+    needed = _output.disk_bytes([sum(t.nbytes for t in plan.tensors)], copied=[source.assets])
+    with _output.staged_directory(out, overwrite=overwrite, needed_bytes=needed, what="the export") as tmp:
         manifest = _write(tmp, source, plan, model, out, progress=progress)
     logger.info("exported %s to %s (%s)", src, out, precision)
     return ExportResult(out, manifest)
