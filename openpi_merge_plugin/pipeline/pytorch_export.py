@@ -14,7 +14,6 @@ import functools
 import json
 import logging
 import pathlib
-import shutil
 import time
 from typing import Any
 
@@ -272,7 +271,7 @@ def _write(
         )
     )
     if source.assets is not None and source.assets.is_dir():
-        shutil.copytree(source.assets, directory / "assets")
+        _output.copy_assets(source.assets, directory / "assets")
     manifest = {
         **_output.manifest_head(FORMAT_VERSION),
         "format": "pytorch",
