@@ -88,5 +88,8 @@ def test_help_lists_the_public_api():
 
 
 def test_the_readme_picture_was_drawn_by_the_command_it_shows():
-    # So that the README's inspect command can redraw it (an existing file is replaced only if the command drew it).
-    assert b"openpi-merge-lora inspect" in pathlib.Path(REPO / "docs" / "inspect_lora_tiny.png").read_bytes()
+    # So that the README's inspect command can redraw it (--overwrite replaces a picture only if the command drew it
+    # and it is unchanged since: its sha256 as recorded in it).
+    from openpi_merge_plugin.cli import plot_mark
+
+    assert plot_mark.drawn_here(pathlib.Path(REPO / "docs" / "inspect_lora_tiny.png").read_bytes())
