@@ -62,8 +62,34 @@ def non_negative_int(value: Any) -> str | None:
     return None
 
 
-def any_int(value: Any) -> str | None:
-    return None if isinstance(value, int) and not isinstance(value, bool) else f"must be an integer, got {value!r}"
+def int_in(low: int, high: int, why: str = "") -> Check:
+    """An integer in low..high (`why`: what the bounds are)."""
+
+    def check(value: Any) -> str | None:
+        if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+            return None
+        return f"must be an integer in {low}..{high}{f' ({why})' if why else ''}, got {value!r}"
+
+    return check
+
+
+# A seed of JAX's PRNG (a signed 64-bit integer) and of numpy's (not negative), which draw the verification probes.
+seed = int_in(0, 2**63 - 1, "a seed of JAX's and numpy's random generators")
+# Token and action counts of a model: at most Gemma's context (8192 positions), which no openpi model exceeds.
+MAX_POSITIONS = 8192
+sequence_length = int_in(1, MAX_POSITIONS, "Gemma's context length")
+# torch's device types, as LeRobot's config and processors name a device ("cuda", "cuda:1", "cpu", "mps", ...).
+TORCH_DEVICE_TYPES = (
+    "cpu", "cuda", "mps", "xpu", "xla", "meta", "hpu", "mtia", "npu", "ipu", "hip", "ve", "fpga", "maia", "lazy",
+    "vulkan", "ideep", "mkldnn", "opengl", "opencl", "privateuseone",
+)  # fmt: skip
+
+
+def torch_device(value: Any) -> str | None:
+    kind, sep, index = value.partition(":") if isinstance(value, str) else ("", "", "")
+    if kind in TORCH_DEVICE_TYPES and (not sep or index.isdigit()):
+        return None
+    return f"must be a torch device such as cuda, cuda:0, cpu or mps, got {value!r}"
 
 
 def flag(value: Any) -> str | None:
@@ -148,7 +174,7 @@ MERGE_OPTION_CHECKS: dict[str, Check] = {
     "verify": flag,
     "tolerance": positive,
     "allow_nonfinite": flag,
-    "seed": any_int,
+    "seed": seed,
 }
 # The checks of the LoRA-source options (`LoRASource`), wherever they appear.
 LORA_SOURCE_CHECKS: dict[str, Check] = {

@@ -32,7 +32,7 @@ NUMBERS = {
     "alpha": [(v, "{flag} must be a finite number > 0") for v in ("-1", "0", "nan", "inf", "-inf")],
     "strength": [(v, "{flag} must be a finite number") for v in ("nan", "inf", "-inf")],
     "tolerance": [(v, "{flag} must be a finite number > 0") for v in ("0", "-1e-4", "nan", "inf")],
-    "action_horizon": [(v, "{flag} must be a positive integer") for v in ("0", "-50")],
+    "action_horizon": [(v, "{flag} must be an integer in 1..8192") for v in ("0", "-50", str(10**12))],
 }
 BAD = {
     **{name: [([f"--{name.replace('_', '-')}", v], m) for v, m in values] for name, values in NUMBERS.items()},
@@ -48,7 +48,11 @@ BAD = {
     "output": [(["--output", "some_file", "--overwrite"], "{flag} {cwd}/some_file is a file")],
     "plot": [(["--plot", "picture.txt"], "{flag} must end in .png, .pdf, .svg")],
     "lora_step": [(["--lora-step", "nope"], "checkpoint {cwd}/nope does not exist")],
-    "seed": [(["--seed", "1.5"], "Error parsing --seed")],
+    "seed": [
+        (["--seed", "1.5"], "Error parsing --seed"),
+        (["--seed", str(2**70)], f"--seed must be an integer in 0..{2**63 - 1}"),
+        (["--seed", "-1"], f"--seed must be an integer in 0..{2**63 - 1}"),
+    ],
     "camera": [
         (["--format", "lerobot", "--camera", "base_0_rgb"], "--camera 'base_0_rgb': give each camera once"),
         (["--format", "lerobot", "--camera", "top=observation.images.top"], "--camera: unknown camera ['top']"),
@@ -57,8 +61,13 @@ BAD = {
     "asset_id": [(["--format", "lerobot", "--asset-id", ""], "{flag} must be a non-empty string")],
     "norm_stats": [(["--format", "lerobot", "--norm-stats", "nope.json"], "{flag} nope.json does not exist")],
     "n_action_steps": [(["--format", "lerobot", "--n-action-steps", "0"], "{flag} must be a positive integer")],
-    "max_token_len": [(["--format", "lerobot", "--max-token-len", "-1"], "{flag} must be a positive integer")],
-    "device": [(["--format", "lerobot", "--device", ""], "{flag} must be a non-empty string")],
+    "max_token_len": [
+        (["--format", "lerobot", "--max-token-len", v], "{flag} must be an integer in 1..8192")
+        for v in ("-1", str(10**9))
+    ],
+    "device": [
+        (["--format", "lerobot", "--device", v], "{flag} must be a torch device such as cuda") for v in ("", "banana")
+    ],
 }
 # Positional sources: a path that is not there.
 POSITIONAL = {"step_dir", "merged_dir", "path", "src"}

@@ -81,14 +81,14 @@ class Args:
                 "format": options.one_of(("pytorch", "lerobot")),
                 "precision": options.one_of(pytorch_export.Precision),
                 "output": options.ANY,
-                "action_horizon": options.optional(options.positive_int),
+                "action_horizon": options.optional(options.sequence_length),
                 "model_dtype": options.one_of(pytorch_export.Precision),
                 "camera": options.ANY,  # checked below: NAME=FEATURE, openpi's names
                 "asset_id": options.optional(options.text),
                 "norm_stats": options.optional(options.existing_file),
                 "n_action_steps": options.optional(options.positive_int),
-                "max_token_len": options.optional(options.positive_int),
-                "device": options.text,
+                "max_token_len": options.optional(options.sequence_length),
+                "device": options.torch_device,
                 "allow_nonstandard_dims": options.ANY,
             },
         )
