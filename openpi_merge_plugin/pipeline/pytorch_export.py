@@ -77,7 +77,7 @@ def export_pytorch(
     for name, check, value in (
         ("precision", _options.one_of(Precision), precision),
         ("model_dtype", _options.one_of(Precision), model_dtype),
-        ("action_horizon", _options.optional(_options.positive_int), action_horizon),
+        ("action_horizon", _options.optional(_options.sequence_length), action_horizon),
     ):
         if (problem := check(value)) is not None:
             raise _options.OptionError(name, problem)
