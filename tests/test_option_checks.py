@@ -17,6 +17,7 @@ from helpers import FIXTURE_LORA_CONFIG
 from helpers import FIXTURE_STEP
 from helpers import merge_argv
 from helpers import tree_digest
+from helpers import write_step
 import pytest
 import tyro
 
@@ -194,6 +195,11 @@ def test_every_merge_on_save_option_has_a_check():
         ({"rank": 4.5}, "experts[0].attn.rank must be a positive integer, got 4.5"),
         ({"rank": "4"}, "experts[0].attn.rank must be a positive integer, got '4'"),
         ({"rslora": "yes"}, "experts[0].attn.rslora must be true or false, got 'yes'"),
+        ({"axes": [-2]}, "experts[0].attn.axes must be two integer axes, got (-2,)"),
+        ({"label": ""}, "experts[0].attn.label must be a non-empty string, got ''"),
+        ({"scale": 2.0}, "experts[0].attn has unknown key 'scale' (known: rank, alpha, rslora, axes, label, "),
+        ({"scaling_value": 0.25}, "experts[0].attn.scaling_value 0.25 contradicts rank 4, alpha 8 and rslora false "),
+        ({"scaling_value": 2.0, "rslora": True}, "experts[0].attn.scaling_value 2.0 contradicts rank 4, alpha 8 and "),
     ],
 )
 def test_a_lora_config_file_with_a_bad_value_names_it(tmp_path, edit, message):
@@ -203,7 +209,100 @@ def test_a_lora_config_file_with_a_bad_value_names_it(tmp_path, edit, message):
     path.write_text(json.dumps(data))
     with pytest.raises(ConfigError) as raised:
         lora_configs.from_file(path)
-    assert str(raised.value) == f"LoRA config file {path}: {message}"
+    assert str(raised.value).startswith(f"LoRA config file {path}: {message}")
+
+
+def _without_alpha(data):
+    del data["experts"][0]["attn"]["alpha"]
+
+
+def _alpha_beside_attn(data):
+    data["experts"][0]["alpha"] = data["experts"][0]["attn"].pop("alpha")
+
+
+def _top_level_typo(data):
+    data["expert"] = data.pop("experts")
+
+
+def _no_ffn_key(data):
+    del data["experts"][1]["ffn"]
+
+
+# A file that parses as JSON but does not say what a LoRA config must: each refused, naming the place.
+MALFORMED = {
+    "alpha missing": (_without_alpha, "experts[0].attn has no 'alpha' (openpi's LoRAConfig defaults it to 1.0,"),
+    "alpha beside attn": (
+        _alpha_beside_attn,
+        "experts[0] has unknown key 'alpha' (known: variant, attn, ffn); alpha and rank belong inside attn/ffn",
+    ),
+    "a misspelt top-level key": (_top_level_typo, "the file has unknown key 'expert' (known: experts, config_name, "),
+    "a kind left out": (_no_ffn_key, "experts[1] has no 'ffn' (write \"ffn\": null if the expert has no ffn LoRA)"),
+    "experts not a list": (lambda d: d.update(experts={"0": d["experts"][0]}), "experts must be a non-empty list"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_lora_config_file_fails_the_merge_before_any_work(tmp_path, capsys, case):
+    edit, message = MALFORMED[case]
+    step = tmp_path / "2"
+    shutil.copytree(FIXTURE_STEP, step)
+    data = json.loads(FIXTURE_LORA_CONFIG.read_text())
+    edit(data)
+    (tmp_path / "lora.json").write_text(json.dumps(data))
+    before = tree_digest(tmp_path)
+    assert cli.main([str(step), "--lora-config", str(tmp_path / "lora.json"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"error: LoRA config file {tmp_path / 'lora.json'}: {message}"), err[0]
+    assert tree_digest(tmp_path) == before
+
+
+def test_a_duplicated_key_is_refused(tmp_path):
+    text = FIXTURE_LORA_CONFIG.read_text().replace('"alpha": 8.0,', '"alpha": 8.0, "alpha": 1.0,', 1)
+    path = tmp_path / "lora.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="key 'alpha' appears twice in one object"):
+        lora_configs.from_file(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda d: d["experts"].append(d["experts"][1]),
+            "gives 3 experts, the checkpoint has 2 (adapters: expert 0 attn, expert 0 ffn, expert 1 attn, expert 1 ffn)",
+        ),
+    ],
+)
+def test_a_lora_config_file_of_another_model_is_refused(tmp_path, capsys, edit, message):
+    step = tmp_path / "2"
+    shutil.copytree(FIXTURE_STEP, step)
+    data = json.loads(FIXTURE_LORA_CONFIG.read_text())
+    edit(data)
+    (tmp_path / "lora.json").write_text(json.dumps(data))
+    before = tree_digest(tmp_path)
+    for sub in (["merge"], ["inspect"], ["export", "--action-horizon", "50", "--allow-nonstandard-dims"]):
+        argv = [sub[0], str(step), *sub[1:], "--lora-config", str(tmp_path / "lora.json"), "--no-progress"]
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: LoRA config file {tmp_path / 'lora.json'} {message}: a config of another model?"]
+    assert tree_digest(tmp_path) == before
+
+
+def test_a_lora_config_for_an_expert_without_those_adapters_is_refused(tmp_path, fixture_params, capsys):
+    flat = {p: v for p, v in fixture_params.items() if not ("mlp_1" in p and "lora" in p)}  # no ffn LoRA on expert 1
+    step = write_step(tmp_path / "run" / "2", flat)
+    before = tree_digest(tmp_path)
+    assert cli.main([*merge_argv(step), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        (
+            f"error: LoRA config file {FIXTURE_LORA_CONFIG} gives expert 1 an ffn LoRA config, but the checkpoint has "
+            "no ffn adapters on expert 1 (adapters: expert 0 attn, expert 0 ffn, expert 1 attn): a config of another "
+            "model?"
+        )
+    ]
+    assert tree_digest(tmp_path) == before
 
 
 def test_a_bad_alpha_in_the_file_fails_the_merge_before_any_work(tmp_path, capsys):

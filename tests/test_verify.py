@@ -173,6 +173,40 @@ def test_an_edited_manifest_is_an_error(merged, capsys):
     )
 
 
+def _drop_recorded_alpha(config):
+    del config["experts"]["1"]["attn"]["alpha"]
+
+
+def _contradict_recorded_scale(config):
+    config["experts"]["0"]["attn"]["scaling_value"] = 0.25
+
+
+def _record_a_third_expert(config):
+    config["experts"]["2"] = config["experts"]["1"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_drop_recorded_alpha, "recorded LoRA config is malformed: experts.1.attn has no 'alpha'"),
+        (
+            _contradict_recorded_scale,
+            "recorded LoRA config is malformed: experts.0.attn.scaling_value 0.25 contradicts",
+        ),
+        (_record_a_third_expert, "the LoRA config the manifest records gives 3 experts, the checkpoint has 2"),
+    ],
+)
+def test_a_recorded_lora_config_that_is_not_as_written_is_refused(merged, capsys, edit, message):
+    """The manifest's LoRA config is read as strictly as a file: an edit is an error, never a default."""
+    manifest = json.loads((merged / _output.MANIFEST).read_text())
+    edit(manifest["lora_config"])
+    (merged / _output.MANIFEST).write_text(json.dumps(manifest))
+    code, _, err = _cli(capsys, merged)
+    assert code == 1
+    assert err.startswith(f"error: {message}"), err
+    assert err.count("\n") == 1
+
+
 def test_inputs_that_are_not_merged_checkpoints(merges, tmp_path, capsys):
     step = merges["step"]
     (tmp_path / "empty").mkdir()

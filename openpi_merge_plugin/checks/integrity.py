@@ -24,6 +24,7 @@ from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.errors import CheckpointError
 from openpi_merge_plugin.errors import IntegrityError
 from openpi_merge_plugin.lora import adapters as _adapters
+from openpi_merge_plugin.lora import config_schema
 from openpi_merge_plugin.lora import equations as eq
 from openpi_merge_plugin.lora.configs import ResolvedLoRA
 from openpi_merge_plugin.merge import engine
@@ -275,6 +276,7 @@ def _resolve_lora(
     if lora is not None:
         return checkpoint_merge.resolve_lora(tree, lora)
     recorded = ResolvedLoRA.from_json(manifest["lora_config"])
+    config_schema.check_against(recorded.experts, tree, "the LoRA config the manifest records")
     return dataclasses.replace(recorded, source=f"recorded in the manifest ({recorded.source})")
 
 

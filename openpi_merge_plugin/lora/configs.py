@@ -12,16 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import dataclasses
-import json
 import pathlib
 from typing import Any
 
 from openpi_merge_plugin import options
 from openpi_merge_plugin.errors import ConfigError
 from openpi_merge_plugin.lora import adapters as _adapters
+from openpi_merge_plugin.lora import config_schema
 from openpi_merge_plugin.lora.spec import ExpertLoRA
 from openpi_merge_plugin.lora.spec import LoRASpec
-from openpi_merge_plugin.options import OptionError
 
 # openpi 15a9616 `gemma.get_config` / `gemma_fast.get_config`: the LoRA variants it ships, with their widths.
 SHIPPED_VARIANTS: dict[str, tuple[int, ExpertLoRA]] = {
@@ -53,40 +52,17 @@ class ResolvedLoRA:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ResolvedLoRA:
-        """Reads back `to_json` (a manifest's `lora_config`); raises ConfigError if it is malformed."""
-        try:
-            experts = {int(i): ExpertLoRA.from_json(e) for i, e in data["experts"].items()}
-            return cls(
-                experts=experts,
-                source=str(data["source"]),
-                config_name=data.get("config_name"),
-            )
-        except (AttributeError, KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"recorded LoRA config is malformed: {e!r}") from e
+        """Reads back `to_json` (a manifest's `lora_config`); raises ConfigError if it is not as written
+        (`config_schema`)."""
+        experts, source, config_name = config_schema.parse_recorded(data)
+        return cls(experts=experts, source=source, config_name=config_name)
 
 
 def from_file(path: pathlib.Path | str) -> ResolvedLoRA:
-    """Reads a LoRA config file: `{"experts": [{"variant", "attn": {...}, "ffn": {...}}, ...]}`."""
+    """Reads a LoRA config file: `{"experts": [{"variant", "attn": {...}, "ffn": {...}}, ...]}` (`config_schema`)."""
     path = pathlib.Path(path)
-    try:
-        data = json.loads(path.read_text())
-        experts = {}
-        for i, expert in enumerate(data["experts"]):
-            try:
-                experts[i] = ExpertLoRA.from_json(expert)
-            except OptionError as e:
-                raise ConfigError(f"LoRA config file {path}: experts[{i}].{e.option} {e.problem}") from None
-    except FileNotFoundError as e:
-        raise ConfigError(f"LoRA config file {path} does not exist") from e
-    except IsADirectoryError as e:
-        raise ConfigError(f"LoRA config file {path} is a directory, not a JSON file") from e
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"LoRA config file {path} is malformed: {e!r}") from e
-    return ResolvedLoRA(
-        experts=experts,
-        source=f"file {path}",
-        config_name=data.get("config_name"),
-    )
+    experts, config_name = config_schema.read_file(path)
+    return ResolvedLoRA(experts=experts, source=f"file {path}", config_name=config_name)
 
 
 def uniform(tree: Mapping[str, _adapters.ShapeDtype], alpha: float, *, rslora: bool = False) -> ResolvedLoRA:
@@ -166,7 +142,9 @@ def resolve_lora(tree: Mapping[str, _adapters.ShapeDtype], how: LoRASource) -> R
 
         return openpi_configs.lora_from_train_config(how.config)
     if how.lora_config:
-        return from_file(how.lora_config)
+        resolved = from_file(how.lora_config)
+        config_schema.check_against(resolved.experts, tree, f"LoRA config file {how.lora_config}")
+        return resolved
     if how.alpha is not None:
         return uniform(tree, how.alpha, rslora=how.rslora)
     return infer_shipped(tree)

@@ -7,7 +7,6 @@ import math
 from typing import Any
 
 from openpi_merge_plugin import options as _options
-from openpi_merge_plugin.options import OptionError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,20 +47,6 @@ class LoRASpec:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> LoRASpec:
-        unknown = set(data) - {"rank", "alpha", "rslora", "axes", "label", "scaling_value", "scaling_applied_by_openpi"}
-        if unknown:
-            raise ValueError(f"unknown LoRA config keys {sorted(unknown)}")
-        alpha = data.get("alpha", 1.0)
-        return cls(
-            rank=data["rank"],  # not coerced: a rank of 4.5 or "4" is an error, not 4
-            alpha=float(alpha) if isinstance(alpha, int) and not isinstance(alpha, bool) else alpha,
-            rslora=data.get("rslora", False),
-            axes=tuple(data.get("axes", (-2, -1))),  # type: ignore[arg-type]
-            label=data.get("label", "L"),
-        )
-
-    @classmethod
     def from_openpi(cls, config: Any) -> LoRASpec:
         """Converts a live `openpi.models.lora.LoRAConfig`."""
         return cls(
@@ -90,17 +75,6 @@ class ExpertLoRA:
             "attn": None if self.attn is None else self.attn.to_json(),
             "ffn": None if self.ffn is None else self.ffn.to_json(),
         }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ExpertLoRA:
-        def spec(key: str) -> LoRASpec | None:
-            value = data.get(key)
-            try:
-                return None if value is None else LoRASpec.from_json(value)
-            except OptionError as e:
-                raise OptionError(f"{key}.{e.option}", e.problem) from None
-
-        return cls(variant=str(data.get("variant", "custom")), attn=spec("attn"), ffn=spec("ffn"))
 
 
 def _axes(value: Any) -> str | None:
