@@ -242,11 +242,22 @@ def read_openpi_norm_stats(path: pathlib.Path) -> dict[str, dict[str, np.ndarray
         raw = json.loads(pathlib.Path(path).read_text())["norm_stats"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise LeRobotFilesError(f"{path}: not openpi norm stats ({e})") from e
-    return {
-        key: {s: np.asarray(v, np.float32) for s, v in stats.items() if s in STAT_NAMES and v is not None}
-        for key, stats in raw.items()
-        if isinstance(stats, dict)
-    }
+    try:
+        out = {
+            key: {s: np.asarray(v, np.float32) for s, v in stats.items() if s in STAT_NAMES and v is not None}
+            for key, stats in raw.items()
+            if isinstance(stats, dict)
+        }
+    except (TypeError, ValueError) as e:
+        raise LeRobotFilesError(f"{path}: not openpi norm stats ({e})") from e
+    for key, stats in out.items():
+        for name, values in stats.items():
+            if not np.all(np.isfinite(values)):
+                raise LeRobotFilesError(
+                    f"{path}: {key}.{name} holds NaN or Inf (at index {int(np.argmin(np.isfinite(values)))}): "
+                    "LeRobot's normalizer would turn every input into NaN; recompute the norm stats"
+                )
+    return out
 
 
 def normalizer_tensors(openpi_stats: Mapping[str, Mapping[str, np.ndarray]], kind: Kind) -> dict[str, np.ndarray]:
