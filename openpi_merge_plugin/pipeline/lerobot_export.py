@@ -177,10 +177,16 @@ def find_norm_stats(assets: pathlib.Path, asset_id: str | None) -> pathlib.Path:
         return path
     found = sorted(assets.glob("*/norm_stats.json")) if assets.is_dir() else []
     if len(found) != 1:
-        what = f"{len(found)} ({', '.join(p.parent.name for p in found)})" if found else "none"
+        if not found:
+            where = "has no norm stats" if assets.is_dir() else "does not exist"
+            raise ConfigError(
+                f"LeRobot's processors need the model's norm stats, and {assets} {where}: pass --norm-stats FILE "
+                "(the norm_stats.json openpi computed for this model's data)"
+            )
+        names = ", ".join(p.parent.name for p in found)
         raise ConfigError(
-            f"LeRobot's processors need the model's norm stats, and {assets} has {what}: pass --asset-id NAME "
-            "(openpi's data config asset_id)"
+            f"LeRobot's processors need the model's norm stats, and {assets} has {len(found)} ({names}): pass "
+            "--asset-id NAME (openpi's data config asset_id)"
         )
     return found[0]
 
