@@ -138,7 +138,28 @@ def test_a_damaged_file_is_named(merged, capsys, damage):
     code, out, _ = _cli(capsys, merged, "--no-lora")
     assert code == 1
     assert f"  - {problem}\n" in out
-    assert f"FAILED: {len(result.problems)} problems in {merged}" in out
+    assert f"FAILED: 1 problem in {merged}" in out  # one damage, one problem (not "1 problems")
+
+
+def test_a_merge_replaced_while_it_is_verified_is_not_judged(merged, capsys, monkeypatch):
+    """Another command's --overwrite swaps the directory in the middle of verify: verify says so, instead of
+    reporting files of two different outputs as "truncated or corrupted" or as problems of either."""
+    check_structure = integrity._check_structure  # noqa: SLF001
+
+    def replaced_meanwhile(merged_dir, manifest):
+        shutil.move(merged_dir, merged_dir.parent / ".old")
+        shutil.copytree(merged_dir.parent / ".old", merged_dir)
+        _rewrite_manifest(merged_dir, created_utc="later")
+        shutil.rmtree(merged_dir.parent / ".old")
+        return check_structure(merged_dir, manifest)
+
+    monkeypatch.setattr(integrity, "_check_structure", replaced_meanwhile)
+    code, _, err = _cli(capsys, merged)
+    assert code == 1
+    assert err == (
+        f"error: {merged} was replaced or changed while it was being verified (another command's --overwrite?): "
+        "verify it again\n"
+    )
 
 
 def test_a_merge_without_manifest_is_incomplete(merged, capsys):

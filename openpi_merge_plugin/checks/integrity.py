@@ -13,6 +13,7 @@ from collections.abc import Callable
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 from typing import Any, Literal
 
@@ -115,6 +116,45 @@ def verify_merged(
     merged_dir = pathlib.Path(merged_dir).resolve()
     if lora_step is not None and not equivalence:
         raise IntegrityError("a LoRA step was given but the equivalence check was turned off (--no-lora)")
+    identity = _identity(merged_dir)
+    try:
+        result = _verify(merged_dir, lora_step, lora, tolerance, progress, equivalence=equivalence)
+    except (CheckpointError, IntegrityError, OSError) as e:
+        if _identity(merged_dir) != identity:
+            raise IntegrityError(_replaced(merged_dir)) from e
+        raise
+    if _identity(merged_dir) != identity:
+        raise IntegrityError(_replaced(merged_dir))
+    n = len(result.problems)
+    logger.info("verified %s: %s", merged_dir, "ok" if result.ok else f"{n} problem{'s' if n != 1 else ''}")
+    return result
+
+
+def _identity(merged_dir: pathlib.Path) -> tuple | None:
+    """What tells a directory from another put at its path (an --overwrite): its inode, its manifest's."""
+    try:
+        directory, manifest = os.stat(merged_dir), os.stat(merged_dir / _output.MANIFEST)
+    except OSError:
+        return None
+    return directory.st_dev, directory.st_ino, manifest.st_ino, manifest.st_mtime_ns, manifest.st_size
+
+
+def _replaced(merged_dir: pathlib.Path) -> str:
+    return (
+        f"{merged_dir} was replaced or changed while it was being verified (another command's --overwrite?): "
+        "verify it again"
+    )
+
+
+def _verify(
+    merged_dir: pathlib.Path,
+    lora_step: pathlib.Path | str | None,
+    lora: checkpoint_merge.LoRASource | ResolvedLoRA | None,
+    tolerance: float | None,
+    progress: ProgressFn | None,
+    *,
+    equivalence: bool,
+) -> VerifyResult:
     manifest = read_manifest(merged_dir)
     result = VerifyResult(merged_dir)
     result.checks.append(
@@ -140,7 +180,6 @@ def verify_merged(
             result.checks.append(Check("equivalence", "skipped", "the merged params cannot be read"))
         else:
             result.checks.append(_check_equivalence(result, merged, manifest, step, lora, tolerance, progress))
-    logger.info("verified %s: %s", merged_dir, "ok" if result.ok else f"{len(result.problems)} problems")
     return result
 
 

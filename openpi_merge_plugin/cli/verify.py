@@ -107,6 +107,7 @@ def render(result: integrity.VerifyResult, console: Console | None = None) -> No
     if result.ok:
         lines.append(f"ok: {result.merged_dir} checks out")
     else:
-        lines.append(f"FAILED: {len(result.problems)} problems in {result.merged_dir}")
+        n = len(result.problems)
+        lines.append(f"FAILED: {n} problem{'s' if n != 1 else ''} in {result.merged_dir}")
     for line in lines:  # plain text, one line each: scripts and tests grep for them
         console.print(line, markup=False, highlight=False, soft_wrap=True)
