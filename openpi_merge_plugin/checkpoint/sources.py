@@ -16,6 +16,7 @@ from openpi_merge_plugin.checkpoint import orbax_compat
 from openpi_merge_plugin.checkpoint import zarr_stream
 from openpi_merge_plugin.errors import CheckpointError
 from openpi_merge_plugin.lora.adapters import ShapeDtype
+from openpi_merge_plugin.options import shown
 
 logger = logging.getLogger("openpi_merge_plugin")
 
@@ -84,6 +85,7 @@ class OrbaxSource:
         self.params_dir = pathlib.Path(params_dir).resolve()
         params_dir = self.params_dir
         self._ocp = ocp
+        check_utf8(params_dir)
         try:
             root = orbax_compat.tree_metadata(params_dir)["params"]
         except Exception as e:  # orbax raises many types for a directory that is not a checkpoint
@@ -155,6 +157,17 @@ class OrbaxSource:
                 node = node[part]
             out[p] = node
         return out
+
+
+def check_utf8(path: pathlib.Path) -> None:
+    """A checkpoint's path must be UTF-8: TensorStore opens it by a UTF-8 path (another encoding's name: an error)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(
+            f"checkpoint {shown(path)}: the path is not UTF-8, and TensorStore opens checkpoints by UTF-8 paths only: "
+            "rename the directory (or link to it from a UTF-8 path)"
+        ) from None
 
 
 class SlicedArray:

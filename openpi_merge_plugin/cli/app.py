@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _error(message: str) -> None:
     """`error: <message>` on one line, however long or multi-line the message (a library's text, a path)."""
+    try:  # a path of another encoding arrives with its bytes as surrogates: shown as \xNN escapes
+        message = message.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # other lone surrogates
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     text = " ".join(message.split())
     if len(text) > MAX_MESSAGE_CHARS:
         head, tail = MAX_MESSAGE_CHARS * 2 // 3, MAX_MESSAGE_CHARS // 4

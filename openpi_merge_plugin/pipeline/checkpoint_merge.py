@@ -55,6 +55,7 @@ def read_lora_step(step_dir: pathlib.Path | str, lora: LoRASource | None = None)
 
 def check_step_dir(step_dir: pathlib.Path) -> pathlib.Path:
     """Returns the params item of an openpi step directory, or raises a CheckpointError saying what is wrong."""
+    sources.check_utf8(step_dir)
     if not step_dir.exists():
         raise CheckpointError(f"checkpoint {step_dir} does not exist")
     if not step_dir.is_dir():
