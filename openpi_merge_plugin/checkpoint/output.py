@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -174,11 +175,31 @@ def _human(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def temporary_stem(output: pathlib.Path, name_max: int = 255) -> str:
+    """What the names of `output`'s temporary siblings start with: `.<name>.tmp-`; for a name too long to take
+    the longest suffix (`old-<12 hex>`) within `name_max` bytes, its start and a hash of the whole name."""
+    stem = f".{output.name}{_TMP_MARK}"
+    if len(os.fsencode(stem)) + len("old-") + 12 <= name_max:
+        return stem
+    digest = hashlib.sha256(os.fsencode(output.name)).hexdigest()[:8]
+    keep = name_max - len("old-") - 12 - len(f"..~{digest}{_TMP_MARK}")
+    start = os.fsencode(output.name)[:keep].decode("utf-8", "ignore")
+    return f".{start}~{digest}{_TMP_MARK}"
+
+
+def _name_max(directory: pathlib.Path) -> int:
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
 def leftovers(output: pathlib.Path) -> list[pathlib.Path]:
-    """Temporary directories of earlier commands writing `output` that did not finish: `.<name>.tmp-<12 hex>` (a
-    staging or scratch directory) and `.<name>.tmp-old-<12 hex>` (an old output being replaced)."""
-    pattern = re.compile(rf"\.{re.escape(output.name)}{re.escape(_TMP_MARK)}(old-)?[0-9a-f]{{12}}")
-    return sorted(p for p in output.parent.glob(f".{output.name}{_TMP_MARK}*") if pattern.fullmatch(p.name))
+    """Temporary directories of earlier commands writing `output` that did not finish: `<stem><12 hex>` (a staging
+    or scratch directory) and `<stem>old-<12 hex>` (an old output being replaced); `<stem>`: `temporary_stem`."""
+    stem = temporary_stem(output, _name_max(output.parent))
+    pattern = re.compile(rf"{re.escape(stem)}(old-)?[0-9a-f]{{12}}")
+    return sorted(p for p in output.parent.glob(f"{glob.escape(stem)}*") if pattern.fullmatch(p.name))
 
 
 @contextlib.contextmanager
@@ -223,7 +244,7 @@ def scratch_directory(output: pathlib.Path) -> Iterator[pathlib.Path]:
 
 def _locked_tmp(output: pathlib.Path) -> tuple[pathlib.Path, int]:
     while True:
-        tmp = output.parent / f".{output.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}"
+        tmp = output.parent / f"{temporary_stem(output, _name_max(output.parent))}{uuid.uuid4().hex[:12]}"
         tmp.mkdir()
         lock = _try_lock(tmp)
         if lock is None:
@@ -271,7 +292,7 @@ def _commit(tmp: pathlib.Path, output: pathlib.Path, *, overwrite: bool) -> None
         raise OutputExistsError(appeared)
     if exists and (why_not := not_replaceable(output)) is not None:  # checked again: it may have changed meanwhile
         raise OutputRefusedError(f"--output {output} {why_not}; nothing was replaced")
-    trash = output.parent / f".{output.name}{_TMP_MARK}old-{uuid.uuid4().hex[:12]}"
+    trash = output.parent / f"{temporary_stem(output, _name_max(output.parent))}old-{uuid.uuid4().hex[:12]}"
     moved_aside = committed = False
     try:
         if exists:

@@ -39,8 +39,6 @@ KIND_DESCRIPTION: dict[OutputKind, str] = {
     "pytorch": "PyTorch export",
     "lerobot": "LeRobot export",
 }
-# What this tool adds to an output's name for the directories beside it: `.<name>.tmp-old-<12 hex>` (longest).
-STAGING_EXTRA_BYTES = len(".") + len(".tmp-old-") + 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +60,7 @@ def check_output(
 ) -> pathlib.Path:
     """Fails early, before any work, if `output` cannot or must not be written; returns it as an absolute path
     (its parent resolved). `kind`: what the command writes, which decides the step slot it may take."""
+    check_name(as_written(output), "--output")
     written, out = as_written(output), absolute(output)
     check_utf8(written, "--output")
     slot = SLOT.get(kind) if kind is not None else None
@@ -84,7 +83,7 @@ def check_output(
                 f"--output {shown(written)} {why_not}; --overwrite replaces only an earlier output of "
                 "openpi-merge-lora or an empty directory: choose another --output"
             )
-    check_writable(out, written, "--output", extra_bytes=STAGING_EXTRA_BYTES)
+    check_writable(out, written, "--output")
     return out
 
 
@@ -174,9 +173,19 @@ def _own_steps(protected: Sequence[Protected], kind: OutputKind | None) -> list[
     return [guarded.path for guarded in protected if slot in guarded.own_children]
 
 
-def check_writable(out: pathlib.Path, written_as: pathlib.Path, flag: str, *, extra_bytes: int) -> None:
-    """The parent exists (as a directory) and may be written, and `out`'s name, with the `extra_bytes` the tool adds
-    for the temporary files beside it, fits the filesystem's limit."""
+def check_name(path: pathlib.Path, flag: str) -> None:
+    """Every part of `path` fits the filesystem's name limit (checked first: a longer one fails every lookup)."""
+    for part in path.parts:
+        name_bytes = len(os.fsencode(part))
+        if name_bytes > 255:  # NAME_MAX of Linux filesystems; a lookup of a longer name fails on every one
+            raise MergeError(
+                f"{flag} {shown(path)[:200]}...: the name {shown(part)[:40]}... is {name_bytes} bytes long, and "
+                "filesystems allow 255: choose a shorter name"
+            )
+
+
+def check_writable(out: pathlib.Path, written_as: pathlib.Path, flag: str) -> None:
+    """The parent exists (as a directory) and may be written, and `out`'s name fits the filesystem's limit."""
     parent = out.parent
     written = f"plot {shown(written_as)}" if flag == "--plot" else shown(written_as)
     if not parent.is_dir():
@@ -186,17 +195,6 @@ def check_writable(out: pathlib.Path, written_as: pathlib.Path, flag: str, *, ex
         raise MergeError(f"cannot write {written}: parent directory {shown(parent)} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise MergeError(f"cannot write {written}: parent directory {shown(parent)} is not writable")
-    name_bytes = len(os.fsencode(out.name))
-    try:
-        name_max = os.pathconf(parent, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        name_max = 255
-    if name_bytes + extra_bytes > name_max:
-        raise MergeError(
-            f"{flag} name {out.name[:40]}... is {name_bytes} bytes long: the tool writes it through a hidden "
-            f"temporary file or directory beside it, {extra_bytes} bytes longer, and this filesystem allows names of "
-            f"{name_max} bytes: choose a name of at most {name_max - extra_bytes} bytes"
-        )
 
 
 def _check_apart(path: pathlib.Path, written: pathlib.Path, guarded: Protected, slot: str | None) -> None:

@@ -5,6 +5,7 @@ matplotlib is an optional extra (`pip install 'openpi-merge-plugin[plot]'`); it 
 
 from __future__ import annotations
 
+import glob
 import os
 import pathlib
 import re
@@ -13,6 +14,7 @@ import uuid
 
 import numpy as np
 
+from openpi_merge_plugin.checkpoint import output
 from openpi_merge_plugin.checkpoint import output_guard
 from openpi_merge_plugin.checks.inspection import Inspection
 from openpi_merge_plugin.checks.inspection import WeightStats
@@ -31,7 +33,6 @@ _ANNOTATE_MAX_LAYERS = 8
 
 # The metadata field that carries the mark and digest (`plot_mark`), per format.
 _METADATA_KEY = {".png": "Software", ".pdf": "Creator", ".svg": "Creator"}
-_TMP_EXTRA_BYTES = len(".") + len(".tmp-") + 12  # `.<name>.tmp-<12 hex>`, the picture being drawn
 
 
 def plot_suffix(path: pathlib.Path) -> str | None:
@@ -47,6 +48,7 @@ def check_can_plot(path: pathlib.Path, inspected: pathlib.Path | None = None, *,
         import matplotlib as mpl  # noqa: F401
     except ImportError as e:
         raise MergeError(f"--plot needs matplotlib: pip install 'openpi-merge-plugin[plot]' ({e})") from e
+    output_guard.check_name(output_guard.as_written(path), "--plot")
     written, path = output_guard.as_written(path), output_guard.absolute(path)
     output_guard.check_utf8(written, "--plot")
     if inspected is not None:
@@ -66,7 +68,7 @@ def check_can_plot(path: pathlib.Path, inspected: pathlib.Path | None = None, *,
                 f"--plot {shown(written)} already exists and is not a picture drawn by openpi-merge-lora inspect, "
                 "unchanged since (its recorded sha256 does not match): choose a new file name"
             )
-    output_guard.check_writable(path, written, "--plot", extra_bytes=_TMP_EXTRA_BYTES)
+    output_guard.check_writable(path, written, "--plot")
 
 
 def save(ins: Inspection, path: pathlib.Path, *, overwrite: bool = False) -> None:
@@ -107,10 +109,11 @@ def save(ins: Inspection, path: pathlib.Path, *, overwrite: bool = False) -> Non
                 _annotate(ax, grid, norm, cmap, fmt)
         fig.colorbar(image, ax=list(axes[row]), label=label, shrink=0.9)
     suffix = path.suffix.lower()
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # of a killed earlier run
-        if re.fullmatch(rf"\.{re.escape(path.name)}\.tmp-[0-9a-f]{{12}}", stale.name) and stale.is_file():
+    stem = output.temporary_stem(path)
+    for stale in path.parent.glob(f"{glob.escape(stem)}*"):  # of a killed earlier run
+        if re.fullmatch(rf"{re.escape(stem)}[0-9a-f]{{12}}", stale.name) and stale.is_file():
             stale.unlink(missing_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp = path.parent / f"{stem}{uuid.uuid4().hex[:12]}"
     try:
         fig.savefig(tmp, dpi=DPI, format=suffix[1:], metadata={_METADATA_KEY[suffix]: plot_mark.metadata_value()})
         tmp.write_bytes(plot_mark.seal(tmp.read_bytes()))
