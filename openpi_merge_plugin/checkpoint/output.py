@@ -120,7 +120,7 @@ def block_size(output: pathlib.Path) -> int:
 def copy_assets(src: pathlib.Path, dst: pathlib.Path) -> None:
     """Copies the directory `src` (a step's `assets/`, symlinks followed as openpi reads them) to the new `dst`,
     after checking that no link in it leads into `dst` itself or back above itself (which would copy without end)."""
-    _check_no_loop(src, dst)
+    check_copy(src, dst.parent)
     try:
         shutil.copytree(src, dst)
     except shutil.Error as e:  # every file's error in one exception (a loop gives thousands): the first one
@@ -132,8 +132,11 @@ def copy_assets(src: pathlib.Path, dst: pathlib.Path) -> None:
         raise MergeError(f"cannot copy {src}: {first}{more}") from e
 
 
-def _check_no_loop(src: pathlib.Path, dst: pathlib.Path) -> None:
-    target = dst.parent.resolve() / dst.name
+def check_copy(src: pathlib.Path, holder: pathlib.Path) -> None:
+    """Fails if copying the directory `src` (links followed) into a new directory made in `holder` would copy
+    without end: a link in it that leads to a directory holding `holder`, or back above itself. Run before any work
+    with `holder` the output's parent (where its staging directory is made), and again at the copy."""
+    target = holder.resolve()
     stack = [(src, pathlib.Path(os.path.realpath(src)), ())]
     while stack:
         directory, real, above = stack.pop()

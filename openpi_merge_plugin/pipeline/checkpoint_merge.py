@@ -195,6 +195,8 @@ def merge_checkpoint(
         protected=[protect_step(step_dir)],
         kind="merged",
     )
+    if (step_dir / "assets").is_dir():
+        _output.check_copy(step_dir / "assets", out.parent)
     plan = plan_step_merge(step_dir, lora, options, on_plan)
     needed = plan.needed_bytes(assets=step_dir / "assets", block=_output.block_size(out))
     with _output.staged_directory(out, overwrite=overwrite, needed_bytes=needed, what="the merged checkpoint") as tmp:
