@@ -101,6 +101,8 @@ def export_pytorch(
     plan, model = plan_export(
         source.structure, source.record, precision, model, allow_nonstandard_dims=allow_nonstandard_dims, what=src
     )
+    if source.assets is not None and source.assets.is_dir():
+        _output.check_copy(source.assets, out.parent)  # before the pass: no link into the copy's own destination
     needed = _output.disk_bytes([sum(t.nbytes for t in plan.tensors)], copied=[source.assets])
     with _output.staged_directory(out, overwrite=overwrite, needed_bytes=needed, what="the export") as tmp:
         manifest = _write(tmp, source, plan, model, out, progress=progress)
