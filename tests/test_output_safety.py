@@ -213,7 +213,7 @@ def test_a_mount_point_is_refused_before_any_work(world):
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: --output {mount} is a mount point, which cannot be replaced by a rename; --overwrite replaces only "
-        "an earlier output of openpi-merge-lora or an empty directory: choose another --output"
+        "an unchanged earlier output of openpi-merge-lora or an empty directory: choose another --output"
     )
     _no_debris(world)
 

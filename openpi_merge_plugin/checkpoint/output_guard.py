@@ -80,7 +80,7 @@ def check_output(
         why_not = not_replaceable(out)
         if why_not is not None:
             raise OutputRefusedError(
-                f"--output {shown(written)} {why_not}; --overwrite replaces only an earlier output of "
+                f"--output {shown(written)} {why_not}; --overwrite replaces only an unchanged earlier output of "
                 "openpi-merge-lora or an empty directory: choose another --output"
             )
     check_writable(out, written, "--output")
