@@ -141,19 +141,16 @@ def _holds_lora_params(path: pathlib.Path) -> bool:
         return False
 
 
-def _walk(root: pathlib.Path) -> Iterator[tuple[str, os.DirEntry]]:
-    """(relative path, entry) of everything under `root` that is not a directory, in a stable order; symlinks are
-    not followed."""
-    stack = [root]
-    while stack:
-        directory = stack.pop()
-        with os.scandir(directory) as it:
-            entries = sorted(it, key=lambda e: e.name, reverse=True)
-        for entry in reversed(entries):
-            if entry.is_dir(follow_symlinks=False):
-                stack.append(pathlib.Path(entry.path))
-            else:
-                yield pathlib.Path(entry.path).relative_to(root).as_posix(), entry
+def _walk(root: pathlib.Path, directory: pathlib.Path | None = None) -> Iterator[tuple[str, os.DirEntry]]:
+    """(relative path, entry) of everything under `root` that is not a directory, depth first in name order;
+    symlinks are not followed. Lazy: a caller that stops early has read only that far."""
+    with os.scandir(directory or root) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk(root, pathlib.Path(entry.path))
+        else:
+            yield pathlib.Path(entry.path).relative_to(root).as_posix(), entry
 
 
 def _files(root: pathlib.Path, limit: int) -> tuple[list[str], bool]:
