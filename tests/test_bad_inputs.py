@@ -1,5 +1,6 @@
 """Each bad input: a clear error naming the problem, exit code 1, nothing written, input untouched."""
 
+import errno
 import json
 import os
 import pathlib
@@ -21,6 +22,7 @@ import pytest
 from openpi_merge_plugin import cli
 from openpi_merge_plugin.checkpoint import output
 from openpi_merge_plugin.checks import integrity
+from openpi_merge_plugin.errors import CheckpointError
 from openpi_merge_plugin.lora import openpi_configs
 
 FAULT_RUNNER = REPO / "tests" / "fault_runner.py"
@@ -392,3 +394,134 @@ def test_a_merge_that_commits_while_an_overwriting_merge_replaces_the_output(ste
     assert err == f"error: output {out} appeared while merging (another merge?); nothing was replaced"
     assert [p.name for p in out.iterdir()] == ["other"]
     assert not output.leftovers(out)
+
+
+# --- Issue 29: every input checked before work, every message naming the user's path on one line --------------------
+
+EXPORT = ["--action-horizon", "50", "--allow-nonstandard-dims"]
+
+
+def _one_error_line(capsys, argv) -> str:
+    code = cli.main([*map(str, argv), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1, err
+    assert len(err) == 1, err
+    assert err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_norm_stats_with_nan_are_refused_before_the_export(step_dir, tmp_path, capsys, bad):
+    stats = json.loads((step_dir / "assets" / "fixture_robot" / "norm_stats.json").read_text())
+    stats["norm_stats"]["state"]["std"][1] = bad
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps(stats))  # json writes NaN / Infinity, as Python's json reads them
+    before = tree_digest(tmp_path)
+    err = _one_error_line(capsys, ["export", step_dir, "--lora-config", FIXTURE_LORA_CONFIG, *EXPORT, "--format",
+                                    "lerobot", "--norm-stats", path])  # fmt: skip
+    assert (
+        f"{path}: state.std holds NaN or Inf (at index 1): LeRobot's normalizer would turn every input into NaN" in err
+    )
+    assert ".tmp-" not in err
+    assert tree_digest(tmp_path) == before
+    assert not (step_dir / "merged_lerobot").exists()
+
+
+def test_a_step_without_assets_advises_norm_stats(step_dir, tmp_path, capsys):
+    shutil.rmtree(step_dir / "assets")
+    before = tree_digest(tmp_path)
+    err = _one_error_line(capsys, ["export", step_dir, "--lora-config", FIXTURE_LORA_CONFIG, *EXPORT, "--format",
+                                    "lerobot"])  # fmt: skip
+    assert f"{step_dir / 'assets'} does not exist: pass --norm-stats FILE" in err
+    assert "--asset-id" not in err
+    assert tree_digest(tmp_path) == before
+
+
+def _non_utf8(path: pathlib.Path, name: bytes) -> pathlib.Path:
+    """`path / name`, a name in another encoding (as Python hands such a name over: bytes as surrogates)."""
+    return path / os.fsdecode(name)
+
+
+def test_non_utf8_paths_are_refused_before_any_work(tmp_path, capsys):
+    runs = _non_utf8(tmp_path, b"r\xe9sultats")  # Latin-1 "résultats"
+    step = runs / "2"
+    shutil.copytree(FIXTURE_STEP, step)
+    good = tmp_path / "good" / "2"
+    shutil.copytree(FIXTURE_STEP, good)
+    before = tree_digest(tmp_path)
+    shown = f"{tmp_path}/r\\xe9sultats/2"
+    for argv in (
+        [step, "--lora-config", FIXTURE_LORA_CONFIG],
+        ["inspect", step, "--lora-config", FIXTURE_LORA_CONFIG],
+        ["export", step, "--lora-config", FIXTURE_LORA_CONFIG, *EXPORT, "--output", tmp_path / "e"],
+    ):
+        err = _one_error_line(capsys, argv)
+        assert f"checkpoint {shown}" in err, err
+        assert "not UTF-8" in err, err
+    err = _one_error_line(
+        capsys, [good, "--lora-config", FIXTURE_LORA_CONFIG, "--output", _non_utf8(tmp_path, b"\xff")]
+    )
+    assert err == (
+        f"error: --output {tmp_path}/\\xff is not a UTF-8 path (TensorStore and the manifest cannot name it): choose "
+        "a UTF-8 name"
+    )
+    assert tree_digest(tmp_path) == before
+
+
+def test_a_full_disk_during_the_export_names_the_output_and_what_to_do(step_dir, tmp_path, capsys, monkeypatch):
+    from openpi_merge_plugin.checkpoint import safetensors_stream
+
+    def no_space(self, name, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+
+    monkeypatch.setattr(safetensors_stream.PositionalWriter, "write", no_space)
+    before = tree_digest(tmp_path)
+    for fmt in ("pytorch", "lerobot"):
+        out = tmp_path / f"out_{fmt}"
+        argv = ["export", step_dir, "--lora-config", FIXTURE_LORA_CONFIG, *EXPORT, "--format", fmt, "--output", out]
+        err = _one_error_line(capsys, argv)
+        assert re.fullmatch(
+            re.escape(f"error: cannot write {out}: No space left on device (ENOSPC): free space on its filesystem and ")
+            + r"run again \(the export needs up to [0-9.]+ (KiB|MiB)\); nothing was written",
+            err,
+        ), err
+        assert tree_digest(tmp_path) == before
+        assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+
+
+def test_an_output_the_filesystem_has_no_room_for_is_refused_before_any_work(step_dir, merge_env, tmp_path):
+    """A real small filesystem (a 600 KiB tmpfs in a private mount namespace): refused before the merge, not after
+    writing most of it."""
+    small = tmp_path / "small"
+    small.mkdir()
+    cmd = [sys.executable, "-m", "openpi_merge_plugin.cli", *merge_argv(step_dir), "--output", str(small / "out")]
+    script = f"mount -t tmpfs -o size=600k tmpfs {small} && exec {shlex.join([*cmd, '--no-progress'])}"
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "true"], check=False).returncode:
+        pytest.skip("cannot mount a small filesystem here (no mount namespace)")
+    before = tree_digest(step_dir)
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], env=merge_env, capture_output=True, text=True, check=False, timeout=300
+    )
+    assert proc.returncode == 1, proc.stderr
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert re.fullmatch(
+        re.escape(f"error: cannot write {small / 'out'}: the merged checkpoint needs up to ")
+        + r"[0-9.]+ MiB and its filesystem has [0-9.]+ KiB free: free space \(or choose an --output elsewhere\) and "
+        r"run again; nothing was written",
+        error,
+    ), error
+    assert "merged" not in proc.stderr.replace(error, "")  # refused before the merge: no merge logged
+    assert tree_digest(step_dir) == before
+
+
+def test_an_error_inside_the_staging_directory_names_the_output(step_dir, tmp_path, capsys, monkeypatch):
+    from openpi_merge_plugin.pipeline import lerobot_export
+
+    def stats_do_not_read_back(directory, plan):
+        raise CheckpointError(f"{directory / 'x.safetensors'}: the stats do not read back as written")
+
+    monkeypatch.setattr(lerobot_export, "_verify_stats", stats_do_not_read_back)
+    out = tmp_path / "lerobot"
+    err = _one_error_line(capsys, ["export", step_dir, "--lora-config", FIXTURE_LORA_CONFIG, *EXPORT, "--format",
+                                    "lerobot", "--output", out])  # fmt: skip
+    assert err == f"error: {out / 'x.safetensors'}: the stats do not read back as written"
