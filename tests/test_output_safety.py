@@ -424,6 +424,14 @@ def test_a_link_into_a_step_from_elsewhere_is_judged_where_it_leads(linked_step,
     _refused(capsys, world, ["run/2", *LORA, "--output", "shortcut/x"], "lies inside the openpi checkpoint step")
     _refused(capsys, world, ["run/2", *LORA, "--output", "shortcut/params/x"], "lies inside the Orbax checkpoint")
     _refused(capsys, world, ["inspect", "run/2", *PLOT, "shortcut/p.png"], "lies inside the openpi checkpoint step")
+    # `..` after a link: by name it is <dir>/x, on the filesystem run/1/x; judged both ways.
+    (world / "p1").symlink_to(world / "run" / "1" / "params")
+    _refused(
+        capsys,
+        world,
+        ["run/2", *LORA, "--output", "p1/../x"],
+        f"--output {world}/x (resolved: {world}/run/1/x) lies inside the openpi checkpoint step {world}/run/1",
+    )
 
 
 @pytest.mark.parametrize("target", [".", "..", "../.."])

@@ -130,13 +130,14 @@ def check_not_in_checkpoint(
             in_slot = found.path == path.parent and found.kind == "step"
             if in_slot and path.name == slot and found.path.resolve() in own:
                 continue
-            via = f" (which resolves into {found.path})" if path != written else ""
+            resolved_to = f" (resolved: {shown(path)})" if path != written else ""
             if in_slot and path.name in STEP_OUTPUT_NAMES:
-                raise OutputRefusedError(_wrong_slot(written, found.path, path.name, kind, own) + via)
+                raise OutputRefusedError(_wrong_slot(written, found.path, path.name, kind, own) + resolved_to)
             outside = "any checkpoint step" if found.kind == "step" else "it"
             raise OutputRefusedError(
-                f"{flag} {shown(written)} lies inside {checkpoint_dirs.DESCRIPTION[found.kind]} {shown(found.path)}{via}, which is never modified: choose a "
-                f"directory outside {outside}{_slot_hint(own, slot)}"
+                f"{flag} {shown(written)}{resolved_to} lies inside {checkpoint_dirs.DESCRIPTION[found.kind]} "
+                f"{shown(found.path)}, which is never modified: choose a directory outside {outside}"
+                f"{_slot_hint(own, slot)}"
             )
 
 
