@@ -525,3 +525,28 @@ def test_an_error_inside_the_staging_directory_names_the_output(step_dir, tmp_pa
     err = _one_error_line(capsys, ["export", step_dir, "--lora-config", FIXTURE_LORA_CONFIG, *EXPORT, "--format",
                                     "lerobot", "--output", out])  # fmt: skip
     assert err == f"error: {out / 'x.safetensors'}: the stats do not read back as written"
+
+
+def test_a_filesystem_of_exactly_the_estimated_size_holds_the_merge(step_dir, merge_env, tmp_path, fixture_lora):
+    """The estimate is honest on tmpfs too (the issue's "needs up to 841.4 KiB" needed about 1340 KiB there): a
+    tmpfs of exactly that many bytes takes the merge, and the estimate is less than twice what it took."""
+    from openpi_merge_plugin import MergeOptions
+    from openpi_merge_plugin.pipeline import checkpoint_merge
+
+    plan = checkpoint_merge.plan_step_merge(step_dir, fixture_lora, MergeOptions())
+    needed = plan.needed_bytes(assets=step_dir / "assets", block=4096)
+    room = tmp_path / "room"
+    room.mkdir()
+    cmd = [sys.executable, "-m", "openpi_merge_plugin.cli", *merge_argv(step_dir), "--output", str(room / "out")]
+    script = (
+        f"mount -t tmpfs -o size={needed} tmpfs {room} && {shlex.join([*cmd, '--no-progress'])} && "
+        f"df --output=used -B1 {room} | tail -1"
+    )
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "true"], check=False).returncode:
+        pytest.skip("cannot mount a small filesystem here (no mount namespace)")
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], env=merge_env, capture_output=True, text=True, check=False, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    used = int(proc.stdout.strip().splitlines()[-1])
+    assert used <= needed < 2 * used, (used, needed)
