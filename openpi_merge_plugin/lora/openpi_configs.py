@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 from openpi_merge_plugin.errors import ConfigError
-from openpi_merge_plugin.lora.configs import ResolvedLoRA
 from openpi_merge_plugin.lora.spec import ExpertLoRA
 from openpi_merge_plugin.lora.spec import LoRASpec
+from openpi_merge_plugin.lora.spec import ResolvedLoRA
 
 
 def openpi_available() -> bool:

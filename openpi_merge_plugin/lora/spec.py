@@ -1,4 +1,5 @@
-"""LoRA hyper-parameters as openpi defines them (`openpi.models.lora.LoRAConfig`), without importing openpi."""
+"""LoRA hyper-parameters as openpi defines them (`openpi.models.lora.LoRAConfig`), per expert, and resolved for a
+checkpoint (`ResolvedLoRA`), without importing openpi."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 from typing import Any
 
 from openpi_merge_plugin import options as _options
+from openpi_merge_plugin.errors import ConfigError
 from openpi_merge_plugin.options import OptionError
 
 
@@ -101,6 +103,35 @@ class ExpertLoRA:
                 raise OptionError(f"{key}.{e.option}", e.problem) from None
 
         return cls(variant=str(data.get("variant", "custom")), attn=spec("attn"), ffn=spec("ffn"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedLoRA:
+    """LoRA configs per expert index, and where they came from (recorded in the manifest)."""
+
+    experts: dict[int, ExpertLoRA]
+    source: str
+    config_name: str | None = None  # the openpi TrainConfig they were read from, if any
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "config_name": self.config_name,
+            "experts": {str(i): e.to_json() for i, e in sorted(self.experts.items())},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ResolvedLoRA:
+        """Reads back `to_json` (a manifest's `lora_config`); raises ConfigError if it is malformed."""
+        try:
+            experts = {int(i): ExpertLoRA.from_json(e) for i, e in data["experts"].items()}
+            return cls(
+                experts=experts,
+                source=str(data["source"]),
+                config_name=data.get("config_name"),
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"recorded LoRA config is malformed: {e!r}") from e
 
 
 def _axes(value: Any) -> str | None:
