@@ -17,6 +17,7 @@ LAYERS = [
     {"checkpoint"},
     {"merge"},
     {"serving"},
+    {"formats"},
     {"pipeline"},
     {"checks"},
     {"cli", "openpi_glue", "bootstrap"},

@@ -16,11 +16,11 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from openpi_merge_plugin.checkpoint import output as _output
-from openpi_merge_plugin.checkpoint import pytorch_layout
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.checkpoint import zarr_stream
 from openpi_merge_plugin.cli import app as cli
 from openpi_merge_plugin.errors import MergeError
+from openpi_merge_plugin.formats import tensors as pytorch_layout
 from openpi_merge_plugin.pipeline import checkpoint_merge
 from openpi_merge_plugin.pipeline import export_stream
 from openpi_merge_plugin.pipeline import pytorch_export

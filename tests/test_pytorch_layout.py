@@ -19,8 +19,8 @@ import pytest
 from safetensors import safe_open
 import safetensors.numpy
 
-from openpi_merge_plugin.checkpoint import pytorch_layout as pl
 from openpi_merge_plugin.checkpoint import safetensors_stream as ss
+from openpi_merge_plugin.formats import tensors as pl
 
 DATA = pathlib.Path(__file__).parent / "data" / "pytorch"
 VISION_LAYERS = (0, 26)  # SigLIP layers whose values are checked (each is ~15M values)

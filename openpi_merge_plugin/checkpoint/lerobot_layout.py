@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import dataclasses
 from typing import Any, Literal
 
-from openpi_merge_plugin.checkpoint import pytorch_layout as layout
+from openpi_merge_plugin.formats import tensors as layout
 
 Kind = Literal["pi0", "pi05", "pi0_fast"]  # LeRobot's policy `type`
 PREFIX = "model."

@@ -11,8 +11,8 @@ import pathlib
 from typing import Any, Literal, TypeVar
 
 from openpi_merge_plugin.checkpoint import output as _output
-from openpi_merge_plugin.checkpoint import pytorch_layout as layout
 from openpi_merge_plugin.errors import ConfigError
+from openpi_merge_plugin.formats import tensors as layout
 from openpi_merge_plugin.lora import openpi_configs
 
 Precision = Literal["float32", "bfloat16"]

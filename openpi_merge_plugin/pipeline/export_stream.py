@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from openpi_merge_plugin.checkpoint import host_memory
-from openpi_merge_plugin.checkpoint import pytorch_layout as layout
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.errors import CheckpointError
+from openpi_merge_plugin.formats import tensors as layout
 from openpi_merge_plugin.lora import adapters as _adapters
 from openpi_merge_plugin.merge import engine
 from openpi_merge_plugin.merge.report import MergeReport

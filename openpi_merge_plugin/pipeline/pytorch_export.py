@@ -21,11 +21,11 @@ from typing import Any
 from openpi_merge_plugin import options as _options
 from openpi_merge_plugin.checkpoint import output as _output
 from openpi_merge_plugin.checkpoint import output_guard
-from openpi_merge_plugin.checkpoint import pytorch_layout as layout
 from openpi_merge_plugin.checkpoint import safetensors_stream
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.errors import CheckpointError
 from openpi_merge_plugin.errors import ConfigError
+from openpi_merge_plugin.formats import tensors as layout
 from openpi_merge_plugin.merge import engine
 from openpi_merge_plugin.options import MergeOptions
 from openpi_merge_plugin.pipeline import checkpoint_merge

@@ -1,0 +1,1 @@
+"""The formats `export` writes, each one module behind one interface."""
