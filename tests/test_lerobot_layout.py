@@ -14,7 +14,7 @@ from helpers import TREES
 import pytest
 
 from openpi_merge_plugin.checkpoint import lerobot_files
-from openpi_merge_plugin.checkpoint import lerobot_layout
+from openpi_merge_plugin.formats import lerobot_layout
 from openpi_merge_plugin.formats import tensors as pytorch_layout
 from openpi_merge_plugin.lora.adapters import ShapeDtype
 from openpi_merge_plugin.pipeline import export_model

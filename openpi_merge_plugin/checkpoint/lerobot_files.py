@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from openpi_merge_plugin.checkpoint.lerobot_layout import Kind
+from openpi_merge_plugin.formats.lerobot_layout import Kind
 
 IMAGE_SHAPE = (3, 224, 224)  # openpi's model image size; LeRobot's image_resolution default (224, 224)
 OPENPI_CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")  # openpi's IMAGE_KEYS, in model order
