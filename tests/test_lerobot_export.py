@@ -18,11 +18,11 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from openpi_merge_plugin.checkpoint import lerobot_files
 from openpi_merge_plugin.checkpoint import output as _output
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.cli import app as cli
 from openpi_merge_plugin.errors import MergeError
+from openpi_merge_plugin.formats import lerobot_files
 from openpi_merge_plugin.formats import lerobot_layout
 from openpi_merge_plugin.formats import tensors as pytorch_layout
 from openpi_merge_plugin.lora import openpi_configs

@@ -13,7 +13,7 @@ from helpers import REPO
 from helpers import TREES
 import pytest
 
-from openpi_merge_plugin.checkpoint import lerobot_files
+from openpi_merge_plugin.formats import lerobot_files
 from openpi_merge_plugin.formats import lerobot_layout
 from openpi_merge_plugin.formats import tensors as pytorch_layout
 from openpi_merge_plugin.lora.adapters import ShapeDtype

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from openpi_merge_plugin import options as _options
-from openpi_merge_plugin.checkpoint import lerobot_files as files
 from openpi_merge_plugin.checkpoint import output as _output
 from openpi_merge_plugin.checkpoint import output_guard
 from openpi_merge_plugin.errors import CheckpointError
 from openpi_merge_plugin.errors import ConfigError
+from openpi_merge_plugin.formats import lerobot_files as files
 from openpi_merge_plugin.formats import lerobot_layout
 from openpi_merge_plugin.formats import tensors as layout
 from openpi_merge_plugin.pipeline import checkpoint_merge
