@@ -40,7 +40,7 @@ _EXPORTS = {
     "LoRASpec": "openpi_merge_plugin.lora.spec",
     "MergeError": "openpi_merge_plugin.errors",
     "MergeOptions": "openpi_merge_plugin.options",
-    "export_lerobot": "openpi_merge_plugin.pipeline.lerobot_export",
+    "export_lerobot": "openpi_merge_plugin.formats.lerobot",
     "export_pytorch": "openpi_merge_plugin.pipeline.pytorch_export",
     "read_lora_step": "openpi_merge_plugin.pipeline.checkpoint_merge",
     "ResolvedLoRA": "openpi_merge_plugin.lora.configs",

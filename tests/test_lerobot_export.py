@@ -22,6 +22,7 @@ from openpi_merge_plugin.checkpoint import output as _output
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.cli import app as cli
 from openpi_merge_plugin.errors import MergeError
+from openpi_merge_plugin.formats import lerobot as lerobot_export
 from openpi_merge_plugin.formats import lerobot_files
 from openpi_merge_plugin.formats import lerobot_layout
 from openpi_merge_plugin.formats import tensors as pytorch_layout
@@ -30,7 +31,6 @@ from openpi_merge_plugin.lora.adapters import ShapeDtype
 from openpi_merge_plugin.openpi_glue import merged_item
 from openpi_merge_plugin.openpi_glue.training_options import MergeOnSaveOptions
 from openpi_merge_plugin.pipeline import checkpoint_merge
-from openpi_merge_plugin.pipeline import lerobot_export
 
 MODEL = json.loads((FIXTURE / "model_config.json").read_text())["pi0_config"]
 HORIZON = lerobot_export.LeRobotModel(MODEL["action_horizon"])

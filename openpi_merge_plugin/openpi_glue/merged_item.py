@@ -152,7 +152,7 @@ def _write_pytorch(target: pathlib.Path, directory: pathlib.Path, request: Merge
 
 
 def _write_lerobot(target: pathlib.Path, directory: pathlib.Path, request: MergeRequest) -> dict[str, Any]:
-    from openpi_merge_plugin.pipeline import lerobot_export
+    from openpi_merge_plugin.formats import lerobot as lerobot_export
 
     return lerobot_export.write_lerobot(
         target,
