@@ -41,7 +41,7 @@ _EXPORTS = {
     "MergeError": "openpi_merge_plugin.errors",
     "MergeOptions": "openpi_merge_plugin.options",
     "export_lerobot": "openpi_merge_plugin.formats.lerobot",
-    "export_pytorch": "openpi_merge_plugin.pipeline.pytorch_export",
+    "export_pytorch": "openpi_merge_plugin.pipeline.export",
     "read_lora_step": "openpi_merge_plugin.pipeline.checkpoint_merge",
     "ResolvedLoRA": "openpi_merge_plugin.lora.configs",
     "inspect_checkpoint": "openpi_merge_plugin.checks.inspection",

@@ -13,8 +13,8 @@ from openpi_merge_plugin.merge import engine
 from openpi_merge_plugin.openpi_glue import merged_item
 from openpi_merge_plugin.openpi_glue.training_options import MergeOnSaveOptions
 from openpi_merge_plugin.pipeline import checkpoint_merge
+from openpi_merge_plugin.pipeline import export as pytorch_export
 from openpi_merge_plugin.pipeline import export_stream
-from openpi_merge_plugin.pipeline import pytorch_export
 
 
 @pytest.fixture

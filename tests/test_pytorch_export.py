@@ -22,8 +22,8 @@ from openpi_merge_plugin.cli import app as cli
 from openpi_merge_plugin.errors import MergeError
 from openpi_merge_plugin.formats import tensors as pytorch_layout
 from openpi_merge_plugin.pipeline import checkpoint_merge
+from openpi_merge_plugin.pipeline import export as pytorch_export
 from openpi_merge_plugin.pipeline import export_stream
-from openpi_merge_plugin.pipeline import pytorch_export
 
 MODEL = json.loads((FIXTURE / "model_config.json").read_text())["pi0_config"]
 

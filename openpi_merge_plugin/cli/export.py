@@ -15,7 +15,7 @@ from openpi_merge_plugin.errors import ConfigError
 from openpi_merge_plugin.formats import lerobot as lerobot_export
 from openpi_merge_plugin.formats import lerobot_files
 from openpi_merge_plugin.pipeline import checkpoint_merge
-from openpi_merge_plugin.pipeline import pytorch_export
+from openpi_merge_plugin.pipeline import export as pytorch_export
 
 
 @dataclasses.dataclass

@@ -27,8 +27,8 @@ from openpi_merge_plugin.formats import lerobot_files as files
 from openpi_merge_plugin.formats import lerobot_layout
 from openpi_merge_plugin.formats import tensors as layout
 from openpi_merge_plugin.pipeline import checkpoint_merge
+from openpi_merge_plugin.pipeline import export as pytorch_export
 from openpi_merge_plugin.pipeline import export_model
-from openpi_merge_plugin.pipeline import pytorch_export
 from openpi_merge_plugin.pipeline.export_model import Precision
 
 logger = logging.getLogger("openpi_merge_plugin")

@@ -139,7 +139,7 @@ def write_staged(request: MergeRequest) -> pathlib.Path | None:
 
 
 def _write_pytorch(target: pathlib.Path, directory: pathlib.Path, request: MergeRequest) -> dict[str, Any]:
-    from openpi_merge_plugin.pipeline import pytorch_export
+    from openpi_merge_plugin.pipeline import export as pytorch_export
 
     return pytorch_export.write_export(
         target,
