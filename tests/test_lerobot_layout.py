@@ -17,7 +17,7 @@ from openpi_merge_plugin.formats import lerobot_files
 from openpi_merge_plugin.formats import lerobot_layout
 from openpi_merge_plugin.formats import tensors as pytorch_layout
 from openpi_merge_plugin.lora.adapters import ShapeDtype
-from openpi_merge_plugin.pipeline import export_model
+from openpi_merge_plugin.pipeline import model_facts as export_model
 
 LEROBOT = REPO / "tests" / "data" / "lerobot-0.6.1"
 LISTINGS = json.loads(gzip.decompress((LEROBOT / "state_dicts.json.gz").read_bytes()))

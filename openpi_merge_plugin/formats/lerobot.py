@@ -28,8 +28,8 @@ from openpi_merge_plugin.formats import lerobot_layout
 from openpi_merge_plugin.formats import tensors as layout
 from openpi_merge_plugin.pipeline import checkpoint_merge
 from openpi_merge_plugin.pipeline import export as pytorch_export
-from openpi_merge_plugin.pipeline import export_model
-from openpi_merge_plugin.pipeline.export_model import Precision
+from openpi_merge_plugin.pipeline import model_facts as export_model
+from openpi_merge_plugin.pipeline.model_facts import Precision
 
 logger = logging.getLogger("openpi_merge_plugin")
 

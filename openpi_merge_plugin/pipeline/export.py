@@ -29,16 +29,16 @@ from openpi_merge_plugin.formats import tensors as layout
 from openpi_merge_plugin.merge import engine
 from openpi_merge_plugin.options import MergeOptions
 from openpi_merge_plugin.pipeline import checkpoint_merge
-from openpi_merge_plugin.pipeline import export_model
 from openpi_merge_plugin.pipeline import export_stream
+from openpi_merge_plugin.pipeline import model_facts as export_model
 
 # The model info's API, as the export's callers name it.
-from openpi_merge_plugin.pipeline.export_model import ModelInfo
-from openpi_merge_plugin.pipeline.export_model import Precision
-from openpi_merge_plugin.pipeline.export_model import dims_from_params  # noqa: F401
-from openpi_merge_plugin.pipeline.export_model import model_info_from_manifest_variants  # noqa: F401
-from openpi_merge_plugin.pipeline.export_model import model_info_from_model  # noqa: F401
-from openpi_merge_plugin.pipeline.export_model import model_info_from_openpi  # noqa: F401
+from openpi_merge_plugin.pipeline.model_facts import ModelInfo
+from openpi_merge_plugin.pipeline.model_facts import Precision
+from openpi_merge_plugin.pipeline.model_facts import dims_from_params  # noqa: F401
+from openpi_merge_plugin.pipeline.model_facts import model_info_from_manifest_variants  # noqa: F401
+from openpi_merge_plugin.pipeline.model_facts import model_info_from_model  # noqa: F401
+from openpi_merge_plugin.pipeline.model_facts import model_info_from_openpi  # noqa: F401
 
 logger = logging.getLogger("openpi_merge_plugin")
 
