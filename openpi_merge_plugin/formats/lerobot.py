@@ -69,7 +69,7 @@ def plan(given: base.PlanInput) -> base.FormatPlan:
             },
             "verification": {
                 "normalizer_stats": {
-                    "reader": "safetensors.numpy.load",
+                    "reader": "safetensors.numpy.load of the bytes written (each file read back as those bytes)",
                     "files": 2,
                     "stats": len(lerobot.stats),
                     "bitwise": True,

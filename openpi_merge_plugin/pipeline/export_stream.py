@@ -47,9 +47,10 @@ class Merge:
 
 
 def laid_out_tensors(
-    source: sources.ParamSource, plan: layout.Layout, merge: Merge | None = None, *, block_bytes: int | None = None
+    source: sources.ParamSource, plan: Any, merge: Merge | None = None, *, block_bytes: int | None = None
 ) -> Iterator[LaidOut]:
-    """Each tensor of `plan`, laid out from `source` (merged per slice with `merge`; None: the identity), once.
+    """Each tensor of `plan` (a `FormatPlan`: its `.tensors`), laid out from `source` (merged per slice with `merge`;
+    None: the identity), once.
 
     Holds one layer slice of one leaf at a time (a merged slice as the engine hands it over, assembled from its
     column pieces); a large tensor without transposes comes in row blocks (`rows`), each laid out on its own.
