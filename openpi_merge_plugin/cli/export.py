@@ -14,6 +14,7 @@ import tyro
 from openpi_merge_plugin import formats
 from openpi_merge_plugin import options
 from openpi_merge_plugin.errors import ConfigError
+from openpi_merge_plugin.formats import lerobot_files
 from openpi_merge_plugin.formats.base import ExportOptions
 from openpi_merge_plugin.lora.configs import LoRASource
 from openpi_merge_plugin.pipeline import export
@@ -64,6 +65,10 @@ class Args:
         if self.lora_source.config and self.export.model_options:
             given = "/--".join(f.replace("_", "-") for f in self.export.model_options)
             raise ConfigError(f"--config and --{given} are alternatives: give one")
+        try:  # the names, before any work (the format checks them again, for the API)
+            lerobot_files.camera_names(self.export.cameras())
+        except lerobot_files.LeRobotFilesError as e:
+            raise ConfigError(f"--camera: {e}") from None
         chosen = formats.FORMATS[self.format]
         others = {o: f.name for f in formats.FORMATS.values() for o in f.options if o not in chosen.options}
         defaults = ExportOptions()
