@@ -1,5 +1,6 @@
 """`python scripts/benchmark_full_size.py` (see its docstring): a full-size pi0 LoRA checkpoint, the streaming
-merge against a naive restore-convert-save copy."""
+merge against a naive restore-convert-save copy; the exports of it and of a full-size non-LoRA pi0.5 checkpoint
+against their I/O floor."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ import numpy as np
 import tyro
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-TREE = REPO / "tests" / "data" / "openpi-15a9616" / "trees" / "pi0_lora.json"
+TREES = REPO / "tests" / "data" / "openpi-15a9616" / "trees"
+TREE = TREES / "pi0_lora.json"
 LLM_LAYERS = "PaliGemma/llm/layers/"
+NORM_STATS = REPO / "tests" / "data" / "lerobot-0.6.1" / "norm_stats.json"  # state 8, actions 7; mean, std, q01, q99
 
 
 @dataclasses.dataclass
@@ -38,6 +41,14 @@ class Run:
     step: pathlib.Path | None = None
     # At full depth, also measure the PyTorch export of the LoRA step against the I/O floor.
     export: bool = True
+    # The LoRA step's cases (merge, naive copy, its export); --no-lora measures only the non-LoRA checkpoint.
+    lora: bool = True
+    # Also a non-LoRA pi0.5 checkpoint in openpi's released layout (random float32 weights, every leaf of openpi's
+    # pi05 tree, no `value` suffix; no norm stats, as a base): its exports to PyTorch and to LeRobot (with the
+    # norm stats of tests/data/lerobot-0.6.1) against the I/O floor of the same checkpoint.
+    plain: bool = True
+    # A non-LoRA checkpoint built before (`build_plain`) to measure instead of building one; never modified.
+    plain_checkpoint: pathlib.Path | None = None
 
 
 @dataclasses.dataclass
@@ -77,14 +88,30 @@ def training_layout(depth: int) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
-def build_step(step: pathlib.Path, depth: int, seed: int = 0) -> int:
+def released_layout(tree: str = "pi05") -> dict[str, tuple[tuple[int, ...], str]]:
+    """Path -> (shape, dtype) of a non-LoRA model's params as openpi's released checkpoints hold them: every leaf of
+    the shipped tree, float32, no `value` suffix."""
+    params = json.loads((TREES / f"{tree}.json").read_text())["params"]
+    return {path: (tuple(leaf["shape"]), "float32") for path, leaf in params.items()}
+
+
+def build_plain(directory: pathlib.Path, tree: str = "pi05", seed: int = 0) -> int:
+    """Writes a random non-LoRA checkpoint in openpi's released layout (`<dir>/params`, `<dir>/assets`, no norm
+    stats), one leaf at a time; returns its params' bytes."""
+    return build_step(directory, 0, seed, layout=released_layout(tree))
+
+
+def build_step(
+    step: pathlib.Path, depth: int, seed: int = 0, *, layout: dict[str, tuple[tuple[int, ...], str]] | None = None
+) -> int:
     """Writes a random LoRA step directory (streamed one leaf at a time, so it fits in memory); returns its params'
     bytes. Each leaf is one chunk, as `save_state` writes the params of a run on one device (Orbax's write shape is
-    the array's), so a reader has to decode each weight whole, as it would for a real checkpoint."""
+    the array's), so a reader has to decode each weight whole, as it would for a real checkpoint. `layout`: other
+    leaves than the LoRA step's at `depth`."""
     from openpi_merge_plugin.checkpoint import orbax_stream
     from openpi_merge_plugin.lora.adapters import ShapeDtype
 
-    layout = training_layout(depth)
+    layout = training_layout(depth) if layout is None else layout
     rng = np.random.default_rng(seed)
 
     def leaf(shape: tuple[int, ...], dtype: str) -> np.ndarray:
@@ -207,7 +234,9 @@ def run(args: Run) -> None:
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp_name:
         tmp = pathlib.Path(tmp_name)
-        for depth in (9,) if args.half_only else (18,) if args.full_only else (9, 18):
+        if args.plain:
+            rows += _plain_rows(me, tmp, args.plain_checkpoint)
+        for depth in () if not args.lora else (9,) if args.half_only else (18,) if args.full_only else (9, 18):
             given = args.step if depth == 18 and args.step is not None else None
             step = given or tmp / f"depth{depth}" / "100"
             if given is None:
@@ -251,9 +280,9 @@ def run(args: Run) -> None:
         if name.startswith("openpi") and label in naive:
             print(f"streaming merge / naive copy at {label}: {wall / naive[label]:.2f}x")
     floor = {r[1]: r[2] for r in rows if r[0].startswith(FLOOR_ROW)}
-    for name, label, wall, _, _ in rows:
-        if name.startswith(EXPORT_ROW) and label in floor:
-            print(f"export / I/O floor at {label}: {wall / floor[label]:.2f}x")
+    for name, label, wall, rss, _ in rows:
+        if name.startswith("openpi-merge-lora export") and label in floor:
+            print(f"{name} at {label}: {wall / floor[label]:.2f}x the I/O floor, {rss:.2f} GB peak RSS")
 
 
 FLOOR_ROW = "I/O floor: read every leaf once, widen to float32, write one file"
@@ -279,6 +308,45 @@ def _export_rows(me: list[str], step: pathlib.Path, tmp: pathlib.Path, label: st
         )
     rows.append((EXPORT_ROW, label, wall, rss, f"{note}; {wall / rows[0][2]:.2f}x the floor"))
     shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+PLAIN_ROW = "openpi-merge-lora export CHECKPOINT --format {fmt} (no config, float32)"
+
+
+def _plain_rows(me: list[str], tmp: pathlib.Path, given: pathlib.Path | None) -> list[tuple]:
+    """A non-LoRA pi0.5 checkpoint (released layout): the I/O floor, then its export to each format, one after
+    the other, each output deleted before the next."""
+    checkpoint = given or tmp / "pi05_base"
+    if given is None:
+        start = time.perf_counter()
+        nbytes = build_plain(checkpoint)
+        print(f"built pi0.5 (released layout): {nbytes / 1e9:.2f} GB of params in {time.perf_counter() - start:.0f}s")
+    else:
+        nbytes = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in released_layout().values())
+    label = f"non-LoRA pi0.5, released layout, {nbytes / 1e9:.1f} GB float32 params"
+    # Each row starts from the checkpoint read once into the page cache: the checkpoint and a file written from it
+    # (13 GB each) do not both fit in 24 GB, so the row after another would otherwise read it from disk.
+    _warm(checkpoint)
+    wall, rss, note = _timed([*me, "floor-export", str(checkpoint), str(tmp / "floor.bin")])
+    (tmp / "floor.bin").unlink(missing_ok=True)
+    rows = [(FLOOR_ROW, label, wall, rss, note)]
+    cli = [sys.executable, "-m", "openpi_merge_plugin.cli", "export", str(checkpoint), "--no-progress"]
+    for fmt, flags in (("pytorch", []), ("lerobot", ["--norm-stats", str(NORM_STATS)])):
+        out = tmp / f"plain_{fmt}"
+        _warm(checkpoint)
+        wall, rss, note = _timed([*cli, "--format", fmt, "--output", str(out), *flags])
+        if (out / "manifest.json").is_file():
+            manifest = json.loads((out / "manifest.json").read_text())
+            model = manifest["files"]["model.safetensors"]
+            note = (
+                f"{manifest['tensors']} tensors, {model['bytes'] / 1e9:.1f} GB, read back; "
+                f"model.safetensors sha256 {model['sha256']}"
+            )
+        rows.append((PLAIN_ROW.format(fmt=fmt), label, wall, rss, f"{note}; {wall / rows[0][2]:.2f}x the floor"))
+        shutil.rmtree(out, ignore_errors=True)
+    if given is None:
+        shutil.rmtree(checkpoint)
     return rows
 
 

@@ -10,8 +10,10 @@ Public API (imported lazily, so that importing the package, as openpi's start-up
         Merge an in-memory params tree.
     verify_merged(merged_dir) -> VerifyResult        re-check a merged checkpoint (ok, problems, to_json()).
     inspect_checkpoint(path, lora=LoRASource(...))   what a LoRA step or merged checkpoint holds (to_json()).
-    export_pytorch(src, precision="float32", ...)    openpi's PyTorch checkpoint (model.safetensors) of a merge.
-    export_lerobot(src, precision="float32", ...)    LeRobot 0.6.1's policy directory of a merge.
+    export(src, "pytorch" | "lerobot", options=ExportOptions(...), config=None, lora=None, output=None)
+        openpi's PyTorch checkpoint, or LeRobot 0.6.1's policy directory, of any openpi checkpoint (a LoRA step,
+        merged on the way; a merged, fine-tuned or released checkpoint, as it is); returns output, manifest.
+    ExportOptions(precision=, action_horizon=, max_token_len=, model_dtype=, norm_stats=, ...)   how to export.
     LoRASource(config=, lora_config=, alpha=, rslora=)   where the LoRA config comes from.
     MergeOptions(output_dtype=, strength=, verify=, tolerance=, allow_nonfinite=, seed=)   how to merge.
     LoRASpec, ExpertLoRA, ResolvedLoRA               LoRA configs as openpi defines them.
@@ -40,8 +42,8 @@ _EXPORTS = {
     "LoRASpec": "openpi_merge_plugin.lora.spec",
     "MergeError": "openpi_merge_plugin.errors",
     "MergeOptions": "openpi_merge_plugin.options",
-    "export_lerobot": "openpi_merge_plugin.pipeline.lerobot_export",
-    "export_pytorch": "openpi_merge_plugin.pipeline.pytorch_export",
+    "ExportOptions": "openpi_merge_plugin.formats.base",
+    "export": "openpi_merge_plugin.pipeline.export",
     "read_lora_step": "openpi_merge_plugin.pipeline.checkpoint_merge",
     "ResolvedLoRA": "openpi_merge_plugin.lora.configs",
     "inspect_checkpoint": "openpi_merge_plugin.checks.inspection",
@@ -51,13 +53,13 @@ _EXPORTS = {
 }
 __all__ = [
     "ExpertLoRA",
+    "ExportOptions",
     "LoRASource",
     "LoRASpec",
     "MergeError",
     "MergeOptions",
     "ResolvedLoRA",
-    "export_lerobot",
-    "export_pytorch",
+    "export",
     "inspect_checkpoint",
     "merge_checkpoint",
     "merge_params",

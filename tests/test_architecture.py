@@ -17,6 +17,7 @@ LAYERS = [
     {"checkpoint"},
     {"merge"},
     {"serving"},
+    {"formats"},
     {"pipeline"},
     {"checks"},
     {"cli", "openpi_glue", "bootstrap"},
@@ -95,3 +96,66 @@ def test_the_checker_sees_a_wrong_import(tmp_path):
     targets = [_unit(t) for _, t in _imports(bad)]
     assert targets == ["cli", "checks"]
     assert all(_layer(t) > _layer("lora") for t in targets)
+
+
+def _module_graph(package: pathlib.Path) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (local imports included; `from pkg import mod` is `pkg.mod`)."""
+
+    def dotted(path: pathlib.Path) -> str:
+        parts = list(path.relative_to(package.parent).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    names = {dotted(p) for p in package.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        me, targets = dotted(path), set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                for a in node.names:
+                    targets.add(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in names else node.module)
+        graph[me] = {t for t in targets if t in names and t != me}
+    return graph
+
+
+def _circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of `graph`, or None."""
+    done: set[str] = set()
+
+    def visit(module: str, trail: list[str]) -> list[str] | None:
+        if module in trail:
+            return [*trail[trail.index(module) :], module]
+        if module in done:
+            return None
+        for target in sorted(graph[module]):
+            if found := visit(target, [*trail, module]):
+                return found
+        done.add(module)
+        return None
+
+    return next((c for m in sorted(graph) if (c := visit(m, []))), None)
+
+
+def test_no_module_imports_itself_back():
+    """No import circle between the package's modules, local imports included."""
+    circle = _circle(_module_graph(PACKAGE))
+    assert circle is None, "import circle: " + " -> ".join(circle)
+
+
+def test_the_circle_checker_sees_a_circle(tmp_path):
+    lora = tmp_path / "openpi_merge_plugin" / "lora"
+    lora.mkdir(parents=True)
+    (lora / "a.py").write_text("def f():\n    from openpi_merge_plugin.lora import b\n")
+    (lora / "b.py").write_text("from openpi_merge_plugin.lora.a import f\n")
+    graph = _module_graph(tmp_path / "openpi_merge_plugin")
+    assert _circle(graph) == ["openpi_merge_plugin.lora.a", "openpi_merge_plugin.lora.b", "openpi_merge_plugin.lora.a"]
+
+
+def test_checkpoint_holds_no_format_code():
+    """checkpoint/ reads and writes checkpoints and keeps the output rules; what a format's files hold (PI0Pytorch's or
+    LeRobot's tensor names, config.json, processors) is formats/'s."""
+    for path in (PACKAGE / "checkpoint").glob("*.py"):
+        text = path.read_text()
+        for word in ("PI0Pytorch", "paligemma_with_expert", "config.json", "policy_preprocessor", "TensorSpec"):
+            assert word not in text, f"{path.relative_to(REPO)} mentions {word!r}: format code belongs in formats/"

@@ -5,7 +5,9 @@ as tests/data/lerobot-0.6.1/make_fixtures.py patches it), so the export is asked
 names, shapes, dtypes and side files are LeRobot's own is tests/test_lerobot_layout.py.
 """
 
+import dataclasses
 import json
+import re
 import shutil
 import types
 
@@ -18,22 +20,25 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from openpi_merge_plugin.checkpoint import lerobot_files
-from openpi_merge_plugin.checkpoint import lerobot_layout
 from openpi_merge_plugin.checkpoint import output as _output
-from openpi_merge_plugin.checkpoint import pytorch_layout
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.cli import app as cli
 from openpi_merge_plugin.errors import MergeError
+from openpi_merge_plugin.formats import lerobot as lerobot_export
+from openpi_merge_plugin.formats import lerobot_files
+from openpi_merge_plugin.formats import lerobot_layout
+from openpi_merge_plugin.formats import tensors as pytorch_layout
+from openpi_merge_plugin.formats.base import ExportOptions
 from openpi_merge_plugin.lora import openpi_configs
 from openpi_merge_plugin.lora.adapters import ShapeDtype
 from openpi_merge_plugin.openpi_glue import merged_item
 from openpi_merge_plugin.openpi_glue.training_options import MergeOnSaveOptions
 from openpi_merge_plugin.pipeline import checkpoint_merge
-from openpi_merge_plugin.pipeline import lerobot_export
+from openpi_merge_plugin.pipeline import export
+from openpi_merge_plugin.pipeline import model_facts
 
 MODEL = json.loads((FIXTURE / "model_config.json").read_text())["pi0_config"]
-HORIZON = lerobot_export.LeRobotModel(MODEL["action_horizon"])
+HORIZON = ExportOptions(action_horizon=MODEL["action_horizon"], allow_nonstandard_dims=True)
 NORM_STATS = REPO / "tests" / "data" / "lerobot-0.6.1" / "norm_stats.json"
 TREES = REPO / "tests" / "data" / "openpi-15a9616" / "trees"
 
@@ -46,7 +51,7 @@ def merged(step_dir, fixture_lora):
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_export_of_a_merged_checkpoint_holds_every_tensor_and_lerobots_files(merged, precision):
     before = {p.relative_to(merged): p.read_bytes() for p in merged.rglob("*") if p.is_file()}
-    result = lerobot_export.export_lerobot(merged, precision=precision, model=HORIZON, allow_nonstandard_dims=True)
+    result = export.export(merged, "lerobot", options=dataclasses.replace(HORIZON, precision=precision))
     out = merged.parent / "merged_lerobot"
     assert result.output == out
     kind_files = lerobot_files.state_file_names(lerobot_files.PolicySpec("pi0", "", "", "", 1, 1, 1, 1, (), 1, 1))
@@ -117,16 +122,11 @@ def test_export_of_a_merged_checkpoint_holds_every_tensor_and_lerobots_files(mer
 
 
 def test_export_of_a_lora_step_merges_on_the_way_into_step_merged_lerobot(step_dir, merged):
-    from_merged = lerobot_export.export_lerobot(
-        merged, output=step_dir.parent / "a", model=HORIZON, allow_nonstandard_dims=True
-    )
+    from_merged = export.export(merged, "lerobot", output=step_dir.parent / "a", options=HORIZON)
     shutil.rmtree(merged)
     before = {p.relative_to(step_dir): p.read_bytes() for p in step_dir.rglob("*") if p.is_file()}
-    from_step = lerobot_export.export_lerobot(
-        step_dir,
-        model=HORIZON,
-        lora=checkpoint_merge.LoRASource(lora_config=FIXTURE_LORA_CONFIG),
-        allow_nonstandard_dims=True,
+    from_step = export.export(
+        step_dir, "lerobot", options=HORIZON, lora=checkpoint_merge.LoRASource(lora_config=FIXTURE_LORA_CONFIG)
     )
     assert from_step.output == step_dir / "merged_lerobot"
     after = {p.relative_to(step_dir): p.read_bytes() for p in step_dir.rglob("*") if p.is_file()}
@@ -140,34 +140,50 @@ def test_export_of_a_lora_step_merges_on_the_way_into_step_merged_lerobot(step_d
 
 def test_dims_lerobot_cannot_build_are_refused_before_any_work(merged):
     with pytest.raises(MergeError, match=r"LeRobot 0.6.1 builds only gemma_2b / gemma_300m.*allow-nonstandard-dims"):
-        lerobot_export.export_lerobot(merged, model=HORIZON)
+        export.export(merged, "lerobot", options=dataclasses.replace(HORIZON, allow_nonstandard_dims=False))
     assert not (merged.parent / "merged_lerobot").exists()
     assert not list(merged.parent.glob(".merged_lerobot*"))
 
 
 def test_norm_stats_are_found_as_openpi_finds_them_or_refused(merged, tmp_path):
     assets = merged / "assets"
-    assert lerobot_export.find_norm_stats(assets, None) == assets / "fixture_robot" / "norm_stats.json"
-    assert lerobot_export.find_norm_stats(assets, "fixture_robot") == assets / "fixture_robot" / "norm_stats.json"
+    mine = assets / "fixture_robot" / "norm_stats.json"
+
+    def find(config_asset_id=None, **options):
+        return model_facts.find_norm_stats(assets, ExportOptions(**options), config_asset_id)[0]
+
+    assert find() == mine  # the only one
+    assert find("fixture_robot") == find("other") == mine  # the config's, else the only one there
+    assert find(asset_id="fixture_robot") == mine
+    assert find(norm_stats=NORM_STATS) == NORM_STATS
     with pytest.raises(MergeError, match="no norm stats for asset_id 'other'"):
-        lerobot_export.find_norm_stats(assets, "other")
+        find(asset_id="other")  # given explicitly: it must be there
     two = tmp_path / "assets"
     for name in ("a", "b"):
         (two / name).mkdir(parents=True)
         shutil.copy(NORM_STATS, two / name / "norm_stats.json")
-    with pytest.raises(MergeError, match=r"has 2 \(a, b\): pass --asset-id"):
-        lerobot_export.find_norm_stats(two, None)
+    path, missing = model_facts.find_norm_stats(two, ExportOptions(), None)
+    assert path is None
+    assert re.search(r"has 2 \(a, b\): pass --asset-id", missing)
+    assert model_facts.find_norm_stats(two, ExportOptions(), "b")[0] == two / "b" / "norm_stats.json"
+    path, missing = model_facts.find_norm_stats(None, ExportOptions(), "b")
+    assert path is None
+    assert "the checkpoint has no assets/: pass --norm-stats FILE" in missing
+    (tmp_path / "empty").mkdir()
+    assert (
+        "has none: pass --norm-stats FILE" in model_facts.find_norm_stats(tmp_path / "empty", ExportOptions(), None)[1]
+    )
 
 
-def _plan(tree_name, tmp_path, **kw):
+def _plan(tree_name, tmp_path, action_dim=None, **kw):
     params = json.loads((TREES / f"{tree_name}.json").read_text())["params"]
     tree = {p: ShapeDtype(tuple(v["shape"]), v["dtype"]) for p, v in params.items()}
     (tmp_path / "assets" / "robot").mkdir(parents=True, exist_ok=True)
     shutil.copy(NORM_STATS, tmp_path / "assets" / "robot" / "norm_stats.json")
-    model = lerobot_export.LeRobotModel(10, **kw)
-    return lerobot_export.plan_lerobot(
-        tree, tmp_path / "assets", "bfloat16", model, lerobot_export.Naming(), allow_nonstandard_dims=False, what="t"
-    )
+    options = ExportOptions(precision="bfloat16", action_horizon=10, **kw)
+    facts = model_facts.resolve(tree, {}, tmp_path / "assets", config=None, options=options)
+    facts = dataclasses.replace(facts, action_dim=action_dim)
+    return lerobot_export.plan_lerobot(tree, facts, options, what="t")
 
 
 def test_pi0_fast_is_planned_from_its_own_tree_and_refused_by_the_one_switch(tmp_path, monkeypatch):
@@ -223,7 +239,9 @@ def test_cli_export_lerobot_with_renamed_cameras_and_refusals(merged, capsys):
         assert says in capsys.readouterr().err, bad
     pytorch = ["export", str(merged), "--action-horizon", "50", "--camera", "base_0_rgb=observation.images.top"]
     assert cli.main(pytorch) == 1
-    assert "are for --format lerobot" in capsys.readouterr().err
+    assert "--camera is for --format lerobot" in capsys.readouterr().err
+    assert cli.main([*pytorch[:4], "--model-dtype", "float32", "--format", "lerobot", "--max-token-len", "9"]) == 1
+    assert "--model-dtype is for --format pytorch" in capsys.readouterr().err
 
 
 def test_outputs_inside_the_step_other_than_merged_lerobot_are_refused(step_dir, capsys):
@@ -239,16 +257,26 @@ def test_outputs_inside_the_step_other_than_merged_lerobot_are_refused(step_dir,
 
 def test_merge_on_save_exports_for_lerobot_beside_the_merge(tmp_path, fixture_params, fixture_lora, monkeypatch):
     monkeypatch.setattr(openpi_configs, "lora_from_model", lambda model, config_name=None: fixture_lora)
-    monkeypatch.setattr(lerobot_export, "model_from_train_config", lambda c, config_name=None: HORIZON)
     written = []
-    real = lerobot_export.write_lerobot
+    real = export.write_beside_merge
 
-    def write(*args, **kwargs):  # the fixture's dims are not LeRobot's: written as --allow-nonstandard-dims does
-        written.append(args[4])
-        return real(*args, **kwargs, allow_nonstandard_dims=True)
+    def write(directory, merged_dir, to, train_config, options, output_path, **kw):
+        written.append(output_path)  # the fixture's dims are not LeRobot's: written as --allow-nonstandard-dims does
+        options = dataclasses.replace(options, allow_nonstandard_dims=True)
+        return real(directory, merged_dir, to, train_config, options, output_path, **kw)
 
-    monkeypatch.setattr(lerobot_export, "write_lerobot", write)
-    config = types.SimpleNamespace(name="fixture", model=None, merge_lora=MergeOnSaveOptions(export_lerobot=True))
+    def create(*args):
+        raise AssertionError("the data config was built (its transforms download the tokenizer)")
+
+    monkeypatch.setattr(export, "write_beside_merge", write)
+    model = types.SimpleNamespace(
+        paligemma_variant="fx_lora_a", action_expert_variant="fx_lora_b", action_horizon=10, max_token_len=64
+    )
+    model.dtype, model.pi05 = "bfloat16", False
+    data = types.SimpleNamespace(assets=types.SimpleNamespace(asset_id=None), repo_id="robot", create=create)
+    config = types.SimpleNamespace(
+        name="fixture", model=model, data=data, merge_lora=MergeOnSaveOptions(export_lerobot=True)
+    )
     step = tmp_path / "5"
     norm = NORM_STATS.read_text()
 
@@ -269,6 +297,9 @@ def test_merge_on_save_exports_for_lerobot_beside_the_merge(tmp_path, fixture_pa
     assert manifest["source"]["norm_stats"] == "assets/robot/norm_stats.json"
     assert (step / "merged" / "manifest.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["5"]  # nothing staged left
+    lerobot_config = json.loads((out / "config.json").read_text())  # the run's own config: horizon, token length
+    assert (lerobot_config["chunk_size"], lerobot_config["tokenizer_max_length"]) == (10, 64)
+    assert manifest["model_facts"] == {"model": "openpi config fixture"}
 
 
 def test_pi0_fast_export_end_to_end_from_a_paligemma_only_merge(merged, tmp_path, monkeypatch):
@@ -281,10 +312,9 @@ def test_pi0_fast_export_end_to_end_from_a_paligemma_only_merge(merged, tmp_path
     fast = {p: a for p, a in pi0.items() if p.startswith("PaliGemma/") and p not in second}
     fast_dir = write_step(tmp_path / "fast" / "merged", dict(fast))
     shutil.copy(merged / "manifest.json", fast_dir / "manifest.json")
-    model = lerobot_export.LeRobotModel(10, max_token_len=180, action_dim=7)
-    result = lerobot_export.export_lerobot(
-        fast_dir, model=model, naming=lerobot_export.Naming(norm_stats=NORM_STATS), allow_nonstandard_dims=True
-    )
+    # pi0-FAST's action_dim is not in its params: without a config, the norm stats' (7) is LeRobot's action dim.
+    options = ExportOptions(action_horizon=10, max_token_len=180, norm_stats=NORM_STATS, allow_nonstandard_dims=True)
+    result = export.export(fast_dir, "lerobot", options=options)
     tensors = load_file(result.output / "model.safetensors")
     assert all(n.startswith("model.paligemma_with_expert.paligemma.") for n in tensors)
     assert len(tensors) == result.manifest["tensors"]

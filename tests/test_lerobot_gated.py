@@ -53,7 +53,7 @@ def _export_argv(src: pathlib.Path, output: pathlib.Path) -> list[str]:
 def _lerobot_pipeline():
     """The exporter's pipeline module (its `PI0_FAST_REFUSED` switch), or None where this tree has none."""
     try:
-        return importlib.import_module("openpi_merge_plugin.pipeline.lerobot_export")
+        return importlib.import_module("openpi_merge_plugin.formats.lerobot")
     except ModuleNotFoundError:
         return None
 

@@ -13,11 +13,10 @@ from helpers import REPO
 from helpers import TREES
 import pytest
 
-from openpi_merge_plugin.checkpoint import lerobot_files
-from openpi_merge_plugin.checkpoint import lerobot_layout
-from openpi_merge_plugin.checkpoint import pytorch_layout
+from openpi_merge_plugin.formats import lerobot_files
+from openpi_merge_plugin.formats import lerobot_layout
+from openpi_merge_plugin.formats import tensors as pytorch_layout
 from openpi_merge_plugin.lora.adapters import ShapeDtype
-from openpi_merge_plugin.pipeline import export_model
 
 LEROBOT = REPO / "tests" / "data" / "lerobot-0.6.1"
 LISTINGS = json.loads(gzip.decompress((LEROBOT / "state_dicts.json.gz").read_bytes()))
@@ -38,8 +37,8 @@ def _layout(tree: dict[str, ShapeDtype], precision: str) -> lerobot_layout.LeRob
     fast = lerobot_layout.detect_kind(params) == "pi0_fast"
     return lerobot_layout.build_lerobot_layout(
         params,
-        paligemma=export_model.dims_from_params(tree, ""),
-        action_expert=None if fast else export_model.dims_from_params(tree, EXPERT),
+        paligemma=pytorch_layout.dims_from_params(tree, ""),
+        action_expert=None if fast else pytorch_layout.dims_from_params(tree, EXPERT),
         action_dim=None if fast else params["action_in_proj/kernel"][0][0],
         precision=precision,
         allow_nonstandard_dims=True,
@@ -89,8 +88,8 @@ def test_dims_lerobot_cannot_build_are_refused_and_named():
     ):
         lerobot_layout.build_lerobot_layout(
             params,
-            paligemma=export_model.dims_from_params(tree, ""),
-            action_expert=export_model.dims_from_params(tree, EXPERT),
+            paligemma=pytorch_layout.dims_from_params(tree, ""),
+            action_expert=pytorch_layout.dims_from_params(tree, EXPERT),
             action_dim=32,
         )
 
@@ -116,11 +115,11 @@ def _saved_spec(kind: str) -> lerobot_files.PolicySpec:
 @pytest.mark.parametrize("kind", ["pi0", "pi05", "pi0_fast"])
 def test_config_and_processor_files_are_byte_for_byte_lerobots(kind, tmp_path):
     stats = lerobot_files.normalizer_tensors(lerobot_files.read_openpi_norm_stats(LEROBOT / "norm_stats.json"), kind)
-    written = lerobot_files.write_all(tmp_path, _saved_spec(kind), stats)
+    written = lerobot_files.all_files(_saved_spec(kind), stats)
     saved = LEROBOT / "saved" / kind
     assert sorted(written) == sorted(p.name for p in saved.iterdir())
-    for name in written:
-        assert (tmp_path / name).read_bytes() == (saved / name).read_bytes(), name
+    for name, data in written.items():
+        assert data == (saved / name).read_bytes(), name
 
 
 def test_quantile_normalization_needs_quantiles():

@@ -3,7 +3,9 @@ transformers; skipped otherwise).
 
 pi0 and pi0.5 LoRA steps trained with openpi's scripts/train.py (tests/openpi_support/user_variants.py) are exported,
 loaded strictly into `PI0Pytorch` by `create_trained_policy`, and their `sample_actions`, with fixed noise, are
-compared with the JAX LoRA model's. As in the JAX tests, SigLIP is shrunk in this process (the JAX side by
+compared with the JAX LoRA model's. Every kind of source (a LoRA step, its merge, a full fine-tune's train step with
+EMA, a released base checkpoint, their params/; tests/data/openpi-15a9616) is exported and loaded strictly into a
+PI0Pytorch built with its dims; an openpi config is read for an export without building its data config. As in the JAX tests, SigLIP is shrunk in this process (the JAX side by
 `run_openpi_script`, the PyTorch side here, to the same sizes), and PI0Pytorch's multimodal projector, hard-coded to
 gemma_2b's width 2048, is given the tiny paligemma's width: both only make a CPU test fast; the LLM, which carries
 the adapters, is untouched.
@@ -11,6 +13,8 @@ the adapters, is untouched.
 
 import dataclasses
 import json
+import pathlib
+import shutil
 
 import numpy as np
 from openpi_support import gate
@@ -27,9 +31,11 @@ import torch  # noqa: E402
 import training  # noqa: E402
 
 from openpi_merge_plugin.checkpoint import output as _output  # noqa: E402
+from openpi_merge_plugin.formats.base import ExportOptions  # noqa: E402
 from openpi_merge_plugin.options import MergeOptions  # noqa: E402
 from openpi_merge_plugin.pipeline import checkpoint_merge  # noqa: E402
-from openpi_merge_plugin.pipeline import pytorch_export  # noqa: E402
+from openpi_merge_plugin.pipeline import export  # noqa: E402
+from openpi_merge_plugin.pipeline import model_facts  # noqa: E402
 
 pytestmark = pytest.mark.openpi
 TINY_SIGLIP = run_openpi_script._tiny_decode_variant("So400m/14")  # noqa: SLF001
@@ -71,9 +77,7 @@ def test_training_writes_the_export_next_to_merged_as_the_offline_command_does(t
     assert manifest["precision"] == "float32"
     assert manifest["output"] == str(on_save)
     assert manifest["files"] == _output.file_checksums(on_save)
-    offline = pytorch_export.export_pytorch(
-        step / "merged", output=tmp_path / "offline", model=pytorch_export.model_info_from_openpi(name)
-    )
+    offline = export.export(step / "merged", "pytorch", output=tmp_path / "offline", config=name)
     assert (offline.output / "model.safetensors").read_bytes() == (on_save / "model.safetensors").read_bytes()
     assert (offline.output / "config.json").read_text() == (on_save / "config.json").read_text()
 
@@ -126,19 +130,8 @@ def _beside(step, name: str):
 
 
 def _export(step, config, precision: str, name: str):
-    return pytorch_export.export_pytorch(
-        step / "merged",
-        output=_beside(step, name),
-        precision=precision,
-        model=_info(config),
-    ).output
-
-
-def _info(config) -> pytorch_export.ModelInfo:
-    m = config.model
-    return pytorch_export.ModelInfo(
-        m.paligemma_variant, m.action_expert_variant, m.action_horizon, model_dtype=m.dtype, pi05=m.pi05
-    )
+    options = ExportOptions(precision=precision)
+    return export.export(step / "merged", "pytorch", output=_beside(step, name), options=options, config=config).output
 
 
 def _base_merged(step, name):
@@ -185,8 +178,12 @@ def test_bfloat16_export_is_as_close_as_a_non_lora_conversion(trained):
     want = _jax_actions(lora, step / "params", obs, noise)
     got = _torch_actions(_served_pytorch_model(serving, _export(step, serving, "bfloat16", "pytorch_bf16")), obs, noise)
     base_jax = _jax_actions(serving, step / "params", obs, noise)
-    base_export = pytorch_export.export_pytorch(
-        _base_merged(step, name), output=_beside(step, "pytorch_base_bf16"), precision="bfloat16", model=_info(serving)
+    base_export = export.export(
+        _base_merged(step, name),
+        "pytorch",
+        output=_beside(step, "pytorch_base_bf16"),
+        options=ExportOptions(precision="bfloat16"),
+        config=serving,
     ).output
     base_torch = _torch_actions(_served_pytorch_model(serving, base_export), obs, noise)
     scale = float(np.max(np.abs(want)))
@@ -196,3 +193,153 @@ def test_bfloat16_export_is_as_close_as_a_non_lora_conversion(trained):
         f"{name} bfloat16, max |diff| / action scale: export of the merge {merged_gap:.4f}, of the base {base_gap:.4f}"
     )
     assert merged_gap <= 2 * base_gap  # and far below what the adapters change (tested in float32)
+
+
+DATA = pathlib.Path(__file__).resolve().parent / "data" / "openpi-15a9616"
+EXPORT_TINY = json.loads((DATA / "export-tiny" / "fixtures.json").read_text())
+LORA_TINY = json.loads((DATA / "lora-tiny" / "model_config.json").read_text())
+LORA_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "lora_tiny_fixture.json"
+_GEMMA = ("width", "depth", "mlp_dim", "num_heads", "num_kv_heads", "head_dim")
+
+
+def _tiny_pi0pytorch(monkeypatch, *, pi05: bool, variants: dict, siglip: dict, vocab: int):
+    """PI0Pytorch (float32) built with a fixture's dims: its gemma variants, SigLIP, vocabulary, and the projector at
+    the paligemma's width (upstream hard-codes 2048)."""
+    from openpi.models import gemma
+    from openpi.models import pi0_config
+    from openpi.models_pytorch import pi0_pytorch
+    import transformers
+
+    original = gemma.get_config
+    monkeypatch.setattr(gemma, "get_config", lambda v: gemma.Config(**variants[v]) if v in variants else original(v))
+    # transformers' own classes (this module's `tiny_pytorch_siglip` wraps gemma_pytorch's with other sizes)
+    build_vlm, build_expert = transformers.PaliGemmaForConditionalGeneration, transformers.GemmaForCausalLM
+
+    def vlm(config):
+        vision = config.vision_config
+        vision.hidden_size, vision.intermediate_size = siglip["width"], siglip["mlp_dim"]
+        vision.num_hidden_layers, vision.num_attention_heads = siglip["depth"], siglip["num_heads"]
+        vision.patch_size = siglip["patch_size"][0]
+        vision.projection_dim = config.text_config.hidden_size
+        config.text_config.vocab_size = vocab
+        return build_vlm(config=config)
+
+    def expert(config):
+        config.vocab_size = vocab
+        return build_expert(config=config)
+
+    monkeypatch.setattr(gemma_pytorch, "PaliGemmaForConditionalGeneration", vlm)
+    monkeypatch.setattr(gemma_pytorch, "GemmaForCausalLM", expert)
+    paligemma, action_expert = variants
+    config = pi0_config.Pi0Config(
+        pi05=pi05,
+        paligemma_variant=paligemma,
+        action_expert_variant=action_expert,
+        dtype="float32",
+        pytorch_compile_mode=None,
+    )
+    return pi0_pytorch.PI0Pytorch(config)
+
+
+def _sources(tmp_path: pathlib.Path) -> dict[str, tuple[pathlib.Path, list[str], dict]]:
+    """Every kind of source (a private copy), its export flags, and the dims of its model."""
+    step = tmp_path / "lora" / "2"
+    shutil.copytree(DATA / "lora-tiny" / "checkpoint" / "2", step)
+    merged = checkpoint_merge.merge_checkpoint(step, lora=checkpoint_merge.LoRASource(lora_config=LORA_CONFIG)).output
+    lora_variants = LORA_TINY["gemma_variants"]
+    lora_dims = {
+        "pi05": False,
+        "variants": {v: {k: lora_variants[v][k] for k in _GEMMA} for v in ("fx_lora_a", "fx_lora_b")},
+        "siglip": LORA_TINY["siglip_variant_patch"],
+        "vocab": LORA_TINY["paligemma_vocab_size"],
+    }
+    out = {"lora_step": (step, ["--lora-config", str(LORA_CONFIG)], lora_dims), "merged": (merged, [], lora_dims)}
+    for name, record in EXPORT_TINY.items():
+        shutil.copytree(DATA / "export-tiny" / name, tmp_path / name)
+        checkpoint = tmp_path / record["checkpoint"]
+        model = record["model_config"]
+        dims = {
+            "pi05": model["pi05"],
+            "variants": {
+                v: {k: model["variants"][v][k] for k in _GEMMA}
+                for v in (model["paligemma_variant"], model["action_expert_variant"])
+            },
+            "siglip": record["siglip"],
+            "vocab": record["vocab"],
+        }
+        out[name] = (checkpoint, [], dims)
+        out[f"{name}/params"] = (checkpoint / "params", [], dims)
+    return out
+
+
+@pytest.mark.openpi_ci
+def test_every_kind_of_source_loads_strictly_into_pi0pytorch(tmp_path, monkeypatch):
+    """Exported as the command line does (no config: the model from the params), loaded by safetensors'
+    `load_model(strict=True)` (every parameter present, the same shapes, nothing left over), as openpi's
+    `load_pytorch` loads it, into a PI0Pytorch built with the source's dims; every parameter is the file's."""
+    import safetensors
+    import safetensors.torch
+
+    from openpi_merge_plugin.cli import app as cli
+
+    for kind, (src, flags, dims) in _sources(tmp_path).items():
+        out = tmp_path / f"export-{kind.replace('/', '-')}"
+        argv = ["export", str(src), "--output", str(out), "--allow-nonstandard-dims", "--model-dtype", "float32"]
+        assert cli.main([*argv, "--no-progress", *flags]) == 0, kind
+        with monkeypatch.context() as patch:
+            model = _tiny_pi0pytorch(patch, **dims)
+        safetensors.torch.load_model(model, str(out / "model.safetensors"), strict=True)
+        state = model.state_dict()
+        with safetensors.safe_open(str(out / "model.safetensors"), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                assert torch.equal(state[name], f.get_tensor(name)), (kind, name)
+        print(f"{kind}: {len(state)} parameters loaded strictly into PI0Pytorch")
+
+
+def test_an_openpi_config_is_read_and_never_built(tmp_path, monkeypatch):
+    """`--config` of a config whose data config downloads the tokenizer when created (LeRobot LIBERO): the export
+    reads its model config and asset_id, and builds nothing (every data config's `create`, openpi's tokenizers and
+    its download fail the test if called)."""
+    from openpi.models import gemma
+    from openpi.models import pi0_config
+    from openpi.models import tokenizer
+    from openpi.shared import download
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("built: the export must read the config, not create its data config")
+
+    factories, todo = set(), [openpi_config.DataConfigFactory]
+    while todo:
+        cls = todo.pop()
+        factories.add(cls)
+        todo += cls.__subclasses__()
+    for cls in factories:
+        for method in ("create", "create_base_config"):
+            if method in vars(cls):
+                monkeypatch.setattr(cls, method, refuse)
+    monkeypatch.setattr(tokenizer.PaligemmaTokenizer, "__init__", refuse)
+    monkeypatch.setattr(tokenizer.FASTTokenizer, "__init__", refuse)
+    monkeypatch.setattr(download, "maybe_download", refuse)
+
+    facts = model_facts.from_openpi("pi0_libero_low_mem_finetune")
+    assert (facts.asset_id, facts.action_horizon, facts.max_token_len) == ("physical-intelligence/libero", 50, 48)
+    assert facts.variants == ("gemma_2b_lora", "gemma_300m_lora")
+
+    record = EXPORT_TINY["pi05_full_ema"]
+    variants = record["model_config"]["variants"]
+    original = gemma.get_config
+    monkeypatch.setattr(gemma, "get_config", lambda v: gemma.Config(**variants[v]) if v in variants else original(v))
+    model = pi0_config.Pi0Config(
+        pi05=True, paligemma_variant="tiny_wide", action_expert_variant="tiny_wide_expert", action_horizon=10
+    )
+    data = openpi_config.LeRobotLiberoDataConfig(
+        repo_id="physical-intelligence/libero", assets=openpi_config.AssetsConfig(asset_id=record["asset_id"])
+    )
+    config = openpi_config.TrainConfig(name="tiny_libero", model=model, data=data)
+    monkeypatch.setitem(openpi_config._CONFIGS_DICT, "tiny_libero", config)  # noqa: SLF001  (registered as users do)
+    shutil.copytree(DATA / "export-tiny" / "pi05_full_ema", tmp_path / "run")
+    step = tmp_path / "run" / "checkpoint" / "3"
+    result = export.export(step, "lerobot", options=ExportOptions(allow_nonstandard_dims=True), config="tiny_libero")
+    assert result.manifest["policy"]["action_horizon"] == 10  # the config's, not openpi's default
+    assert result.manifest["source"]["norm_stats"] == f"assets/{record['asset_id']}/norm_stats.json"
+    assert result.manifest["model_facts"] == {"model": "openpi config tiny_libero"}

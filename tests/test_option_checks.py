@@ -57,7 +57,7 @@ BAD = {
     "camera": [
         (["--format", "lerobot", "--camera", "base_0_rgb"], "--camera 'base_0_rgb': give each camera once"),
         (["--format", "lerobot", "--camera", "top=observation.images.top"], "--camera: unknown camera ['top']"),
-        (["--camera", "base_0_rgb=observation.images.top"], "are for --format lerobot"),
+        (["--camera", "base_0_rgb=observation.images.top"], "--camera is for --format lerobot"),
     ],
     "asset_id": [(["--format", "lerobot", "--asset-id", ""], "{flag} must be a non-empty string")],
     "norm_stats": [(["--format", "lerobot", "--norm-stats", "nope.json"], "{flag} nope.json does not exist")],

@@ -7,6 +7,7 @@ tests/test_openpi_pytorch_export.py.
 """
 
 import json
+import shutil
 
 from helpers import FIXTURE
 from helpers import FIXTURE_LORA_CONFIG
@@ -16,14 +17,16 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from openpi_merge_plugin.checkpoint import output as _output
-from openpi_merge_plugin.checkpoint import pytorch_layout
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.checkpoint import zarr_stream
 from openpi_merge_plugin.cli import app as cli
 from openpi_merge_plugin.errors import MergeError
+from openpi_merge_plugin.formats import pytorch
+from openpi_merge_plugin.formats import tensors as pytorch_layout
+from openpi_merge_plugin.formats.base import ExportOptions
 from openpi_merge_plugin.pipeline import checkpoint_merge
+from openpi_merge_plugin.pipeline import export
 from openpi_merge_plugin.pipeline import export_stream
-from openpi_merge_plugin.pipeline import pytorch_export
 
 MODEL = json.loads((FIXTURE / "model_config.json").read_text())["pi0_config"]
 
@@ -51,16 +54,15 @@ def merged(step_dir, fixture_lora):
     return checkpoint_merge.merge_checkpoint(step_dir, lora=fixture_lora).output
 
 
-def _model(merged_dir):
-    return pytorch_export.model_info_from_manifest_variants(merged_dir, action_horizon=MODEL["action_horizon"])
+def _options(**kw) -> ExportOptions:
+    """The fixture's horizon; its dims are not PI0Pytorch's."""
+    return ExportOptions(action_horizon=MODEL["action_horizon"], allow_nonstandard_dims=True, **kw)
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_export_of_a_merged_checkpoint_holds_every_tensor_as_laid_out(merged, tiny_vision, precision):
     before = {p.relative_to(merged): p.read_bytes() for p in merged.rglob("*") if p.is_file()}
-    result = pytorch_export.export_pytorch(
-        merged, precision=precision, model=_model(merged), allow_nonstandard_dims=True
-    )
+    result = export.export(merged, "pytorch", options=_options(precision=precision))
     out = merged.parent / "merged_pytorch"
     assert result.output == out
     assert sorted(p.name for p in out.iterdir()) == ["assets", "config.json", "manifest.json", "model.safetensors"]
@@ -68,10 +70,10 @@ def test_export_of_a_merged_checkpoint_holds_every_tensor_as_laid_out(merged, ti
 
     source = sources.OrbaxSource(merged / "params")
     params = source.read(source.tree)
-    layout = pytorch_layout.build_layout(
+    layout = pytorch.build_layout(
         {p: (tuple(a.shape), str(a.dtype)) for p, a in params.items()},
-        paligemma=pytorch_export.dims_from_params(source.tree, ""),
-        action_expert=pytorch_export.dims_from_params(source.tree, "_1"),
+        paligemma=pytorch_layout.dims_from_params(source.tree, ""),
+        action_expert=pytorch_layout.dims_from_params(source.tree, "_1"),
         action_dim=MODEL["action_dim"],
         precision=precision,
         allow_nonstandard_dims=True,
@@ -120,28 +122,26 @@ def test_export_reading_every_leaf_streamed_writes_the_same_file(step_dir, tiny_
     files = []
     for name, threshold in (("streamed", 0), ("tensorstore", 1 << 62)):
         monkeypatch.setattr(zarr_stream, "STREAM_MIN_CHUNK_BYTES", threshold)
-        result = pytorch_export.export_pytorch(
+        result = export.export(
             step_dir,
+            "pytorch",
             output=step_dir.parent / name,
-            model=_model(merged),
+            options=_options(),
             lora=checkpoint_merge.LoRASource(lora_config=FIXTURE_LORA_CONFIG),
-            allow_nonstandard_dims=True,
         )
         files.append((result.output / "model.safetensors").read_bytes())
     assert files[0] == files[1]
 
 
 def test_export_of_a_lora_step_merges_on_the_way_and_leaves_the_step_alone(step_dir, tiny_vision, merged):
-    from_merged = pytorch_export.export_pytorch(
-        merged, output=step_dir.parent / "a", model=_model(merged), allow_nonstandard_dims=True
-    )
+    from_merged = export.export(merged, "pytorch", output=step_dir.parent / "a", options=_options())
     before = sorted(p.relative_to(step_dir) for p in step_dir.rglob("*"))
-    from_step = pytorch_export.export_pytorch(
+    from_step = export.export(
         step_dir,
+        "pytorch",
         output=step_dir.parent / "b",
-        model=_model(merged),
+        options=_options(),
         lora=checkpoint_merge.LoRASource(lora_config=FIXTURE_LORA_CONFIG),
-        allow_nonstandard_dims=True,
     )
     assert sorted(p.relative_to(step_dir) for p in step_dir.rglob("*")) == before
     assert from_step.manifest["source"]["merged_on_the_way"] is True
@@ -153,7 +153,7 @@ def test_export_of_a_lora_step_merges_on_the_way_and_leaves_the_step_alone(step_
 
 def test_upstream_dimensions_are_required_unless_nonstandard_dims_are_allowed(merged, tiny_vision):
     with pytest.raises(MergeError, match=r"hard-codes dimensions this model does not have: projection_dim 64 \(PI0"):
-        pytorch_export.export_pytorch(merged, model=_model(merged))
+        export.export(merged, "pytorch", options=ExportOptions(action_horizon=MODEL["action_horizon"]))
     assert not (merged.parent / "merged_pytorch").exists()
     assert not list(merged.parent.glob(".merged_pytorch*"))  # nothing half-written left behind
 
@@ -166,24 +166,26 @@ def test_cli_export_refuses_a_second_run_and_names_what_is_missing(merged, tiny_
     assert "bitwise as laid out" in out
     assert cli.main(argv) == 1
     assert "exists" in capsys.readouterr().err
-    with pytest.raises(MergeError, match="needs the model config"):
-        pytorch_export.export_pytorch(merged, output=merged.parent.parent / "c", allow_nonstandard_dims=True)
+    # A merge that names an openpi config this process cannot read: its model config is not guessed.
+    named = merged.parent.parent / "named"
+    shutil.copytree(merged, named)
+    manifest = json.loads((named / "manifest.json").read_text())
+    (named / "manifest.json").write_text(json.dumps({**manifest, "serving_config": "no_such_config"}))
+    with pytest.raises(MergeError, match=r"needs the model config .* no_such_config.*--action-horizon N"):
+        export.export(named, "pytorch", options=ExportOptions(allow_nonstandard_dims=True))
+    assert not (merged.parent.parent / "named_pytorch").exists()
 
 
 def test_export_in_row_blocks_writes_the_same_bytes(step_dir, tiny_vision, merged, monkeypatch):
     """The embedding (no transposes) goes out in row blocks when large: the same file, from a LoRA step and a merged
     directory alike (blocks of a few rows here, so that the fixture's small embedding is split)."""
-    whole = pytorch_export.export_pytorch(
-        merged, output=step_dir.parent / "a", model=_model(merged), allow_nonstandard_dims=True
-    )
+    whole = export.export(merged, "pytorch", output=step_dir.parent / "a", options=_options())
     monkeypatch.setattr(export_stream, "BLOCK_BYTES", 3000)
     for name, src, lora in (
         ("b", merged, None),
         ("c", step_dir, checkpoint_merge.LoRASource(lora_config=FIXTURE_LORA_CONFIG)),
     ):
-        blocks = pytorch_export.export_pytorch(
-            src, output=step_dir.parent / name, model=_model(merged), lora=lora, allow_nonstandard_dims=True
-        )
+        blocks = export.export(src, "pytorch", output=step_dir.parent / name, options=_options(), lora=lora)
         assert (blocks.output / "model.safetensors").read_bytes() == (whole.output / "model.safetensors").read_bytes()
         files = blocks.manifest["files"]["model.safetensors"]
         assert files == _output.file_checksums(blocks.output)["model.safetensors"]

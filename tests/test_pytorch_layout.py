@@ -19,8 +19,9 @@ import pytest
 from safetensors import safe_open
 import safetensors.numpy
 
-from openpi_merge_plugin.checkpoint import pytorch_layout as pl
 from openpi_merge_plugin.checkpoint import safetensors_stream as ss
+from openpi_merge_plugin.formats import pytorch
+from openpi_merge_plugin.formats import tensors as pl
 
 DATA = pathlib.Path(__file__).parent / "data" / "pytorch"
 VISION_LAYERS = (0, 26)  # SigLIP layers whose values are checked (each is ~15M values)
@@ -49,10 +50,10 @@ def _tree(raw: dict) -> dict:
     return {p: (tuple(s), d) for p, (s, d) in raw.items()}
 
 
-def _layout(tree, case: str, precision: str, model_dtype: str = "bfloat16", **kw) -> pl.Layout:
+def _layout(tree, case: str, precision: str, model_dtype: str = "bfloat16", **kw) -> pytorch.Layout:
     cfg = _fixture("jax_shapes.json.gz")["configs"][case]
     kw.setdefault("allow_nonstandard_dims", cfg["paligemma_variant"] == "dummy")
-    return pl.build_layout(
+    return pytorch.build_layout(
         _tree(tree),
         paligemma=_dims(cfg["paligemma_variant"]),
         action_expert=_dims(cfg["action_expert_variant"]),
@@ -139,7 +140,7 @@ def test_header_and_config_equal_upstream(run):
     assert ss.file_size(layout.tensors, layout.metadata) == r["file_size"]
     assert set(r["tensors"]) == {t.name for t in layout} - {pl.EXPERT_LM_HEAD}
     cfg = _fixture("jax_shapes.json.gz")["configs"][f"{r['kind']}_dummy"]
-    text = pl.config_json(
+    text = pytorch.config_json(
         action_dim=cfg["action_dim"],
         action_horizon=cfg["action_horizon"],
         paligemma_variant=cfg["paligemma_variant"],
@@ -263,16 +264,16 @@ def test_mismatched_dims_are_clear_errors():
     tree = trees["pi0_dummy"]
     full, ae = _tree(trees["pi0_full"]), _dims("gemma_300m")
     with pytest.raises(pl.LayoutError, match=r"q_einsum/w: shape \(18, 8, 2048, 256\), expected \(18, 8, 1024, 256\)"):
-        pl.build_layout(
+        pytorch.build_layout(
             full, paligemma=_dims("gemma_300m"), action_expert=ae, action_dim=32, allow_nonstandard_dims=True
         )
-    assert len(pl.build_layout(full, paligemma=_dims("gemma_2b"), action_expert=ae, action_dim=32)) == 777
+    assert len(pytorch.build_layout(full, paligemma=_dims("gemma_2b"), action_expert=ae, action_dim=32)) == 777
     with pytest.raises(pl.LayoutError, match=r"equal depth"):
-        pl.build_layout(
+        pytorch.build_layout(
             _tree(trees["pi0_full"]), paligemma=_dims("gemma_2b"), action_expert=_dims("dummy"), action_dim=32
         )
     with pytest.raises(pl.LayoutError, match=r"action_in_proj/kernel: shape \(32, 64\), expected \(14, 64\)"):
-        pl.build_layout(
+        pytorch.build_layout(
             _tree(tree),
             paligemma=_dims("dummy"),
             action_expert=_dims("dummy"),
@@ -280,7 +281,9 @@ def test_mismatched_dims_are_clear_errors():
             allow_nonstandard_dims=True,
         )
     with pytest.raises(pl.LayoutError, match="config says pi05=True, but the params are those of pi0"):
-        pl.build_layout(_tree(tree), paligemma=_dims("dummy"), action_expert=_dims("dummy"), action_dim=32, pi05=True)
+        pytorch.build_layout(
+            _tree(tree), paligemma=_dims("dummy"), action_expert=_dims("dummy"), action_dim=32, pi05=True
+        )
     lora = {**tree, "PaliGemma/llm/layers/attn/q_einsum/lora_a": [[4, 8, 64, 16], "float32"]}
     with pytest.raises(pl.LayoutError, match="unmerged LoRA"):
         _layout(lora, cfg, "bfloat16")

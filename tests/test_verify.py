@@ -15,6 +15,7 @@ from openpi_merge_plugin import merge_checkpoint
 from openpi_merge_plugin import verify_merged
 from openpi_merge_plugin.checkpoint import output as _output
 from openpi_merge_plugin.checks import integrity
+from openpi_merge_plugin.lora import config_schema
 from openpi_merge_plugin.lora import configs as lora_configs
 
 ATTN = [
@@ -338,10 +339,10 @@ def test_progress_counts_every_byte_and_layer_slice(merges):
 
 
 def test_recorded_lora_config_reads_back(fixture_lora):
-    back = lora_configs.ResolvedLoRA.from_json(fixture_lora.to_json())
+    back = config_schema.read_recorded(fixture_lora.to_json())
     assert back == fixture_lora
     with pytest.raises(MergeError, match="recorded LoRA config is malformed"):
-        lora_configs.ResolvedLoRA.from_json({"source": "x", "experts": {"0": {"attn": {"alpha": 1.0}}}})
+        config_schema.read_recorded({"source": "x", "experts": {"0": {"attn": {"alpha": 1.0}}}})
 
 
 def test_help_lists_the_options(capsys):

@@ -1,1 +1,2 @@
-"""Checkpoint I/O: Orbax readers, the streaming Orbax writer, the PyTorch layout and writer, commit and manifest."""
+"""Checkpoint I/O: Orbax readers (whole, per layer slice, stream-decoded), the streaming Orbax and safetensors
+writers, the output rules, commit and manifest. What a format's files hold is formats/'s."""

@@ -27,13 +27,21 @@ from openpi_merge_plugin.options import shown
 MANIFEST = checkpoint_dirs.MANIFEST
 PLUGIN = checkpoint_dirs.PLUGIN
 FAILURE_MARKER = ownership.FAILURE_MARKER
-# A step's reserved slots: the merged checkpoint, its PyTorch and LeRobot exports (offline or on save).
+# A step's reserved slots, each for one kind of output: the merge of a LoRA step and its exports (offline or on
+# save) in `merged`, `merged_<format>`; the export of a step without adapters (a full fine-tune) in `<format>`.
 MERGED_NAME = "merged"
 PYTORCH_NAME = "merged_pytorch"
 LEROBOT_NAME = "merged_lerobot"
-STEP_OUTPUT_NAMES = (MERGED_NAME, PYTORCH_NAME, LEROBOT_NAME)
 OutputKind = Literal["merged", "pytorch", "lerobot"]
-SLOT: dict[OutputKind, str] = {"merged": MERGED_NAME, "pytorch": PYTORCH_NAME, "lerobot": LEROBOT_NAME}
+LORA_STEP_SLOTS = (MERGED_NAME, PYTORCH_NAME, LEROBOT_NAME)
+SLOT_KIND: dict[str, OutputKind] = {
+    MERGED_NAME: "merged",
+    PYTORCH_NAME: "pytorch",
+    LEROBOT_NAME: "lerobot",
+    "pytorch": "pytorch",
+    "lerobot": "lerobot",
+}
+STEP_OUTPUT_NAMES = tuple(SLOT_KIND)
 KIND_DESCRIPTION: dict[OutputKind, str] = {
     "merged": "merged Orbax checkpoint",
     "pytorch": "PyTorch export",
@@ -63,11 +71,11 @@ def check_output(
     check_name(as_written(output), "--output")
     written, out = as_written(output), absolute(output)
     check_utf8(written, "--output")
-    slot = SLOT.get(kind) if kind is not None else None
+    slots = own_slots(protected, kind)
     for guarded in protected:
         for path in dict.fromkeys((written, out)):
-            _check_apart(path, written, guarded, slot)
-    check_not_in_checkpoint(written, out, "--output", kind=kind, own_steps=_own_steps(protected, kind))
+            _check_apart(path, written, guarded, slots)
+    check_not_in_checkpoint(written, out, "--output", kind=kind, own_slots=slots)
     exists = out.is_symlink() or out.exists()
     if not exists and out.name.isdigit() and checkpoint_dirs.steps_in(out.parent):
         raise OutputRefusedError(
@@ -119,16 +127,15 @@ def check_not_in_checkpoint(
     flag: str,
     *,
     kind: OutputKind | None = None,
-    own_steps: Sequence[pathlib.Path] = (),
+    own_slots: Sequence[pathlib.Path] = (),
 ) -> None:
-    """Refuses a path inside any checkpoint (as written or as resolved), but for one of `own_steps`' slot for
-    `kind` (`<step>/merged` for a merge, ...)."""
-    slot = SLOT.get(kind) if kind is not None else None
-    own = {p.resolve() for p in own_steps}
+    """Refuses a path inside any checkpoint (as written or as resolved), but for one of `own_slots`: the slots for
+    `kind` of the steps the command reads (`<step>/merged` for a merge, ...; `own_slots`)."""
+    own = {p.parent.resolve() / p.name for p in own_slots}
     for path in dict.fromkeys((written, resolved)):
         for found in checkpoint_dirs.containing(path):
             in_slot = found.path == path.parent and found.kind == "step"
-            if in_slot and path.name == slot and found.path.resolve() in own:
+            if in_slot and found.path.resolve() / path.name in own:
                 continue
             resolved_to = f" (resolved: {shown(path)})" if path != written else ""
             if in_slot and path.name in STEP_OUTPUT_NAMES:
@@ -137,41 +144,55 @@ def check_not_in_checkpoint(
             raise OutputRefusedError(
                 f"{flag} {shown(written)}{resolved_to} lies inside {checkpoint_dirs.DESCRIPTION[found.kind]} "
                 f"{shown(found.path)}, which is never modified: choose a directory outside {outside}"
-                f"{_slot_hint(own, slot)}"
+                f"{_slot_hint(own)}"
             )
 
 
 def _wrong_slot(
     written: pathlib.Path, step: pathlib.Path, name: str, kind: OutputKind | None, own: set[pathlib.Path]
 ) -> str:
-    slot_kind = next(k for k, n in SLOT.items() if n == name)
+    slot_kind = SLOT_KIND[name]
     what = KIND_DESCRIPTION[kind] if kind is not None else "this output"
-    if kind is None or step.resolve() not in own:
+    mine = [slot for slot in sorted(own) if slot.parent == step.resolve()]
+    if kind is not None and slot_kind == kind and mine:
+        return (
+            f"--output {shown(written)} is the slot of step {shown(step)} for a {what} of "
+            f"{'a step without adapters' if name == kind else 'its merge'}, and this command writes the other: "
+            f"choose {' or '.join(shown(s) for s in mine)} or a directory outside the step"
+        )
+    if kind is None or not mine:
+        steps = sorted({slot.parent for slot in own})
         whose = (
-            f"this command writes the {what} of step {', '.join(shown(s) for s in sorted(own))}"
-            if own
+            f"this command writes the {what} of step {', '.join(shown(s) for s in steps)}"
+            if steps
             else f"this command's {what} is not that step's"
         )
         return (
             f"--output {shown(written)} is the slot of step {shown(step)} for its own {KIND_DESCRIPTION[slot_kind]}, "
-            f"and {whose}: choose a directory outside any checkpoint step{_slot_hint(own, SLOT.get(kind))}"
+            f"and {whose}: choose a directory outside any checkpoint step{_slot_hint(own)}"
         )
     return (
         f"--output {shown(written)} is the slot of step {shown(step)} for its {KIND_DESCRIPTION[slot_kind]}, not for "
-        f"a {what}: choose {shown(step / SLOT[kind])} or a directory outside the step"
+        f"a {what}: choose {' or '.join(shown(s) for s in mine)} or a directory outside the step"
     )
 
 
-def _slot_hint(own: set[pathlib.Path], slot: str | None) -> str:
-    if not own or slot is None:
+def _slot_hint(own: set[pathlib.Path]) -> str:
+    if not own:
         return ""
-    return f" (or {' or '.join(shown(step / slot) for step in sorted(own))})"
+    return f" (or {' or '.join(shown(slot) for slot in sorted(own))})"
 
 
-def _own_steps(protected: Sequence[Protected], kind: OutputKind | None) -> list[pathlib.Path]:
-    """The steps whose slot for `kind` the output may take: the sources' steps that allow it."""
-    slot = SLOT.get(kind) if kind is not None else None
-    return [guarded.path for guarded in protected if slot in guarded.own_children]
+def own_slots(protected: Sequence[Protected], kind: OutputKind | None) -> list[pathlib.Path]:
+    """The step slots the output may take: those for `kind` among the sources' `own_children`."""
+    if kind is None:
+        return []
+    return [
+        guarded.path.resolve() / name
+        for guarded in protected
+        for name in guarded.own_children
+        if SLOT_KIND.get(name) == kind
+    ]
 
 
 def check_name(path: pathlib.Path, flag: str) -> None:
@@ -198,7 +219,7 @@ def check_writable(out: pathlib.Path, written_as: pathlib.Path, flag: str) -> No
         raise MergeError(f"cannot write {written}: parent directory {shown(parent)} is not writable")
 
 
-def _check_apart(path: pathlib.Path, written: pathlib.Path, guarded: Protected, slot: str | None) -> None:
+def _check_apart(path: pathlib.Path, written: pathlib.Path, guarded: Protected, slots: Sequence[pathlib.Path]) -> None:
     """`path` (the output, as written or resolved) is not the protected directory, around it or inside it (but for
     its reserved slots: which one holds what is `check_not_in_checkpoint`'s to say)."""
     src = guarded.path.resolve()
@@ -214,7 +235,7 @@ def _check_apart(path: pathlib.Path, written: pathlib.Path, guarded: Protected, 
                 "another --output"
             )
         if path.is_relative_to(source) and not (path.parent == source and path.name in guarded.own_children):
-            allowed = " or ".join(shown(src / n) for n in guarded.own_children if n == slot)
+            allowed = " or ".join(shown(slot) for slot in slots if slot.parent == src)
             raise OutputRefusedError(
                 f"--output {shown(written)} lies inside {guarded.what} {shown(src)}, which is never modified: choose "
                 f"a directory outside it{f' (or {allowed})' if allowed else ''}"

@@ -27,7 +27,7 @@ from openpi_merge_plugin.errors import IntegrityError
 from openpi_merge_plugin.lora import adapters as _adapters
 from openpi_merge_plugin.lora import config_schema
 from openpi_merge_plugin.lora import equations as eq
-from openpi_merge_plugin.lora.configs import ResolvedLoRA
+from openpi_merge_plugin.lora.spec import ResolvedLoRA
 from openpi_merge_plugin.merge import engine
 from openpi_merge_plugin.merge import slice_ops
 from openpi_merge_plugin.pipeline import checkpoint_merge
@@ -314,7 +314,7 @@ def _resolve_lora(
         return lora
     if lora is not None:
         return checkpoint_merge.resolve_lora(tree, lora)
-    recorded = ResolvedLoRA.from_json(manifest["lora_config"])
+    recorded = config_schema.read_recorded(manifest["lora_config"])
     config_schema.check_against(recorded.experts, tree, "the LoRA config the manifest records")
     return dataclasses.replace(recorded, source=f"recorded in the manifest ({recorded.source})")
 

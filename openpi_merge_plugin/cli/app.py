@@ -3,7 +3,7 @@
 openpi-merge-lora [merge] STEP_DIR ...    merge a LoRA step into STEP_DIR/merged
 openpi-merge-lora verify MERGED_DIR ...   re-check a merged checkpoint against its manifest
 openpi-merge-lora inspect DIR ...         show what a LoRA step or merged checkpoint holds
-openpi-merge-lora export SRC ...          openpi's PyTorch checkpoint, or LeRobot's policy, of a merge or LoRA step
+openpi-merge-lora export SRC ...          openpi's PyTorch checkpoint or LeRobot's policy of any openpi checkpoint
 openpi-merge-lora --version               the plugin's version
 """
 
@@ -32,10 +32,7 @@ SUBCOMMANDS = {
         "openpi_merge_plugin.cli.inspect",
         "show a LoRA step's or merged checkpoint's adapters and updates",
     ),
-    "export": (
-        "openpi_merge_plugin.cli.export",
-        "write openpi's PyTorch checkpoint, or LeRobot's policy directory (--format lerobot), of a merge",
-    ),
+    "export": ("openpi_merge_plugin.cli.export", "write any openpi checkpoint for openpi's PyTorch runtime or LeRobot"),
 }
 DEFAULT_SUBCOMMAND = "merge"
 # An error message is one line of at most this many characters (a path or a library's text can be any length).

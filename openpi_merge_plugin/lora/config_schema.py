@@ -30,6 +30,7 @@ from openpi_merge_plugin.errors import ConfigError
 from openpi_merge_plugin.lora import adapters as _adapters
 from openpi_merge_plugin.lora.spec import ExpertLoRA
 from openpi_merge_plugin.lora.spec import LoRASpec
+from openpi_merge_plugin.lora.spec import ResolvedLoRA
 from openpi_merge_plugin.options import OptionError
 
 FILE_KEYS = {"experts": True, "config_name": False, "description": False}  # key -> required
@@ -83,6 +84,12 @@ def parse_recorded(data: Any) -> tuple[dict[int, ExpertLoRA], str, str | None]:
     except SchemaError as e:
         raise ConfigError(f"recorded LoRA config is malformed: {e}") from None
     return parsed, data["source"], config_name
+
+
+def read_recorded(data: Any) -> ResolvedLoRA:
+    """A manifest's `lora_config` (`ResolvedLoRA.to_json`) read back; a ConfigError if it is not as written."""
+    experts, source, config_name = parse_recorded(data)
+    return ResolvedLoRA(experts=experts, source=source, config_name=config_name)
 
 
 def check_against(experts: Mapping[int, ExpertLoRA], tree: Mapping[str, Any], where: str) -> None:

@@ -13,14 +13,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 import dataclasses
 import pathlib
-from typing import Any
 
 from openpi_merge_plugin import options
 from openpi_merge_plugin.errors import ConfigError
 from openpi_merge_plugin.lora import adapters as _adapters
 from openpi_merge_plugin.lora import config_schema
+from openpi_merge_plugin.lora import openpi_configs
 from openpi_merge_plugin.lora.spec import ExpertLoRA
 from openpi_merge_plugin.lora.spec import LoRASpec
+from openpi_merge_plugin.lora.spec import ResolvedLoRA
 
 # openpi 15a9616 `gemma.get_config` / `gemma_fast.get_config`: the LoRA variants it ships, with their widths.
 SHIPPED_VARIANTS: dict[str, tuple[int, ExpertLoRA]] = {
@@ -33,29 +34,6 @@ SHIPPED_VARIANTS: dict[str, tuple[int, ExpertLoRA]] = {
         ExpertLoRA("gemma_300m_lora", attn=LoRASpec(rank=32, alpha=32.0), ffn=LoRASpec(rank=32, alpha=32.0)),
     ),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class ResolvedLoRA:
-    """LoRA configs per expert index, and where they came from (recorded in the manifest)."""
-
-    experts: dict[int, ExpertLoRA]
-    source: str
-    config_name: str | None = None  # the openpi TrainConfig they were read from, if any
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "config_name": self.config_name,
-            "experts": {str(i): e.to_json() for i, e in sorted(self.experts.items())},
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ResolvedLoRA:
-        """Reads back `to_json` (a manifest's `lora_config`); raises ConfigError if it is not as written
-        (`config_schema`)."""
-        experts, source, config_name = config_schema.parse_recorded(data)
-        return cls(experts=experts, source=source, config_name=config_name)
 
 
 def from_file(path: pathlib.Path | str) -> ResolvedLoRA:
@@ -138,8 +116,6 @@ class LoRASource:
 def resolve_lora(tree: Mapping[str, _adapters.ShapeDtype], how: LoRASource) -> ResolvedLoRA:
     """The LoRA config of each expert, from the first source `how` names (or inferred from the shapes)."""
     if how.config:
-        from openpi_merge_plugin.lora import openpi_configs
-
         return openpi_configs.lora_from_train_config(how.config)
     if how.lora_config:
         resolved = from_file(how.lora_config)

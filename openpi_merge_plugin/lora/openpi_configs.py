@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 from openpi_merge_plugin.errors import ConfigError
-from openpi_merge_plugin.lora.configs import ResolvedLoRA
 from openpi_merge_plugin.lora.spec import ExpertLoRA
 from openpi_merge_plugin.lora.spec import LoRASpec
+from openpi_merge_plugin.lora.spec import ResolvedLoRA
 
 
 def openpi_available() -> bool:
@@ -21,23 +21,31 @@ def openpi_available() -> bool:
     return True
 
 
-def model_variants(model: Any) -> tuple[tuple[str, ...], Any]:
-    """The model config's gemma variant fields (one per expert, in expert order) and the gemma module they name.
+def variant_fields(model: Any) -> tuple[str, ...]:
+    """The model config's gemma variant fields, one per expert, in expert order (nothing imported).
 
     Told apart by the fields the model config has, as openpi builds them: pi0 / pi0.5 carry two experts of
     `openpi.models.gemma`, pi0-FAST one of `openpi.models.gemma_fast`.
     """
     if hasattr(model, "action_expert_variant"):
-        from openpi.models import gemma
-
-        return ("paligemma_variant", "action_expert_variant"), gemma
+        return ("paligemma_variant", "action_expert_variant")
     if hasattr(model, "paligemma_variant"):
-        from openpi.models import gemma_fast
-
-        return ("paligemma_variant",), gemma_fast
+        return ("paligemma_variant",)
     raise ConfigError(
         f"model config {type(model).__name__} has no gemma variants; the merge supports pi0/pi0.5/pi0-FAST"
     )
+
+
+def model_variants(model: Any) -> tuple[tuple[str, ...], Any]:
+    """The model config's gemma variant fields (`variant_fields`) and the gemma module they name."""
+    fields = variant_fields(model)
+    if len(fields) == 2:
+        from openpi.models import gemma
+
+        return fields, gemma
+    from openpi.models import gemma_fast
+
+    return fields, gemma_fast
 
 
 def lora_from_model(model: Any, *, config_name: str | None = None) -> ResolvedLoRA:

@@ -1,4 +1,5 @@
-"""LoRA hyper-parameters as openpi defines them (`openpi.models.lora.LoRAConfig`), without importing openpi."""
+"""LoRA hyper-parameters as openpi defines them (`openpi.models.lora.LoRAConfig`), per expert, and resolved for a
+checkpoint (`ResolvedLoRA`), without importing openpi."""
 
 from __future__ import annotations
 
@@ -74,6 +75,22 @@ class ExpertLoRA:
             "variant": self.variant,
             "attn": None if self.attn is None else self.attn.to_json(),
             "ffn": None if self.ffn is None else self.ffn.to_json(),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedLoRA:
+    """LoRA configs per expert index, and where they came from (recorded in the manifest)."""
+
+    experts: dict[int, ExpertLoRA]
+    source: str
+    config_name: str | None = None  # the openpi TrainConfig they were read from, if any
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "config_name": self.config_name,
+            "experts": {str(i): e.to_json() for i, e in sorted(self.experts.items())},
         }
 
 

@@ -139,27 +139,26 @@ def write_staged(request: MergeRequest) -> pathlib.Path | None:
 
 
 def _write_pytorch(target: pathlib.Path, directory: pathlib.Path, request: MergeRequest) -> dict[str, Any]:
-    from openpi_merge_plugin.pipeline import pytorch_export
-
-    return pytorch_export.write_export(
-        target,
-        directory,
-        request.config.merge_lora.export_precision,
-        pytorch_export.model_info_from_model(request.config.model, config_name=request.config.name),
-        request.step_dir / PYTORCH_ITEM,
-        source_info={"merged": str(request.step_dir / ITEM), "merged_on_the_way": False},
-    )
+    return _write_export(target, directory, request, "pytorch", PYTORCH_ITEM)
 
 
 def _write_lerobot(target: pathlib.Path, directory: pathlib.Path, request: MergeRequest) -> dict[str, Any]:
-    from openpi_merge_plugin.pipeline import lerobot_export
+    return _write_export(target, directory, request, "lerobot", LEROBOT_ITEM)
 
-    return lerobot_export.write_lerobot(
+
+def _write_export(
+    target: pathlib.Path, directory: pathlib.Path, request: MergeRequest, fmt: str, item: str
+) -> dict[str, Any]:
+    from openpi_merge_plugin.formats.base import ExportOptions
+    from openpi_merge_plugin.pipeline import export
+
+    return export.write_beside_merge(
         target,
         directory,
-        request.config.merge_lora.export_precision,
-        lerobot_export.model_from_train_config(request.config, config_name=request.config.name),
-        request.step_dir / LEROBOT_ITEM,
+        fmt,
+        request.config,
+        ExportOptions(precision=request.config.merge_lora.export_precision),
+        request.step_dir / item,
         source_info={"merged": str(request.step_dir / ITEM), "merged_on_the_way": False},
     )
 

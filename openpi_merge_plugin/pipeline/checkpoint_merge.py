@@ -172,7 +172,7 @@ def plan_step_merge(
 
 def protect_step(step_dir: pathlib.Path) -> output_guard.Protected:
     """The LoRA step as an output must treat it: never touched, but for the tool's own `<step>/merged*`."""
-    return output_guard.Protected(step_dir, "the LoRA step", output_guard.STEP_OUTPUT_NAMES)
+    return output_guard.Protected(step_dir, "the LoRA step", output_guard.LORA_STEP_SLOTS)
 
 
 def merge_checkpoint(

@@ -1,25 +1,30 @@
 """The export's one pass: every JAX leaf of a source read once, a layer slice at a time, merged on the way where it
-carries a LoRA adapter (the merge engine, verification included), and laid out as the tensors of the file.
+carries a LoRA adapter (the merge engine, verification included), laid out as the tensors of the file and written,
+each at its offset and hashed (`write`); then everything read back against those hashes (`read_back`).
 
 `laid_out_tensors` yields (spec, rows, array) in the source's order, not the file's: a writer that knows the header
 up front (`safetensors_stream.PositionalWriter`) puts each tensor at its offset. A format whose tensors are
-PI0Pytorch's, renamed or recast (LeRobot), consumes the same stream. Without adapters (a merged directory) the
-merge is the identity: the leaves are read and laid out as they are.
+PI0Pytorch's, renamed or recast (LeRobot), consumes the same stream. Without adapters (a merged directory, a plain
+checkpoint) the merge is the identity: the leaves are read and laid out as they are.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import dataclasses
+import hashlib
+import pathlib
 from typing import Any
 
 import numpy as np
 
 from openpi_merge_plugin.checkpoint import host_memory
-from openpi_merge_plugin.checkpoint import pytorch_layout as layout
+from openpi_merge_plugin.checkpoint import output as _output
+from openpi_merge_plugin.checkpoint import safetensors_stream
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.errors import CheckpointError
+from openpi_merge_plugin.formats import tensors as layout
 from openpi_merge_plugin.lora import adapters as _adapters
 from openpi_merge_plugin.merge import engine
 from openpi_merge_plugin.merge.report import MergeReport
@@ -28,6 +33,7 @@ from openpi_merge_plugin.merge.report import MergeReport
 BLOCK_BYTES = 256 << 20
 
 LaidOut = tuple[layout.TensorSpec, slice | None, np.ndarray | None]  # spec, rows of axis 0 (None: all), None: zeros
+ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclasses.dataclass
@@ -41,9 +47,10 @@ class Merge:
 
 
 def laid_out_tensors(
-    source: sources.ParamSource, plan: layout.Layout, merge: Merge | None = None, *, block_bytes: int | None = None
+    source: sources.ParamSource, plan: Any, merge: Merge | None = None, *, block_bytes: int | None = None
 ) -> Iterator[LaidOut]:
-    """Each tensor of `plan`, laid out from `source` (merged per slice with `merge`; None: the identity), once.
+    """Each tensor of `plan` (a `FormatPlan`: its `.tensors`), laid out from `source` (merged per slice with `merge`;
+    None: the identity), once.
 
     Holds one layer slice of one leaf at a time (a merged slice as the engine hands it over, assembled from its
     column pieces); a large tensor without transposes comes in row blocks (`rows`), each laid out on its own.
@@ -127,3 +134,77 @@ def _merged_slices(weight: engine.MergedWeight) -> Iterator[tuple[int | None, np
         del piece
     if current is not None:
         yield (current[0] if current else None), buffer
+
+
+@dataclasses.dataclass(frozen=True)
+class Written:
+    """What `write` wrote, as it wrote it: the model file's header and each tensor's sha256, each side file's, and
+    the verification of the merge on the way (None: the identity)."""
+
+    header: bytes
+    digests: dict[str, str]
+    files: dict[str, str]
+    merge: dict[str, Any] | None = None
+
+
+def disk_needed(plan: Any, output: pathlib.Path) -> int:
+    """An upper bound of the disk space `plan` takes at `output`, checked before the pass with the copies it makes:
+    no link in them leads into the output's own directory (which would copy without end)."""
+    for tree in plan.copies.values():
+        _output.check_copy(tree, output.parent)
+    return _output.disk_bytes(
+        [sum(t.nbytes for t in plan.tensors), *(len(data) for data in plan.files.values())],
+        copied=list(plan.copies.values()),
+    )
+
+
+def write(
+    directory: pathlib.Path,
+    plan: Any,
+    source: sources.ParamSource,
+    merge: Merge | None,
+    progress: ProgressFn | None = None,
+) -> Written:
+    """The one pass: each leaf read once (merged on the way), laid out, written at its offset and hashed, into
+    `directory / plan.model_file`; then the plan's side files and copies (`formats.base.FormatPlan`)."""
+    done = 0
+    writer = safetensors_stream.PositionalWriter(directory / plan.model_file, plan.tensors, plan.metadata)
+    with writer, safetensors_stream.InBackground() as background:
+        for spec, rows, array in laid_out_tensors(source, plan, merge):
+            if array is None:
+                background.submit(writer.write_zeros, spec.name)
+            else:
+                background.submit(writer.write, spec.name, array, rows)
+            del array
+            if progress is not None and (rows is None or rows.stop == spec.shape[0]):
+                done += 1
+                progress("export", done, len(plan.tensors))
+    for name, data in plan.files.items():
+        (directory / name).write_bytes(data)
+    for name, tree in plan.copies.items():
+        _output.copy_assets(tree, directory / name)
+    files = {name: hashlib.sha256(data).hexdigest() for name, data in plan.files.items()}
+    checked = None if merge is None else {"verified": merge.report.verified, "max_rel_err": merge.report.max_rel_err}
+    return Written(writer.header, dict(writer.digests), files, checked)
+
+
+def read_back(directory: pathlib.Path, plan: Any, written: Written) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model file read back once against its hashes (`safetensors_stream.read_back`), and each side file.
+    Returns the manifest's record and the model file's checksum entry (not hashed again)."""
+    path = directory / plan.model_file
+    readback = safetensors_stream.read_back(path, written.digests, written.header)
+    for name, digest in written.files.items():
+        if hashlib.sha256((directory / name).read_bytes()).hexdigest() != digest:
+            raise CheckpointError(f"{directory / name} does not read back as written")
+    record = {
+        "reader": "safetensors.safe_open (header) and os.preadv (bytes at the header's offsets)",
+        "tensors_checked": readback.tensors_checked,
+        "bitwise": True,
+        "check": (
+            "safe_open reports every tensor's name, dtype and shape as written; sha256 of each tensor's bytes as "
+            "written == as read at its offsets; each tensor's first and last rows as safe_open reads them == "
+            "those bytes"
+        ),
+        "files_checked": sorted(written.files),
+    }
+    return record, {path.name: {"sha256": readback.file_sha256, "bytes": readback.bytes}}

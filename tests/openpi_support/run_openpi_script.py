@@ -34,7 +34,7 @@ siglip.decode_variant = _tiny_decode_variant
 def _tiny_pytorch_layout() -> None:
     """The PyTorch export's layout with the same tiny SigLIP, and a projector of the tiny paligemma's width (upstream's
     PI0Pytorch hard-codes both; the PyTorch tests patch PI0Pytorch the same way)."""
-    from openpi_merge_plugin.checkpoint import pytorch_layout
+    from openpi_merge_plugin.formats import tensors as pytorch_layout
 
     tiny = _tiny_decode_variant("So400m/14")
     patch = tiny["patch_size"][0]

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import dataclasses
-from typing import Any, Literal
+from typing import Any
 
-from openpi_merge_plugin.checkpoint import pytorch_layout as layout
+from openpi_merge_plugin.formats import tensors as layout
+from openpi_merge_plugin.formats.tensors import Kind
+from openpi_merge_plugin.formats.tensors import detect_kind
 
-Kind = Literal["pi0", "pi05", "pi0_fast"]  # LeRobot's policy `type`
 PREFIX = "model."
 # LeRobot's get_gemma_config (modeling_pi0.py, modeling_pi05.py, modeling_pi0_fast.py): the only dims it builds.
 GEMMA_VARIANTS = {
@@ -30,7 +31,6 @@ ROLE_DEFAULT_VARIANT = {"paligemma": "gemma_2b", "action_expert": "gemma_300m"} 
 # to_bfloat16_for_selected_params: substrings of parameter names kept in float32 under dtype "bfloat16".
 KEEP_FLOAT32 = ("vision_tower", "multi_modal_projector", "input_layernorm", "post_attention_layernorm", "model.norm")
 _BF16_MODULE = PREFIX + "paligemma_with_expert."  # the module that method casts; the rest stays float32
-_EXPERT_Q = "PaliGemma/llm/layers/attn/q_einsum_1/w"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,13 +52,6 @@ class LeRobotLayout:
         return len(self.tensors)
 
 
-def detect_kind(params: Mapping[str, Any]) -> Kind:
-    """pi0-FAST has one Gemma expert (no `_1` leaves); pi0 and pi0.5 are told apart by `detect_pi05`."""
-    if _EXPERT_Q not in params:
-        return "pi0_fast"
-    return "pi05" if layout.detect_pi05(params) else "pi0"
-
-
 def tensor_dtype(name: str, precision: layout.Precision) -> layout.Precision:
     """The dtype of LeRobot's parameter `name` (with `model.`) when its config has `dtype == precision`."""
     if precision == "float32" or not name.startswith(_BF16_MODULE):
@@ -68,7 +61,7 @@ def tensor_dtype(name: str, precision: layout.Precision) -> layout.Precision:
 
 def variant_of(dims: layout.GemmaDims) -> str | None:
     """The LeRobot variant with exactly these dims, or None."""
-    return next((name for name, want in GEMMA_VARIANTS.items() if want == dims), None)
+    return layout.variant_of(dims, GEMMA_VARIANTS)
 
 
 def nonstandard_dims(

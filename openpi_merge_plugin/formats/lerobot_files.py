@@ -14,7 +14,7 @@ openpi's norm stats (`assets/<asset_id>/norm_stats.json`: `state`, `actions`) be
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 import dataclasses
 import json
 import pathlib
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from openpi_merge_plugin.checkpoint.lerobot_layout import Kind
+from openpi_merge_plugin.formats.tensors import Kind
 
 IMAGE_SHAPE = (3, 224, 224)  # openpi's model image size; LeRobot's image_resolution default (224, 224)
 OPENPI_CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")  # openpi's IMAGE_KEYS, in model order
@@ -283,29 +283,23 @@ def stat_dim(tensors: Mapping[str, np.ndarray], feature: str) -> int:
     return int(next(v.shape[0] for k, v in tensors.items() if k.rsplit(".", 1)[0] == feature))
 
 
-def write_stats(path: pathlib.Path, tensors: Mapping[str, np.ndarray]) -> None:
-    """One stats file, as `safetensors.torch.save_file` writes it (no metadata)."""
-    from openpi_merge_plugin.checkpoint import safetensors_stream
+def stats_file(tensors: Mapping[str, np.ndarray]) -> bytes:
+    """One stats file's bytes, as `safetensors.torch.save_file` writes them (no metadata), read back here: every
+    stat must load bitwise as given."""
+    from safetensors.numpy import load
+    from safetensors.numpy import save
 
-    entries = [_Entry(k, "F32", v.shape) for k, v in tensors.items()]
-    safetensors_stream.write(path, entries, lambda e: tensors[e.name], None)
+    data = save({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()})
+    got = load(data)
+    if got.keys() != tensors.keys() or any(
+        got[k].dtype != np.float32 or not np.array_equal(got[k], tensors[k]) for k in got
+    ):
+        raise LeRobotFilesError("the stats do not read back as written")
+    return data
 
 
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-    name: str
-    dtype: str
-    shape: Sequence[int]
-
-
-def write_all(directory: pathlib.Path, spec: PolicySpec, stats: Mapping[str, np.ndarray]) -> list[str]:
-    """config.json, both pipelines' JSON and stats files into `directory`; returns the names written."""
-    (directory / "config.json").write_text(config_json(spec))
-    written = ["config.json"]
-    for name, text in processor_files(spec).items():
-        (directory / name).write_text(text)
-        written.append(name)
-    for name in state_file_names(spec):
-        write_stats(directory / name, stats)
-        written.append(name)
-    return written
+def all_files(spec: PolicySpec, stats: Mapping[str, np.ndarray]) -> dict[str, bytes]:
+    """{name: bytes} of config.json, both pipelines' JSON and their stats files."""
+    out = {"config.json": config_json(spec).encode()}
+    out |= {name: text.encode() for name, text in processor_files(spec).items()}
+    return out | {name: stats_file(stats) for name in state_file_names(spec)}

@@ -1,28 +1,18 @@
-"""The tensors of upstream openpi's PyTorch export (`examples/convert_jax_model_to_pytorch.py` at 15a9616).
+"""The tensors every export format is made of: openpi's JAX params and the `PI0Pytorch` tensors they become.
 
-`build_layout` maps a merged JAX params structure (`path -> (shape, dtype)`, no `params` root) to the entries of the
-`model.safetensors` that upstream's converter writes with `safetensors.torch.save_model(PI0Pytorch(cfg))`: names,
-shapes, dtypes and file order, plus a `Recipe` per entry that `apply` turns into the tensor's values. Only numpy is
-used; reading arrays and writing the file are the caller's (see `safetensors_stream`). Both read `layout_table`,
-the one table of JAX leaves and the tensors they become, which other formats reuse through `pytorch_tensors`.
-
-Precision, as upstream: the converter copies float32 values into a `PI0Pytorch` built with the config's `dtype`,
-whose bfloat16 parameters round them (round to nearest even), then casts the whole model to `precision`. So with
-precision "bfloat16" every tensor is `bf16(x)`; with "float32" a tensor is `f32(bf16(x))` if its parameter is
-bfloat16 in PI0Pytorch (`param_dtype`), else exactly `x`. With model dtype "float32" no parameter is bfloat16
-(`to_bfloat16_for_selected_params("float32")` is a plain `.to(float32)`), so nothing is rounded in float32 output.
-
-Fixed by PI0Pytorch, whatever the JAX model: vocabulary 257152, SigLIP So400m/14 at 224 px, and a multimodal
-projector of output width 2048 (gemma_2b's). The layout reads these dimensions off the params; a model whose
-dimensions differ cannot be loaded by upstream's PyTorch model, so it is refused, naming them, unless
-`allow_nonstandard_dims` (the file then has the JAX dimensions and loads only into a PI0Pytorch built with them).
+`layout_table` is the one table of JAX leaves (`path -> (shape, dtype)`, no `params` root) and the tensors of
+upstream's `PI0Pytorch` state dict made of them (`examples/convert_jax_model_to_pytorch.py` at 15a9616: names,
+shapes, the transposes and reshapes); every format reads it, through `pytorch_tensors` (LeRobot's names are
+PI0Pytorch's with a prefix). A format's tensor is a `TensorSpec` whose `Recipe` says how `apply` makes its values
+from one source leaf or layer slice. What the params' structure says of the model is read here too: pi0, pi0.5 or
+pi0-FAST (`detect_kind`), each expert's dims (`dims_from_params`) and the dimensions PI0Pytorch hard-codes
+(`model_dims`). Only numpy is used; reading arrays and writing files are the pipeline's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 import dataclasses
-import json
 import math
 from typing import Any, Literal
 
@@ -30,6 +20,7 @@ import ml_dtypes
 import numpy as np
 
 Precision = Literal["float32", "bfloat16"]
+Kind = Literal["pi0", "pi05", "pi0_fast"]  # the model, as the params' structure tells it (LeRobot's policy `type`)
 
 VOCAB_SIZE = 257152
 PROJECTION_DIM = 2048  # PaliGemmaWithExpertModel: vision_config.projection_dim = 2048
@@ -45,18 +36,10 @@ EXPERT_LM_HEAD = EX + "lm_head.weight"  # no JAX source (random init upstream, n
 _IMG = "PaliGemma/img/"  # JAX prefixes, for the table and the dims read off the params
 _ENC = _IMG + "Transformer/encoderblock/"
 _EMBEDDING = "PaliGemma/llm/embedder/input_embedding"
+_EXPERT_Q = "PaliGemma/llm/layers/attn/q_einsum_1/w"  # the action expert's first leaf: pi0 and pi0.5 have one
 
-# to_bfloat16_for_selected_params: parameters (names relative to paligemma_with_expert) kept in float32.
-KEEP_FLOAT32 = (
-    "vision_tower.vision_model.embeddings.patch_embedding.weight",
-    "vision_tower.vision_model.embeddings.patch_embedding.bias",
-    "vision_tower.vision_model.embeddings.position_embedding.weight",
-    "input_layernorm",
-    "post_attention_layernorm",
-    "model.norm",
-)
 SOURCE_DTYPES = ("float32", "bfloat16", "float16", "float64")
-_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
+SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
 _NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
@@ -83,6 +66,14 @@ class GemmaDims:
     def of(cls, config: Any) -> GemmaDims:
         """From any object with these attributes (e.g. openpi's `gemma.Config`)."""
         return cls(**{f.name: int(getattr(config, f.name)) for f in dataclasses.fields(cls)})
+
+
+# openpi 15a9616 `gemma.get_config`: the dims of its variants (the LoRA ones have those of their base), by name.
+OPENPI_VARIANTS = {
+    "gemma_2b": GemmaDims(width=2048, depth=18, mlp_dim=16384, num_heads=8, num_kv_heads=1, head_dim=256),
+    "gemma_300m": GemmaDims(width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256),
+    "dummy": GemmaDims(width=64, depth=4, mlp_dim=128, num_heads=8, num_kv_heads=1, head_dim=16),
+}
 
 
 Op = tuple[str, tuple[int, ...]]  # ("transpose", axes) or ("reshape", shape)
@@ -126,39 +117,13 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype: "F32" or "BF16"
-    param_dtype: str  # dtype of the PI0Pytorch parameter under the config's dtype
+    param_dtype: str  # the dtype of the runtime's parameter (PI0Pytorch under the config's dtype, LeRobot's policy)
     recipe: Recipe
     aliases: tuple[str, ...] = ()  # tied state-dict names that save_model drops in favour of this one
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * _NP_DTYPES[self.recipe.dtype].itemsize
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """All entries in file order (by name: one dtype), and the header metadata save_model writes."""
-
-    tensors: tuple[TensorSpec, ...]
-    metadata: dict[str, str]
-    pi05: bool
-    precision: Precision
-    model_dtype: Precision
-    # Dimensions that differ from PI0Pytorch's hard-coded ones (written anyway): name -> (model's, PI0Pytorch's).
-    nonstandard_dims: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
-
-    def __iter__(self):
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
-    def by_name(self) -> dict[str, TensorSpec]:
-        return {t.name: t for t in self.tensors}
-
-    def state_dict_names(self) -> list[str]:
-        """The names of PI0Pytorch's state dict (tied aliases included), sorted."""
-        return sorted([t.name for t in self.tensors] + [a for t in self.tensors for a in t.aliases])
 
 
 def detect_pi05(params: Mapping[str, Any]) -> bool:
@@ -171,13 +136,40 @@ def detect_pi05(params: Mapping[str, Any]) -> bool:
     return five
 
 
-def param_dtype(name: str, model_dtype: Precision) -> str:
-    """The dtype of PI0Pytorch's parameter `name` when built with `Pi0Config.dtype == model_dtype`."""
-    prefix = "paligemma_with_expert."
-    if model_dtype == "float32" or not name.startswith(prefix):
-        return "float32"
-    rel = name[len(prefix) :]
-    return "float32" if any(s in rel for s in KEEP_FLOAT32) else "bfloat16"
+def detect_kind(params: Mapping[str, Any]) -> Kind:
+    """pi0-FAST has one Gemma expert (no `_1` leaves); pi0 and pi0.5 are told apart by `detect_pi05`."""
+    if _EXPERT_Q not in params:
+        return "pi0_fast"
+    return "pi05" if detect_pi05(params) else "pi0"
+
+
+def dims_from_params(tree: Mapping[str, Any], suffix: str) -> GemmaDims:
+    """One expert's dims read off its params ('' = PaliGemma, '_1' = the action expert); structure, not names."""
+    base = "PaliGemma/llm/layers/"
+    if f"{base}attn/qkv_einsum{suffix}/w" in tree:
+        raise LayoutError(
+            f"expert {suffix or '0'} uses qkv_einsum (as many kv heads as heads): PI0Pytorch's checkpoint layout, "
+            "like upstream's converter, covers q_einsum + kv_einsum (openpi's variants) only"
+        )
+    try:
+        depth, heads, width, head_dim = _shape(tree[f"{base}attn/q_einsum{suffix}/w"])
+        kv_heads = _shape(tree[f"{base}attn/kv_einsum{suffix}/w"])[2]
+        mlp_dim = _shape(tree[f"{base}mlp{suffix}/gating_einsum"])[-1]
+    except KeyError as e:
+        raise LayoutError(
+            f"not a pi0/pi0.5 params tree: no {e.args[0]} (pi0-FAST has no PyTorch model upstream)"
+        ) from e
+    return GemmaDims(width, depth, mlp_dim, heads, kv_heads, head_dim)
+
+
+def _shape(leaf: Any) -> tuple[int, ...]:
+    """A leaf's shape, from an array, a ShapeDtype or a (shape, dtype) pair."""
+    return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(leaf[0])
+
+
+def variant_of(dims: GemmaDims, variants: Mapping[str, GemmaDims] | None = None) -> str | None:
+    """The name of the gemma variant (openpi's, by default) with exactly these dims, or None."""
+    return next((name for name, want in (variants or OPENPI_VARIANTS).items() if want == dims), None)
 
 
 def model_dims(params: Mapping[str, Any], paligemma: GemmaDims) -> dict[str, Any]:
@@ -342,61 +334,6 @@ def tensor_shapes(
     return src_shape, shape
 
 
-def _spec(params: Mapping[str, Any], row: tuple, precision: Precision, model_dtype: Precision) -> TensorSpec:
-    name, leaf, layer, split = row  # from `pytorch_tensors`
-    src_shape, shape = tensor_shapes(params, leaf, layer, split)
-    pdt = param_dtype(name, model_dtype)
-    rounded = precision == "bfloat16" or pdt == "bfloat16"
-    recipe = Recipe(leaf.path, src_shape, layer, split, leaf.ops, round_bf16=rounded, dtype=precision, shape=shape)
-    return TensorSpec(name, shape, _ST_DTYPES[precision], pdt, recipe, leaf.aliases)
-
-
-def build_layout(
-    params: Mapping[str, tuple[tuple[int, ...], str]],
-    *,
-    paligemma: GemmaDims,
-    action_expert: GemmaDims,
-    action_dim: int,
-    precision: Precision = "bfloat16",
-    model_dtype: Precision = "bfloat16",
-    pi05: bool | None = None,
-    allow_nonstandard_dims: bool = False,
-) -> Layout:
-    """The entries of upstream's model.safetensors for these params, in file order.
-
-    `pi05` is `Pi0Config.pi05`; None detects it from the tree (`detect_pi05`), and a value the tree contradicts is an
-    error. `model_dtype` is `Pi0Config.dtype`. Dims are checked against every shape of `params`.
-    """
-    if precision not in _ST_DTYPES:
-        raise LayoutError(f"precision must be 'float32' or 'bfloat16', not {precision!r}")
-    if model_dtype not in _ST_DTYPES:
-        raise LayoutError(f"model dtype (Pi0Config.dtype) must be 'float32' or 'bfloat16', not {model_dtype!r}")
-    tree_pi05 = detect_pi05(params)
-    if pi05 is not None and bool(pi05) != tree_pi05:
-        raise LayoutError(f"config says pi05={pi05}, but the params are those of {'pi0.5' if tree_pi05 else 'pi0'}")
-    pi05 = tree_pi05
-    pg, ae = paligemma, action_expert
-    for f in ("depth", "num_heads", "num_kv_heads", "head_dim"):
-        if getattr(pg, f) != getattr(ae, f):
-            raise LayoutError(f"paligemma and action expert must have equal {f} (JAX scans them together): {pg}, {ae}")
-    dims = model_dims(params, pg)
-    table = layout_table(pg, ae, action_dim, pi05=pi05, dims=dims)
-    expected = {leaf.path: leaf.shape for leaf in table if leaf.path is not None}
-    check_tree(params, expected, f"paligemma {pg}, action expert {ae}, action_dim={action_dim}, pi05={pi05}")
-    nonstandard = nonstandard_dims(dims)
-    if nonstandard and not allow_nonstandard_dims:
-        differ = ", ".join(f"{k} {mine} (PI0Pytorch: {theirs})" for k, (mine, theirs) in nonstandard.items())
-        raise NonstandardDimsError(
-            f"upstream's PI0Pytorch hard-codes dimensions this model does not have: {differ}; it cannot load this "
-            "export. Pass --allow-nonstandard-dims to write it anyway (it then loads only into a PI0Pytorch built "
-            "with these dimensions)"
-        )
-
-    entries = [_spec(params, row, precision, model_dtype) for row in pytorch_tensors(table)]
-    entries.sort(key=lambda s: s.name)
-    return Layout(tuple(entries), {EMBED_TOKENS: LM_HEAD}, pi05, precision, model_dtype, nonstandard)
-
-
 def apply(recipe: Recipe, array: Any = None) -> np.ndarray:
     """The output tensor (C-contiguous) from the whole source array or its layer slice (None for zeros).
 
@@ -500,19 +437,3 @@ def _copy(a: np.ndarray, out: np.ndarray) -> np.ndarray:
             index[last] = slice(j, j + TILE)
             out[tuple(index)] = a[tuple(index)]
     return out
-
-
-def config_json(
-    *, action_dim: int, action_horizon: int, paligemma_variant: str, action_expert_variant: str, precision: Precision
-) -> str:
-    """The text of upstream's config.json (`json.dump(..., indent=2)`, no trailing newline)."""
-    if precision not in _ST_DTYPES:
-        raise LayoutError(f"precision must be 'float32' or 'bfloat16', not {precision!r}")
-    d = {
-        "action_dim": action_dim,
-        "action_horizon": action_horizon,
-        "paligemma_variant": paligemma_variant,
-        "action_expert_variant": action_expert_variant,
-        "precision": precision,
-    }
-    return json.dumps(d, indent=2)
