@@ -266,26 +266,58 @@ def _assert_committed_steps_complete(ckpt: pathlib.Path, committed: list[str]) -
 
 
 @pytest.mark.openpi_ci
-def test_killed_during_a_merge_on_save(tmp_path):
+def test_killed_during_the_first_merge_while_training_goes_on(tmp_path):
     code, _ = _train(tmp_path, "killed", "--keep-period", "5", "--no-overwrite", check=False, kill="merge_slice:20")
     ckpt = _ckpt(tmp_path, "killed")
-    assert code == -9  # half-way through the first merge (step 5): the step is not committed
+    assert code == -9  # half-way through step 5's merge, in the background: the step is not committed
     _assert_committed_steps_complete(ckpt, [])
-    log = _train(tmp_path, "killed", "--keep-period", "5")  # started again, it finishes with a verified merge
+    # --resume finds no step, so it starts afresh; it finishes with verified merges.
+    log = _train(tmp_path, "killed", "--keep-period", "5", "--resume", "--no-overwrite")
     assert "Merged the LoRA adapters of step 9" in log
     _assert_committed_steps_complete(ckpt, ["5", "9"])
     assert not list(ckpt.glob(".merged-*"))
 
 
-def test_killed_while_a_finished_merge_is_moved_into_its_step(tmp_path):
-    code, _ = _train(tmp_path, "killed", "--keep-period", "5", "--no-overwrite", check=False, kill="move_into:2")
+# Kill points in the async phase of step 9's save (after save_state returned): the merge starting in the background,
+# half-way through it (debug_lora's merges make 40 `merge_slice` calls each), the commit moving it into its step,
+# and the moment after that, when Orbax has not committed the step yet.
+ASYNC_KILL_POINTS = [
+    "write_staged:2",
+    pytest.param("merge_slice:60", marks=pytest.mark.openpi_ci),
+    "move_into:2",
+    "move_into:2:after",
+]
+
+
+@pytest.mark.parametrize("kill", ASYNC_KILL_POINTS)
+def test_killed_in_the_async_phase_of_a_save_resumes_and_merges_on(kill, tmp_path):
+    code, log = _train(tmp_path, "killed", "--keep-period", "5", "--no-overwrite", check=False, kill=kill)
     ckpt = _ckpt(tmp_path, "killed")
-    assert code == -9  # while step 9's merge is being committed
+    assert code == -9, log[-3000:]
+    assert "Merging the LoRA adapters of step 9 in the background" in log
+    # Step 9 is not committed, step 5 is, with its LoRA checkpoint and a merged/ that verifies against it.
     _assert_committed_steps_complete(ckpt, ["5"])
-    assert list(ckpt.glob(".merged-9.tmp-*"))  # the killed merge's staging directory
-    # Resuming removes it and starts from step 5. (Resumed from step 5 with steps left to train, openpi 15a9616 on
-    # CPU crashes inside XLA two steps later, also with the plugin switched off: see docs/faults.md. So this resume
-    # has nothing left to train and only starts up.)
-    _train(tmp_path, "killed", "--keep-period", "5", "--resume", "--no-overwrite", "--num-train-steps", "6")
-    _assert_committed_steps_complete(ckpt, ["5"])
+    # --resume goes on from step 5, trains to step 9 and merges it; the killed merge's staging directory is gone.
+    log = _train(tmp_path, "killed", "--keep-period", "5", "--resume", "--no-overwrite")
+    assert "Merged the LoRA adapters of step 5" not in log
+    assert "Merged the LoRA adapters of step 9" in log
+    _assert_committed_steps_complete(ckpt, ["5", "9"])
     assert not list(ckpt.glob(".merged-*"))
+    _assert_equals_offline_merge(ckpt / "9", tmp_path)
+
+
+def test_blocking_mode_merges_as_before_and_the_same_bytes(single, tmp_path):
+    """`--merge-lora.mode blocking`: the merge runs before the save returns; the same run's merges are, bitwise,
+    what the offline command gives (as the async default's are: test_every_save_...)."""
+    log = _train(tmp_path, "blocking", "--keep-period", "None", "--merge-lora.mode", "blocking")
+    ckpt = _ckpt(tmp_path, "blocking")
+    assert "in the background" not in log
+    assert "Merged the LoRA adapters of step 9" in log
+    assert sorted(p.name for p in ckpt.iterdir()) == ["9"]
+    assert integrity.verify_merged(ckpt / "9" / "merged").ok
+    _assert_equals_offline_merge(ckpt / "9", tmp_path)
+    # The same training (same seed and data) as the async run: the same params, hence the same merged bytes.
+    async_step = _ckpt(single[0], "single") / "9"
+    got, want = read_leaves(ckpt / "9" / "merged" / "params"), read_leaves(async_step / "merged" / "params")
+    assert got.keys() == want.keys()
+    assert all(got[p].tobytes() == want[p].tobytes() for p in want)
