@@ -10,6 +10,7 @@ import json
 import pathlib
 import shutil
 
+from helpers import TREES
 from helpers import read_leaves
 from helpers import run_python
 import numpy as np
@@ -23,15 +24,16 @@ import training  # noqa: E402
 from openpi_merge_plugin.checkpoint import sources  # noqa: E402
 from openpi_merge_plugin.checks import integrity  # noqa: E402
 from openpi_merge_plugin.errors import IntegrityError  # noqa: E402
+from openpi_merge_plugin.openpi_glue import host_copy  # noqa: E402
 from openpi_merge_plugin.pipeline import checkpoint_merge  # noqa: E402
 
 pytestmark = pytest.mark.openpi
 CONFIG = "debug_lora"
 
 
-def _train(base: pathlib.Path, exp: str, *flags: str, devices: int = 1, check: bool = True, kill: str = ""):
+def _train(base: pathlib.Path, exp: str, *flags: str, devices: int = 1, check: bool = True, kill: str = "", **kw):
     """Runs openpi's scripts/train.py on the debug_lora config; returns its log."""
-    return training.train(base, CONFIG, exp, *flags, devices=devices, check=check, kill=kill)
+    return training.train(base, CONFIG, exp, *flags, devices=devices, check=check, kill=kill, **kw)
 
 
 def _ckpt(base: pathlib.Path, exp: str) -> pathlib.Path:
@@ -321,3 +323,35 @@ def test_blocking_mode_merges_as_before_and_the_same_bytes(single, tmp_path):
     got, want = read_leaves(ckpt / "9" / "merged" / "params"), read_leaves(async_step / "merged" / "params")
     assert got.keys() == want.keys()
     assert all(got[p].tobytes() == want[p].tobytes() for p in want)
+
+
+def test_async_mode_is_refused_at_the_start_on_a_host_that_cannot_hold_the_params_copy(tmp_path):
+    needed = host_copy.params_bytes(openpi_config.get_config(CONFIG)) + host_copy.MERGE_OVERHEAD_BYTES
+    available = {"OPENPI_MERGE_TEST_AVAILABLE_BYTES": str(needed - 1)}
+    code, log = _train(tmp_path, "refused", check=False, extra_env=available)
+    assert code != 0
+    assert "merge_lora.mode async keeps a host copy of the params while it merges in the background" in log
+    assert "use --merge-lora.mode blocking" in log
+    assert "Step 0" not in log  # refused before the model was built or trained
+    assert not list(_ckpt(tmp_path, "refused").glob("*/params"))
+    # Blocking mode needs no such copy: the same host trains and merges.
+    log = _train(tmp_path, "refused", "--merge-lora.mode", "blocking", "--overwrite", extra_env=available)
+    assert "Merged the LoRA adapters of step 9" in log
+
+
+def test_the_host_copy_is_sized_from_the_config_as_openpi_saves_the_params():
+    """pi0's params as openpi's train.py stores them (frozen weights bf16), from the config's shapes alone, are the
+    bytes of openpi 15a9616's pi0_lora params tree (tests/data/openpi-15a9616/trees, written by openpi). In a fresh
+    process: this one has the tests' tiny SigLIP."""
+    tree = json.loads((TREES / "pi0_lora.json").read_text())["params"]
+    want = sum(
+        int(np.prod(leaf["shape"])) * (2 if leaf["frozen"] else np.dtype(leaf["dtype"]).itemsize)
+        for leaf in tree.values()
+    )
+    code = (
+        "import openpi.training.config as c; from openpi_merge_plugin.openpi_glue import host_copy; "
+        "print(host_copy.params_bytes(c.get_config('pi0_libero_low_mem_finetune')))"
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split()[-1]) == want

@@ -11,6 +11,7 @@ For the crash-safety tests, `OPENPI_MERGE_TEST_KILL=<function>:<n>[:after]` SIGK
 of one of the plugin's functions during training, before it runs (or once it has returned, with `:after`):
 `write_staged` (a merge on save starting: in async mode in the background, once its save has returned),
 `merge_slice` (a layer slice of a merge), `move_into` (the commit that moves a finished merge into its step).
+`OPENPI_MERGE_TEST_AVAILABLE_BYTES=<n>` makes the plugin see a host with n bytes of memory available.
 """
 
 import os
@@ -101,6 +102,11 @@ def _kill_at(spec: str) -> None:
 
 if os.environ.get("OPENPI_MERGE_TEST_KILL"):
     _kill_at(os.environ["OPENPI_MERGE_TEST_KILL"])
+
+if os.environ.get("OPENPI_MERGE_TEST_AVAILABLE_BYTES"):  # a host with this much memory available
+    from openpi_merge_plugin.openpi_glue import host_copy
+
+    host_copy.available_bytes = lambda: int(os.environ["OPENPI_MERGE_TEST_AVAILABLE_BYTES"])
 
 if __name__ == "__main__":
     script, *argv = sys.argv[1:]
