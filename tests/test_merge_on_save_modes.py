@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from openpi_merge_plugin import options
+from openpi_merge_plugin.checkpoint import orbax_compat
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.checks import integrity
 from openpi_merge_plugin.errors import VerificationError
@@ -175,6 +176,23 @@ def test_an_async_save_returns_before_its_merge_and_the_step_is_committed_after_
     assert not list(run.directory.glob(".merged-*"))
 
 
+def test_orbax_s_commit_marker_in_the_merged_item_is_not_taken_for_a_file_of_the_merge(tmp_path, fixture_params, lora):
+    """orbax-checkpoint 0.12 writes `commit_success.txt` into each item directory as it commits the step, after the
+    merge's manifest; `verify` knows it by its name and Orbax's text (and still refuses any other extra file)."""
+    run = Run(tmp_path / "ckpt", fixture_params)
+    run.save(5)
+    run.manager.wait_until_finished()
+    merged = run.directory / "5" / "merged"
+    marker = merged / orbax_compat.COMMIT_MARKER
+    if not marker.exists():  # orbax-checkpoint 0.11: written here as 0.12 writes it
+        marker.write_text(f"Checkpoint commit was successful to {merged}")
+    assert integrity.verify_merged(merged).ok
+    marker.write_text("a file of the user's with Orbax's name")
+    result = integrity.verify_merged(merged)
+    assert not result.ok
+    assert "extra file commit_success.txt: not listed in the manifest" in result.problems
+
+
 def test_async_and_blocking_modes_write_the_same_merged_checkpoint(tmp_path, fixture_params, lora):
     merged = {}
     for mode in ("async", "blocking"):
@@ -220,7 +238,9 @@ def test_a_failed_async_merge_is_recorded_and_training_goes_on(tmp_path, fixture
     run.manager.wait_until_finished()
     for step in ("5", "9"):
         merged = run.directory / step / "merged"
-        assert sorted(p.name for p in merged.iterdir()) == ["MERGE_FAILED.json"]
+        assert [p.name for p in merged.iterdir() if not orbax_compat.is_commit_marker(merged, p.name)] == [
+            "MERGE_FAILED.json"
+        ]
         assert json.loads((merged / "MERGE_FAILED.json").read_text())["error"].startswith("VerificationError")
         assert (run.directory / step / "params").is_dir()
 
