@@ -2,11 +2,14 @@
 
 The save path is the training run's: an Orbax CheckpointManager with openpi's items and options (`train_state`,
 `params`; `max_to_keep=1`, async), the plugin's `merged` item added by its save hook (`save_hook.save_with_merge`,
-what the patched `save_state` calls), the params as jax.Arrays on the device. After `save` returns, one train step
-runs that donates the params' buffers (as openpi's does), then the commit is awaited. Measured per save: how long
-`save` blocked the loop, the wall time from save start to commit, and the peak host memory above the level before
-the save (params resident). Two models: pi0's LLM layers (both experts) at `memory_depth` layers, and pi0's whole
-params tree at all 18 layers (3.3e9 params, 7.5 GB: what openpi saves), each in configurations taking turns.
+what the patched `save_state` calls), the params as jax.Arrays on the device. Measured per save: how long `save`
+blocked the loop, the wall time from save start to commit, and the peak host memory above the level before the save
+(params resident). Two models, the configurations taking turns:
+- pi0's LLM layers (both experts) at `memory_depth` layers. After `save` returns, one train step runs that donates
+  the params' buffers (as openpi's does), then the commit is awaited.
+- pi0's whole params tree at all 18 layers (3.3e9 params, 7.5 GB: what openpi saves), without the train step: on a
+  CPU backend the device memory is the host's, and this machine (24 GiB) cannot hold the params, Orbax's write of
+  them (+5.7 GiB) and the train step's new params at once.
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ def section_merge_on_save(args: Args, workdir: pathlib.Path) -> dict[str, Any]:
     depth = 1 if args.tiny else args.memory_depth
     out: dict[str, Any] = {
         "layers": {
-            "what": "pi0's LLM layers (both experts)",
+            "what": "the tiny LLM layers (--tiny)" if args.tiny else "pi0's LLM layers (both experts)",
             "depth": depth,
+            "train_step": True,
             **_measure(_device_params(layer_layout(experts, depth)), resolved, workdir, LAYERS_RUNS, args.repeats),
         }
     }
@@ -56,7 +60,8 @@ def section_merge_on_save(args: Args, workdir: pathlib.Path) -> dict[str, Any]:
     out["whole"] = {
         "what": "the tiny LLM layers (--tiny)" if args.tiny else "pi0's whole params tree",
         "depth": whole_depth,
-        **_measure(_device_params(whole), resolved, workdir, WHOLE_RUNS, repeats=1),
+        "train_step": False,
+        **_measure(_device_params(whole), resolved, workdir, WHOLE_RUNS, repeats=1, train_step=False),
     }
     return out
 
@@ -83,9 +88,11 @@ def _device_params(layout: dict[str, tuple[tuple[int, ...], str]], seed: int = 0
     return sources.unflatten(flat)
 
 
-def _measure(params: dict[str, Any], resolved: Any, workdir: pathlib.Path, runs, repeats: int) -> dict[str, Any]:
-    """Each configuration `repeats` times, the configurations taking turns; the params move on by one train step
-    after every save, as in training."""
+def _measure(
+    params: dict[str, Any], resolved: Any, workdir: pathlib.Path, runs, repeats: int, *, train_step: bool = True
+) -> dict[str, Any]:
+    """Each configuration `repeats` times, the configurations taking turns; with `train_step`, the params move on by
+    one train step after every save, as in training."""
     import jax
 
     out: dict[str, Any] = {name: {"blocking": [], "wall": [], "host": []} for name, _, _ in runs}
@@ -94,7 +101,7 @@ def _measure(params: dict[str, Any], resolved: Any, workdir: pathlib.Path, runs,
     del params
     for _ in range(repeats):
         for name, mode, dtype in runs:
-            blocking, wall, host = _save_once(holder, resolved, workdir, mode, dtype)
+            blocking, wall, host = _save_once(holder, resolved, workdir, mode, dtype, train_step=train_step)
             out[name]["blocking"].append(blocking)
             out[name]["wall"].append(wall)
             out[name]["host"].append(host)
@@ -109,7 +116,9 @@ def _train_step():
     return jax.jit(lambda p: jax.tree.map(lambda x: (x * 0.5).astype(x.dtype), p), donate_argnums=0)
 
 
-def _save_once(holder: list, resolved: Any, workdir: pathlib.Path, mode: str | None, output_dtype: str | None):
+def _save_once(
+    holder: list, resolved: Any, workdir: pathlib.Path, mode: str | None, output_dtype: str | None, *, train_step: bool
+):
     import jax
     import orbax.checkpoint as ocp
 
@@ -141,8 +150,9 @@ def _save_once(holder: list, resolved: Any, workdir: pathlib.Path, mode: str | N
             save_hook.save_with_merge(manager, config, 1, lambda m: m.save(1, items), lora=resolved)
         blocking = time.perf_counter() - start
         items = None
-        holder[0] = _train_step()(holder[0])
-        jax.block_until_ready(holder[0])
+        if train_step:
+            holder[0] = _train_step()(holder[0])
+            jax.block_until_ready(holder[0])
         manager.wait_until_finished()
         wall = time.perf_counter() - start
     manager.close()

@@ -51,7 +51,9 @@ def save(r: Report) -> list[str]:
     for model, label in (("layers", "LLM layers"), ("whole", "whole tree")):
 
         def depth(s: dict, model: str = model) -> str:
-            return f"{s[model]['what']}, {s[model]['depth']} layers: {s[model]['params_bytes'] / 1e9:.2f} GB of params"
+            m = s[model]
+            step = "a train step donating the params after each save" if m["train_step"] else "no train step"
+            return f"{m['what']}, {m['depth']} layers: {m['params_bytes'] / 1e9:.2f} GB of params; {step}"
 
         def run(name: str, model: str = model):
             return lambda s: _save(s[model][name])
@@ -103,14 +105,16 @@ def save(r: Report) -> list[str]:
     intro = (
         "The save path of a training run at full size (section `merge_on_save`): an Orbax CheckpointManager with "
         "openpi's items and options, the plugin's `merged` item added by its save hook, the params as jax.Arrays on "
-        "the device. After the save returns, one train step donates the params' buffers, as openpi's does; then the "
-        "commit is awaited. 'blocks': how long `save` held the loop; 'committed after': save start to commit; "
-        "'host': peak resident memory above the level before the save (the params already resident), over the save, "
-        "the train step and the commit. Async mode blocks for a host copy of the params: on a CPU backend that is "
-        "the device buffers themselves (zero-copy, as for Orbax's own `params`), and the memory it costs shows as "
-        "the train step allocating new buffers instead of reusing the donated ones (the same happens without the "
-        "merged item while Orbax writes `params`); on an accelerator it is one more device-to-host copy of the "
-        "params, held until the merge is written. Then openpi's own `scripts/train.py` on a tiny LoRA config "
+        "the device; for the LLM layers, after the save returns, one train step donates the params' buffers, as "
+        "openpi's does (not for the whole tree: on a CPU backend the device memory is the host's, and 24 GiB cannot "
+        "hold the params, Orbax's write of them and a second set of params at once); then the commit is awaited. "
+        "'blocks': how long `save` held the loop; 'committed after': save start to commit; 'host': peak resident "
+        "memory above the level before the save (the params already resident). Async mode blocks for a host copy "
+        "of the params: on a CPU backend that is the device buffers themselves (zero-copy, as Orbax's own copy of "
+        "`params` is), so it costs memory only once training replaces the params (the train step then allocates "
+        "new buffers instead of reusing the donated ones, as it does while Orbax writes `params`); on an "
+        "accelerator host it is one more device-to-host copy of the params, held in host memory until the merge is "
+        "written ('model saved' gives its size). Then openpi's own `scripts/train.py` on a tiny LoRA config "
         "(section `train`, saves every 10 steps): each `save_state` call timed from outside, whatever happens "
         "inside (the merge, a wait for the previous one, Orbax's wait for its previous save)."
     )
