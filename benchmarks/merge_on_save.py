@@ -61,7 +61,7 @@ def section_merge_on_save(args: Args, workdir: pathlib.Path) -> dict[str, Any]:
         "what": "the tiny LLM layers (--tiny)" if args.tiny else "pi0's whole params tree",
         "depth": whole_depth,
         "train_step": False,
-        **_measure(_device_params(whole), resolved, workdir, WHOLE_RUNS, repeats=1, train_step=False),
+        **_measure(_device_params(whole), resolved, workdir, WHOLE_RUNS, args.repeats, train_step=False),
     }
     return out
 
