@@ -30,6 +30,7 @@ from benchmarks.layout import layer_layout
 from benchmarks.layout import nbytes
 from benchmarks.layout import resolved_lora
 from benchmarks.timing import HostPeak
+from benchmarks.timing import device_stat
 
 # (name, merge mode or None, output dtype) per configuration.
 LAYERS_RUNS = (("without", None, None), ("async", "async", "float32"), ("blocking", "blocking", "float32"))
@@ -95,16 +96,17 @@ def _measure(
     one train step after every save, as in training."""
     import jax
 
-    out: dict[str, Any] = {name: {"blocking": [], "wall": [], "host": []} for name, _, _ in runs}
+    out: dict[str, Any] = {name: {"blocking": [], "wall": [], "host": [], "device": []} for name, _, _ in runs}
     out["params_bytes"] = nbytes(dict(enumerate(jax.tree.leaves(params))))
     holder = [params]
     del params
     for _ in range(repeats):
         for name, mode, dtype in runs:
-            blocking, wall, host = _save_once(holder, resolved, workdir, mode, dtype, train_step=train_step)
+            blocking, wall, host, device = _save_once(holder, resolved, workdir, mode, dtype, train_step=train_step)
             out[name]["blocking"].append(blocking)
             out[name]["wall"].append(wall)
             out[name]["host"].append(host)
+            out[name]["device"].append(device)
     return out
 
 
@@ -140,6 +142,7 @@ def _save_once(
         ),
     )
     items = {"train_state": {"step": jax.numpy.asarray(1)}, "params": {"params": holder[0]}}
+    device_before = max(device_stat("bytes_in_use") or 0, device_stat("peak_bytes_in_use") or 0)
     with HostPeak() as peak:
         start = time.perf_counter()
         if mode is None:
@@ -159,4 +162,7 @@ def _save_once(
     if mode is not None and not (directory / "1" / merged_item.ITEM / "manifest.json").is_file():
         raise RuntimeError(f"the {mode} merge on save wrote no merged checkpoint")
     shutil.rmtree(directory)
-    return blocking, wall, peak.extra
+    # Device memory: how far the save raised the device's lifetime peak (None where the backend keeps no statistics,
+    # as JAX's CPU backend).
+    device_peak = device_stat("peak_bytes_in_use")
+    return blocking, wall, peak.extra, None if device_peak is None else max(0, device_peak - device_before)

@@ -16,7 +16,9 @@ def _spread(xs: list[float]) -> str:
 
 def _save(run: dict) -> str:
     host = max(run["host"]) if None not in run["host"] else None
-    return f"blocks {_spread(run['blocking'])}; committed after {_spread(run['wall'])}; host +{gib(host)}"
+    out = f"blocks {_spread(run['blocking'])}; committed after {_spread(run['wall'])}; host +{gib(host)}"
+    device = run.get("device") or [None]
+    return out if None in device else f"{out}; device peak +{gib(max(device))}"
 
 
 def _ratio(model: str, a: str, b: str, key: str = "blocking"):
@@ -114,7 +116,9 @@ def save(r: Report) -> list[str]:
         "`params` is), so it costs memory only once training replaces the params (the train step then allocates "
         "new buffers instead of reusing the donated ones, as it does while Orbax writes `params`); on an "
         "accelerator host it is one more device-to-host copy of the params, held in host memory until the merge is "
-        "written ('model saved' gives its size). Then openpi's own `scripts/train.py` on a tiny LoRA config "
+        "written ('model saved' gives its size). On an accelerator (the same command runs every section there too "
+        "when JAX sees one: random weights, nothing to download) each cell also says how far the save raised the "
+        "device's peak memory. Then openpi's own `scripts/train.py` on a tiny LoRA config "
         "(section `train`, saves every 10 steps): each `save_state` call timed from outside, whatever happens "
         "inside (the merge, a wait for the previous one, Orbax's wait for its previous save)."
     )
