@@ -33,7 +33,13 @@ from benchmarks.timing import HostPeak
 from benchmarks.timing import device_stat
 
 # (name, merge mode or None, output dtype) per configuration.
-LAYERS_RUNS = (("without", None, None), ("async", "async", "float32"), ("blocking", "blocking", "float32"))
+LAYERS_RUNS = (
+    ("without", None, None),
+    ("async", "async", "float32"),
+    # The host copy made a real copy, as on an accelerator host, where it is not the device buffers themselves.
+    ("async_real_copy", "async+copy", "float32"),
+    ("blocking", "blocking", "float32"),
+)
 WHOLE_RUNS = (
     ("without", None, None),
     ("async", "async", "float32"),
@@ -46,7 +52,7 @@ def section_merge_on_save(args: Args, workdir: pathlib.Path) -> dict[str, Any]:
     experts = experts_for(args)
     resolved = resolved_lora(experts)
     # The merge kernels compile on their first use; here, before any timed save (depth 1: the same slice shapes).
-    _measure(_device_params(layer_layout(experts, 1)), resolved, workdir, LAYERS_RUNS[2:], repeats=1)
+    _measure(_device_params(layer_layout(experts, 1)), resolved, workdir, LAYERS_RUNS[-1:], repeats=1)
     depth = 1 if args.tiny else args.memory_depth
     out: dict[str, Any] = {
         "layers": {
@@ -124,6 +130,7 @@ def _save_once(
     import jax
     import orbax.checkpoint as ocp
 
+    from openpi_merge_plugin.openpi_glue import host_copy
     from openpi_merge_plugin.openpi_glue import merged_item
     from openpi_merge_plugin.openpi_glue import save_hook
     from openpi_merge_plugin.openpi_glue.training_options import MergeOnSaveOptions
@@ -142,13 +149,16 @@ def _save_once(
         ),
     )
     items = {"train_state": {"step": jax.numpy.asarray(1)}, "params": {"params": holder[0]}}
+    take = host_copy.take
+    if mode == "async+copy":
+        host_copy.take = lambda params: jax.tree.map(np.array, take(params))  # np.array copies the views
     device_before = max(device_stat("bytes_in_use") or 0, device_stat("peak_bytes_in_use") or 0)
     with HostPeak() as peak:
         start = time.perf_counter()
         if mode is None:
             manager.save(1, items)
         else:
-            options = MergeOnSaveOptions(mode=mode, output_dtype=output_dtype)
+            options = MergeOnSaveOptions(mode=mode.removesuffix("+copy"), output_dtype=output_dtype)
             config = types.SimpleNamespace(name="benchmark", model=None, merge_lora=options, num_train_steps=2)
             save_hook.save_with_merge(manager, config, 1, lambda m: m.save(1, items), lora=resolved)
         blocking = time.perf_counter() - start
@@ -158,6 +168,7 @@ def _save_once(
             jax.block_until_ready(holder[0])
         manager.wait_until_finished()
         wall = time.perf_counter() - start
+    host_copy.take = take
     manager.close()
     if mode is not None and not (directory / "1" / merged_item.ITEM / "manifest.json").is_file():
         raise RuntimeError(f"the {mode} merge on save wrote no merged checkpoint")

@@ -67,6 +67,14 @@ def save(r: Report) -> list[str]:
             r.row(f"{label}: openpi's save without the merged item", "merge_on_save", run("without")),
             r.row(f"{label}: with the merged item, async (default), float32 output", "merge_on_save", run("async")),
         ]
+        if model == "layers":
+            rows.append(
+                r.row(
+                    f"{label}: the same, the host copy a real copy (as an accelerator host holds it)",
+                    "merge_on_save",
+                    run("async_real_copy"),
+                )
+            )
         if model == "whole":
             rows.append(r.row(f"{label}: the same, bfloat16 output", "merge_on_save", run("async_bf16")))
         rows += [
