@@ -48,6 +48,9 @@ WHOLE_RUNS = (
 )
 
 
+OVERHEAD_REPEATS = 10
+
+
 def section_merge_on_save(args: Args, workdir: pathlib.Path) -> dict[str, Any]:
     experts = experts_for(args)
     resolved = resolved_lora(experts)
@@ -55,12 +58,20 @@ def section_merge_on_save(args: Args, workdir: pathlib.Path) -> dict[str, Any]:
     _measure(_device_params(layer_layout(experts, 1)), resolved, workdir, LAYERS_RUNS[-1:], repeats=1)
     depth = 1 if args.tiny else args.memory_depth
     out: dict[str, Any] = {
+        # What the merged item adds to the time a save blocks, many times over: a save blocks for tens of ms on a CPU
+        # backend, where a few samples are noise. One layer: the same leaves, and the copy's time does not depend on
+        # their size there (the copy is the device buffers themselves).
+        "overhead": {
+            "depth": 1,
+            "train_step": True,
+            **_measure(_device_params(layer_layout(experts, 1)), resolved, workdir, LAYERS_RUNS[:2], OVERHEAD_REPEATS),
+        },
         "layers": {
             "what": "the tiny LLM layers (--tiny)" if args.tiny else "pi0's LLM layers (both experts)",
             "depth": depth,
             "train_step": True,
             **_measure(_device_params(layer_layout(experts, depth)), resolved, workdir, LAYERS_RUNS, args.repeats),
-        }
+        },
     }
     # The whole tree openpi saves, at full depth (with --tiny: the tiny layers, two of them, to run the code).
     whole, whole_depth = (layer_layout(experts, 2), 2) if args.tiny else (full_size.training_layout(18), 18)

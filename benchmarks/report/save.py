@@ -101,6 +101,18 @@ def save(r: Report) -> list[str]:
         ]
     rows += [
         r.row(
+            "LLM layers, 1 layer, 10 saves each (the same leaves): time the save blocks, without / async",
+            "merge_on_save",
+            lambda s: (
+                f"{_spread(s['overhead']['without']['blocking'])} / {_spread(s['overhead']['async']['blocking'])}"
+            ),
+        ),
+        r.row(
+            "**1 layer, 10 saves each: async / without, time the save blocks** (what the merged item adds)",
+            "merge_on_save",
+            _target("overhead", 2.0),
+        ),
+        r.row(
             "openpi `scripts/train.py debug_lora` (tiny model), merge on save, async (default)",
             "train",
             lambda t: _train(t["async"]),
