@@ -18,6 +18,7 @@ from benchmarks.config import REPO
 from benchmarks.config import SCRIPT
 from benchmarks.config import Args
 from benchmarks.merge import section_merge
+from benchmarks.merge_on_save import section_merge_on_save
 from benchmarks.peft_merge import section_peft
 from benchmarks.save import section_save
 from benchmarks.serving import section_serving
@@ -30,6 +31,7 @@ SECTIONS: dict[str, Callable[..., dict[str, Any]]] = {
     "merge": lambda args, plat, workdir: section_merge(args, workdir),
     "peft": lambda args, plat, workdir: section_peft(args, accelerator=plat != "cpu"),
     "save": lambda args, plat, workdir: section_save(args, workdir),
+    "merge_on_save": lambda args, plat, workdir: section_merge_on_save(args, workdir),
     "serving": lambda args, plat, workdir: section_serving(args),
     "train": lambda args, plat, workdir: section_train(args, workdir),
     "cli": lambda args, plat, workdir: section_cli(args, workdir),

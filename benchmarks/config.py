@@ -16,8 +16,8 @@ FIXTURE_STEP = REPO / "tests" / "data" / "openpi-15a9616" / "lora-tiny" / "check
 RUNNER = REPO / "tests" / "openpi_support" / "run_openpi_script.py"
 PI0_PREFIX_TOKENS = 3 * 256 + 48  # three 224px images (16x16 patches each) + max_token_len, pi0's inference prefix
 PI0_SUFFIX_TOKENS = 1 + 50  # state token + action_horizon
-Section = Literal["merge", "peft", "save", "serving", "train", "cli"]
-ALL_SECTIONS: tuple[Section, ...] = ("merge", "peft", "save", "serving", "train")
+Section = Literal["merge", "peft", "save", "merge_on_save", "serving", "train", "cli"]
+ALL_SECTIONS: tuple[Section, ...] = ("merge", "peft", "save", "merge_on_save", "serving", "train")
 OPENPI_SECTIONS = ("serving", "train")
 # Write buffers (`host_buffer_mib`) measured in section 4 besides none and the default.
 BUFFER_SWEEP_MIB = (128, 512)
@@ -53,6 +53,9 @@ class Args:
     workdir: pathlib.Path | None = None
     # Only render the markdown again from the raw results of an earlier run (the .json next to its markdown).
     from_json: pathlib.Path | None = None
+    # Measure only `sections` and put their results into the earlier run's raw results (the .json next to
+    # `output`), keeping the other sections' results; the page says which sections were measured again, when.
+    update: bool = False
     # Internal: run one section in this process (`platform:section`) and write its JSON here.
     child: str | None = None
     child_out: pathlib.Path | None = None

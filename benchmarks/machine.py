@@ -109,6 +109,12 @@ def busy_processes(min_cpu: float = 10.0, seconds: float = 1.0) -> list[str]:
         share = 100.0 * (t - before.get(pid, (0, t))[1]) / hz / seconds
         if pid != os.getpid() and share >= min_cpu:
             with contextlib.suppress(OSError):
-                cmd = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+                cmd = (
+                    pathlib.Path(f"/proc/{pid}/cmdline")
+                    .read_bytes()
+                    .replace(b"\0", b" ")
+                    .decode(errors="replace")
+                    .strip()
+                )
                 busy.append((share, f"{share:.0f}% {cmd[:100]}"))
     return [b for _, b in sorted(busy, reverse=True)][:5]

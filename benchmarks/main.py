@@ -16,6 +16,7 @@ from typing import Any
 from benchmarks.child import _forward_args
 from benchmarks.child import run_child
 from benchmarks.child import spawn
+from benchmarks.config import ALL_SECTIONS
 from benchmarks.config import OPENPI_SECTIONS
 from benchmarks.config import Args
 from benchmarks.layout import experts_for
@@ -53,7 +54,14 @@ def main(args: Args) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     raw = args.output.with_suffix(".json")
-    data = json.loads(args.from_json.read_text()) if args.from_json else measure_everything(args, raw)
+    if args.from_json:
+        data = json.loads(args.from_json.read_text())
+    elif args.update:
+        data = update(json.loads(raw.read_text()), measure_everything(args, raw.with_suffix(".update.json")))
+        raw.write_text(json.dumps(data, indent=1))
+        raw.with_suffix(".update.json").unlink()
+    else:
+        data = measure_everything(args, raw)
     doc = render(data["meta"], data["results"], data["platforms"], data["load"])
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(doc)
@@ -69,7 +77,13 @@ def measure_everything(args: Args, raw: pathlib.Path) -> dict[str, Any]:
         "accelerator": None,
         "accelerator_note": accel_note,
         "sections": list(args.sections),
-        "command": " ".join(["python scripts/benchmark.py", *_forward_args(args, workdir=False)]),
+        "command": " ".join(
+            [
+                "python scripts/benchmark.py",
+                *_forward_args(args, workdir=False),
+                *(["--sections", *args.sections] if tuple(args.sections) != ALL_SECTIONS else []),
+            ]
+        ),
         "started": f"{started:%Y-%m-%d %H:%M}",
         "repeats": args.repeats,
         "depth": args.depth,
@@ -95,6 +109,29 @@ def measure_everything(args: Args, raw: pathlib.Path) -> dict[str, Any]:
                 meta["machine"]["load_end"] = os.getloadavg()
                 raw.write_text(json.dumps(data, indent=1))
     return data
+
+
+def update(earlier: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`earlier`'s raw results with the sections measured in `new` replaced by `new`'s (`--update`)."""
+    sections = new["meta"]["sections"]
+    for plat in new["platforms"]:
+        if plat not in earlier["platforms"]:
+            earlier["platforms"].append(plat)
+        earlier["results"].setdefault(plat, {}).update(new["results"][plat])
+    earlier["load"] = [x for x in earlier["load"] if x["section"] not in sections] + new["load"]
+    meta = earlier["meta"]
+    meta["sections"] = [*meta["sections"], *(s for s in sections if s not in meta["sections"])]
+    meta.setdefault("updates", []).append(
+        {
+            "sections": sections,
+            "command": new["meta"]["command"] + " --update",
+            "started": new["meta"]["started"],
+            "openpi_python": new["meta"].get("openpi_python"),
+            "load_start": new["meta"]["machine"]["load_start"],
+            "load_end": new["meta"]["machine"]["load_end"],
+        }
+    )
+    return earlier
 
 
 def _run_section(args: Args, plat: str, section: str, openpi_python, openpi_note: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Section `save`: a save with merge-on-save against one without; the streamed merge's memory."""
+"""Section `save`: the streamed merge's memory (merge on save's blocking mode, the engine alone), and what the write
+buffer buys. (Saves in training, async and blocking: section `merge_on_save`.)"""
 
 from __future__ import annotations
 
@@ -21,12 +22,11 @@ def section_save(args: Args, workdir: pathlib.Path) -> dict[str, Any]:
     from openpi_merge_plugin.checkpoint import orbax_stream
 
     experts = experts_for(args)
-    out = _saves(experts, args.depth, workdir, repeats=args.repeats)
     # The streamed merge's memory at its steady state and at twice that depth: does it grow with the model?
     # Also with no write buffer (`host_buffer_mib=0`): the engine's own memory, without written data waiting for
     # TensorStore.
     mem, more, mem0, more0 = (
-        _saves(experts, depth, workdir, repeats=1, without=False, warmup=False, buffers={"merged": buffer})
+        _saves(experts, depth, workdir, repeats=1, warmup=False, buffers={"merged": buffer})
         for buffer in (orbax_stream.MAX_INFLIGHT_BYTES, 0)
         for depth in (args.memory_depth, 2 * args.memory_depth)
     )
@@ -37,12 +37,11 @@ def section_save(args: Args, workdir: pathlib.Path) -> dict[str, Any]:
         args.memory_depth,
         workdir,
         repeats=2,
-        without=False,
         warmup=False,
         buffers={str(mib): mib << 20 for mib in sizes},
     )
     return {
-        **out,
+        "largest_slice_f32_bytes": mem["largest_slice_f32_bytes"],
         "depth": args.depth,
         "memory_depth": args.memory_depth,
         "host_buffer_mib": orbax_stream.MAX_INFLIGHT_BYTES >> 20,
@@ -62,17 +61,15 @@ def _saves(
     workdir: pathlib.Path,
     *,
     repeats: int,
-    without: bool = True,
     warmup: bool = True,
     buffers: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Times openpi's `params` item save and the `merged` item's write of the same live params (jax.Arrays).
+    """Times the `merged` item's write of live params (jax.Arrays), as merge on save's blocking mode writes it.
 
     `buffers` (name -> `host_buffer_bytes`): one merged write per entry, under that name; by default one, "merged",
     with the default write buffer.
     """
     import jax
-    import orbax.checkpoint as ocp
 
     from openpi_merge_plugin.checkpoint import orbax_stream
     from openpi_merge_plugin.checkpoint import sources
@@ -94,10 +91,6 @@ def _saves(
         for d in workdir.glob("save*"):
             shutil.rmtree(d)
 
-    def save_params() -> None:
-        with ocp.PyTreeCheckpointer() as ckptr:
-            ckptr.save(fresh() / "params", {"params": params})
-
     def merged_write(host_buffer_bytes: int) -> Callable[[], None]:
         def write() -> None:
             # What the `merged` item's handler does with openpi's live params (merged_item._merge).
@@ -118,8 +111,7 @@ def _saves(
         return write
 
     buffers = {"merged": orbax_stream.MAX_INFLIGHT_BYTES} if buffers is None else buffers
-    fns = {"without": save_params} if without else {}
-    fns.update({name: merged_write(size) for name, size in buffers.items()})
+    fns = {name: merged_write(size) for name, size in buffers.items()}
     out: dict[str, Any] = measure_all(fns, repeats, warmup=warmup, setup=clean)
     clean()
     out["tree_bytes"] = nbytes(inputs.flat)

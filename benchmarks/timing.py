@@ -43,7 +43,7 @@ class HostPeak:
             self.extra = max(0, _status_kib("VmHWM") - self._before) * 1024
 
 
-def _device_stat(key: str) -> int | None:
+def device_stat(key: str) -> int | None:
     import jax
 
     stats = jax.devices()[0].memory_stats()
@@ -84,11 +84,11 @@ def measure_all(
         return elapsed, peak.extra
 
     device: dict[str, int] = {}
-    if _device_stat("peak_bytes_in_use") is not None:
+    if device_stat("peak_bytes_in_use") is not None:
         for name, fn in fns.items():
-            before = _device_stat("bytes_in_use")
+            before = device_stat("bytes_in_use")
             run(fn)
-            device[name] = _device_stat("peak_bytes_in_use") - before
+            device[name] = device_stat("peak_bytes_in_use") - before
     elif warmup:
         for fn in fns.values():
             run(fn)

@@ -36,10 +36,18 @@ ROWS = {
     "**growth per added layer**": "save",
     "streamed from disk": "merge",
     "in memory (`merge_params`": "merge",
-    "save without merge": "save",
-    "save with merge": "save",
-    "**with / without**": "save",
+    "**LLM layers**: the model saved": "merge_on_save",
+    "LLM layers: openpi's save without the merged item": "merge_on_save",
+    "LLM layers: with the merged item, async": "merge_on_save",
+    "LLM layers: with the merged item, `--merge-lora.mode blocking`": "merge_on_save",
+    "**LLM layers: async / without, time the save blocks**": "merge_on_save",
+    "LLM layers: async / without, save start to commit": "merge_on_save",
+    "**whole tree**: the model saved": "merge_on_save",
+    "whole tree: with the merged item, async (default), float32 output": "merge_on_save",
+    "whole tree: the same, bfloat16 output": "merge_on_save",
+    "**whole tree: async / without, time the save blocks**": "merge_on_save",
     "openpi `scripts/train.py debug_lora`": "train",
+    "**async / no merge, the loop's wait per save**": "train",
     "prefix: LoRA model": "serving",
     "prefix: merged model": "serving",
     "**prefix: speedup": "serving",
@@ -79,7 +87,7 @@ def test_benchmark_tiny_writes_every_row(tmp_path):
     out = tmp_path / "benchmark.md"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, str(SCRIPT), "--tiny", "--repeats", "1", "--no-accelerator", "--output", str(out)]
-    cmd += ["--workdir", str(tmp_path), "--sections", "merge", "peft", "save", "serving", "train"]
+    cmd += ["--workdir", str(tmp_path), "--sections", "merge", "peft", "save", "merge_on_save", "serving", "train"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     text = out.read_text()
@@ -112,7 +120,8 @@ def test_benchmark_tiny_writes_every_row(tmp_path):
     assert "**Load**" in text
     assert "| merge (cpu) |" in text  # the load while it ran
     rows = _rows(text)
-    ran = {"merge": True, "save": True, "peft": _installed("torch", "peft"), "serving": _installed("openpi")}
+    ran = {"merge": True, "save": True, "merge_on_save": True, "peft": _installed("torch", "peft")}
+    ran["serving"] = _installed("openpi")
     ran["merge+peft"] = ran["peft"]
     ran["train"] = False  # not with --tiny
     for prefix, section in ROWS.items():

@@ -10,6 +10,7 @@ import json
 import pathlib
 import shutil
 
+from helpers import TREES
 from helpers import read_leaves
 from helpers import run_python
 import numpy as np
@@ -23,15 +24,16 @@ import training  # noqa: E402
 from openpi_merge_plugin.checkpoint import sources  # noqa: E402
 from openpi_merge_plugin.checks import integrity  # noqa: E402
 from openpi_merge_plugin.errors import IntegrityError  # noqa: E402
+from openpi_merge_plugin.openpi_glue import host_copy  # noqa: E402
 from openpi_merge_plugin.pipeline import checkpoint_merge  # noqa: E402
 
 pytestmark = pytest.mark.openpi
 CONFIG = "debug_lora"
 
 
-def _train(base: pathlib.Path, exp: str, *flags: str, devices: int = 1, check: bool = True, kill: str = ""):
+def _train(base: pathlib.Path, exp: str, *flags: str, devices: int = 1, check: bool = True, kill: str = "", **kw):
     """Runs openpi's scripts/train.py on the debug_lora config; returns its log."""
-    return training.train(base, CONFIG, exp, *flags, devices=devices, check=check, kill=kill)
+    return training.train(base, CONFIG, exp, *flags, devices=devices, check=check, kill=kill, **kw)
 
 
 def _ckpt(base: pathlib.Path, exp: str) -> pathlib.Path:
@@ -266,26 +268,90 @@ def _assert_committed_steps_complete(ckpt: pathlib.Path, committed: list[str]) -
 
 
 @pytest.mark.openpi_ci
-def test_killed_during_a_merge_on_save(tmp_path):
+def test_killed_during_the_first_merge_while_training_goes_on(tmp_path):
     code, _ = _train(tmp_path, "killed", "--keep-period", "5", "--no-overwrite", check=False, kill="merge_slice:20")
     ckpt = _ckpt(tmp_path, "killed")
-    assert code == -9  # half-way through the first merge (step 5): the step is not committed
+    assert code == -9  # half-way through step 5's merge, in the background: the step is not committed
     _assert_committed_steps_complete(ckpt, [])
-    log = _train(tmp_path, "killed", "--keep-period", "5")  # started again, it finishes with a verified merge
+    # --resume finds no step, so it starts afresh; it finishes with verified merges.
+    log = _train(tmp_path, "killed", "--keep-period", "5", "--resume", "--no-overwrite")
     assert "Merged the LoRA adapters of step 9" in log
     _assert_committed_steps_complete(ckpt, ["5", "9"])
     assert not list(ckpt.glob(".merged-*"))
 
 
-def test_killed_while_a_finished_merge_is_moved_into_its_step(tmp_path):
-    code, _ = _train(tmp_path, "killed", "--keep-period", "5", "--no-overwrite", check=False, kill="move_into:2")
+# Kill points in the async phase of step 9's save (after save_state returned): the merge starting in the background,
+# half-way through it (debug_lora's merges make 40 `merge_slice` calls each), the commit moving it into its step,
+# and the moment after that, when Orbax has not committed the step yet.
+ASYNC_KILL_POINTS = [
+    "write_staged:2",
+    pytest.param("merge_slice:60", marks=pytest.mark.openpi_ci),
+    "move_into:2",
+    "move_into:2:after",
+]
+
+
+@pytest.mark.parametrize("kill", ASYNC_KILL_POINTS)
+def test_killed_in_the_async_phase_of_a_save_resumes_and_merges_on(kill, tmp_path):
+    code, log = _train(tmp_path, "killed", "--keep-period", "5", "--no-overwrite", check=False, kill=kill)
     ckpt = _ckpt(tmp_path, "killed")
-    assert code == -9  # while step 9's merge is being committed
+    assert code == -9, log[-3000:]
+    assert "Merging the LoRA adapters of step 9 in the background" in log
+    # Step 9 is not committed, step 5 is, with its LoRA checkpoint and a merged/ that verifies against it.
     _assert_committed_steps_complete(ckpt, ["5"])
-    assert list(ckpt.glob(".merged-9.tmp-*"))  # the killed merge's staging directory
-    # Resuming removes it and starts from step 5. (Resumed from step 5 with steps left to train, openpi 15a9616 on
-    # CPU crashes inside XLA two steps later, also with the plugin switched off: see docs/faults.md. So this resume
-    # has nothing left to train and only starts up.)
-    _train(tmp_path, "killed", "--keep-period", "5", "--resume", "--no-overwrite", "--num-train-steps", "6")
-    _assert_committed_steps_complete(ckpt, ["5"])
+    # --resume goes on from step 5, trains to step 9 and merges it; the killed merge's staging directory is gone.
+    log = _train(tmp_path, "killed", "--keep-period", "5", "--resume", "--no-overwrite")
+    assert "Merged the LoRA adapters of step 5" not in log
+    assert "Merged the LoRA adapters of step 9" in log
+    _assert_committed_steps_complete(ckpt, ["5", "9"])
     assert not list(ckpt.glob(".merged-*"))
+    _assert_equals_offline_merge(ckpt / "9", tmp_path)
+
+
+def test_blocking_mode_merges_as_before_and_the_same_bytes(single, tmp_path):
+    """`--merge-lora.mode blocking`: the merge runs before the save returns; the same run's merges are, bitwise,
+    what the offline command gives (as the async default's are: test_every_save_...)."""
+    log = _train(tmp_path, "blocking", "--keep-period", "None", "--merge-lora.mode", "blocking")
+    ckpt = _ckpt(tmp_path, "blocking")
+    assert "in the background" not in log
+    assert "Merged the LoRA adapters of step 9" in log
+    assert sorted(p.name for p in ckpt.iterdir()) == ["9"]
+    assert integrity.verify_merged(ckpt / "9" / "merged").ok
+    _assert_equals_offline_merge(ckpt / "9", tmp_path)
+    # The same training (same seed and data) as the async run: the same params, hence the same merged bytes.
+    async_step = _ckpt(single[0], "single") / "9"
+    got, want = read_leaves(ckpt / "9" / "merged" / "params"), read_leaves(async_step / "merged" / "params")
+    assert got.keys() == want.keys()
+    assert all(got[p].tobytes() == want[p].tobytes() for p in want)
+
+
+def test_async_mode_is_refused_at_the_start_on_a_host_that_cannot_hold_the_params_copy(tmp_path):
+    needed = host_copy.params_bytes(openpi_config.get_config(CONFIG)) + host_copy.MERGE_OVERHEAD_BYTES
+    available = {"OPENPI_MERGE_TEST_AVAILABLE_BYTES": str(needed - 1)}
+    code, log = _train(tmp_path, "refused", check=False, extra_env=available)
+    assert code != 0
+    assert "merge_lora.mode async keeps a host copy of the params while it merges in the background" in log
+    assert "use --merge-lora.mode blocking" in log
+    assert "Step 0" not in log  # refused before the model was built or trained
+    assert not list(_ckpt(tmp_path, "refused").glob("*/params"))
+    # Blocking mode needs no such copy: the same host trains and merges.
+    log = _train(tmp_path, "refused", "--merge-lora.mode", "blocking", "--overwrite", extra_env=available)
+    assert "Merged the LoRA adapters of step 9" in log
+
+
+def test_the_host_copy_is_sized_from_the_config_as_openpi_saves_the_params():
+    """pi0's params as openpi's train.py stores them (frozen weights bf16), from the config's shapes alone, are the
+    bytes of openpi 15a9616's pi0_lora params tree (tests/data/openpi-15a9616/trees, written by openpi). In a fresh
+    process: this one has the tests' tiny SigLIP."""
+    tree = json.loads((TREES / "pi0_lora.json").read_text())["params"]
+    want = sum(
+        int(np.prod(leaf["shape"])) * (2 if leaf["frozen"] else np.dtype(leaf["dtype"]).itemsize)
+        for leaf in tree.values()
+    )
+    code = (
+        "import openpi.training.config as c; from openpi_merge_plugin.openpi_glue import host_copy; "
+        "print(host_copy.params_bytes(c.get_config('pi0_libero_low_mem_finetune')))"
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split()[-1]) == want

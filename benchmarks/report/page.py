@@ -78,11 +78,20 @@ def header(meta: dict[str, Any]) -> list[str]:
         f"- **Software**: Python {m['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, numpy {v['numpy']}, "
         f"orbax-checkpoint {v['orbax-checkpoint']}, torch {v['torch']}, peft {v['peft']}."
     )
+    updates = [
+        f"Sections {', '.join(u['sections'])} measured again by `{u['command']}`"
+        + (f" (openpi from `{u['openpi_python']}`)" if u.get("openpi_python") else "")
+        + f" on {u['started']} UTC; load average {u['load_start'][0]:.2f} at the start, {u['load_end'][0]:.2f} at "
+        "the end."
+        for u in meta.get("updates", [])
+    ]
     return [
         "# Benchmark: merging pi0 LoRA adapters",
         "",
         made,
         "",
+        *(f"- {u}" for u in updates),
+        *([""] if updates else []),
         machine_line,
         load_line,
         software_line,

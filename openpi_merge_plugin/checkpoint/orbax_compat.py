@@ -25,6 +25,23 @@ from typing import Any
 
 import numpy as np
 
+# orbax-checkpoint 0.12 writes this file into every item directory of a step as it commits the step (0.11.x writes
+# none), after the item's own files: in merge on save's `<step>/merged/`, after the manifest was written.
+COMMIT_MARKER = "commit_success.txt"
+_COMMIT_MARKER_TEXT = "Checkpoint commit was successful to "
+
+
+def is_commit_marker(root: pathlib.Path, rel: str) -> bool:
+    """Whether `rel` (a path under the item directory `root`) is the marker Orbax's commit wrote there."""
+    if rel != COMMIT_MARKER:
+        return False
+    try:
+        with open(root / rel, "rb") as f:
+            return f.read(len(_COMMIT_MARKER_TEXT) + 1).startswith(_COMMIT_MARKER_TEXT.encode())
+    except OSError:
+        return False
+
+
 # Notices Orbax logs (through absl, at WARNING) on every read of a single weight, about its own internals: the
 # partial-restore API (`transforms={}`, 0.11 and 0.12), and, in 0.12, the ParamInfo its PyTree restore makes for every
 # leaf without a TensorStore context (780 lines per merge of the bundled example). Only these are dropped.

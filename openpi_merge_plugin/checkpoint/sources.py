@@ -37,6 +37,17 @@ class ParamSource(Protocol):
         ...
 
 
+def pure_dict(params: Any) -> Any:
+    """openpi's params (an nnx.State, or already nested dicts) as nested dicts of their arrays."""
+    if not hasattr(params, "to_pure_dict"):
+        return params
+    # flax >= 0.11 has nnx.to_pure_dict (State.to_pure_dict is deprecated there); openpi's flax 0.10.2 has the method.
+    from flax import nnx
+
+    to_pure_dict = getattr(nnx, "to_pure_dict", None)
+    return to_pure_dict(params) if to_pure_dict is not None else params.to_pure_dict()
+
+
 def flatten(params: Mapping[str, Any]) -> dict[str, Any]:
     """Nested dict -> {'a/b/c': leaf}. Drops the trailing 'value' that nnx.State leaves add, as openpi does."""
     flat = {"/".join(map(str, k)): v for k, v in flatten_keys(params).items()}

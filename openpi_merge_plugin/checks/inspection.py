@@ -17,6 +17,7 @@ import pathlib
 import statistics
 from typing import Any, Literal
 
+from openpi_merge_plugin.checkpoint import orbax_compat
 from openpi_merge_plugin.checkpoint import output as _output
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.errors import CheckpointError
@@ -225,5 +226,5 @@ def check_files(root: pathlib.Path, recorded: dict[str, dict[str, Any]]) -> Chec
         files=len(recorded),
         mismatched=tuple(sorted(p for p in recorded if p in found and found[p] != recorded[p])),
         missing=tuple(sorted(p for p in recorded if p not in found)),
-        extra=tuple(sorted(p for p in found if p not in recorded)),
+        extra=tuple(sorted(p for p in found if p not in recorded and not orbax_compat.is_commit_marker(root, p))),
     )

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import jax.numpy as jnp
 import numpy as np
 
+from openpi_merge_plugin.checkpoint import orbax_compat
 from openpi_merge_plugin.checkpoint import output as _output
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.errors import CheckpointError
@@ -245,7 +246,8 @@ def _check_files(merged_dir: pathlib.Path, manifest: dict[str, Any], progress: P
             problems.append(f"changed file {rel}: {got['bytes']} bytes, the manifest says {want.get('bytes')}")
         elif got["sha256"] != want.get("sha256"):
             problems.append(f"changed file {rel}: its sha256 differs from the manifest")
-    problems += [f"extra file {rel}: not listed in the manifest" for rel in sorted(set(actual) - set(recorded))]
+    extra = [rel for rel in sorted(set(actual) - set(recorded)) if not orbax_compat.is_commit_marker(merged_dir, rel)]
+    problems += [f"extra file {rel}: not listed in the manifest" for rel in extra]
     if problems:
         return Check("files", "failed", f"{len(problems)} of {len(recorded | actual)} files differ", problems)
     return Check("files", "ok", f"{len(recorded)} files, {total:,} bytes: sizes and sha256 as recorded")

@@ -4,11 +4,22 @@ Its directory, `<step>/merged/`, is laid out exactly like the offline command's 
 `manifest.json`, written by the same pipeline, `checkpoint_merge.plan_merge` and `write_merge`). If the merge fails, training goes on (unless
 `merge_lora.fatal`): the error is logged with its traceback and the directory holds only `MERGE_FAILED.json`.
 
-Orbax creates a step's directories in the background, after the handlers' synchronous part, but the merge has to
-read the params before `save` returns (the next train step donates their buffers). So the merge streams into a
-staging directory next to the steps (`<checkpoint_dir>/.merged-<step>.tmp-*`), and the handler's commit, which
-Orbax runs once the step's directories exist, moves its contents into the item directory: a rename on the same
-file system. Staging directories of runs that died are removed when the checkpoint manager is created.
+The next train step donates the params' buffers, so the merge cannot read them after `save` returns. Two modes
+(`merge_lora.mode`):
+- async (the default): the item's save copies the params to host memory (`host_copy.take`, as Orbax copies the
+  `params` item) and returns; the merge and its write run in the item's commit future, in the background, and Orbax
+  commits the step only when every item's commit is over.
+- blocking: the merge reads the live params before Orbax's save starts (`save_hook` calls `write_staged`), and
+  training waits for it.
+
+Either way the merge streams into a staging directory next to the steps (`<checkpoint_dir>/.merged-<step>.tmp-*`),
+and the commit moves its contents into the item directory: a rename on the same file system. Staging directories
+of runs that died are removed when the checkpoint manager is created.
+
+The merge writes `params/` with an Orbax `Checkpointer` of its own, which advances Orbax's process-wide operation id
+(the key under which a save's handlers wait for its directories). It therefore never runs while an Orbax save is in
+its synchronous part, where the handlers read that id: before the save (blocking), or once it has returned
+(async: `MergeRequest.released`). Run inside it, a `params` item could write before its directory existed.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import pathlib
 import re
 import shutil
 import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -32,6 +44,7 @@ import orbax.checkpoint as ocp
 import orbax.checkpoint.future as future
 
 from openpi_merge_plugin.checkpoint import output as _output
+from openpi_merge_plugin.openpi_glue import host_copy
 from openpi_merge_plugin.serving.names import ServingConfig
 
 logger = logging.getLogger("openpi_merge_plugin")
@@ -52,12 +65,25 @@ class Outcome:
 
 @dataclasses.dataclass
 class MergeRequest:
-    params: Any  # what openpi saves as `params` (nnx.State of jax.Arrays, sharded as in training)
+    params: Any  # what openpi saves as `params` (nnx.State of jax.Arrays, sharded as in training); async: host copy
     save_assets: Callable[[Any], None] | None  # openpi's own assets callback for this step
     config: Any  # the run's TrainConfig
     step: int
     step_dir: pathlib.Path  # where Orbax will commit the step
     outcome: Outcome = dataclasses.field(default_factory=Outcome)
+    # The LoRA config to merge with (a ResolvedLoRA); None: the one of the config's model.
+    lora: Any = None
+    # Blocking mode: the staging directory the merge was written to before Orbax's save (None off process 0).
+    staging: pathlib.Path | None = None
+    # Async mode: set by the save once Orbax's synchronous part is over; the merge starts then.
+    released: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
+    # Async mode: set when the merge and its move into the step are over; `scheduled` says one was started.
+    done: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
+    scheduled: bool = False
+
+    @property
+    def mode(self) -> str:
+        return self.config.merge_lora.mode
 
 
 STAGING_GLOB = ".merged-*.tmp-*"
@@ -68,18 +94,20 @@ class MergedItemHandler(ocp.AsyncCheckpointHandler):
     """Writes the merged checkpoint of a step; only for saving (openpi never restores this item)."""
 
     def save(self, directory: Any, args: MergedSave) -> None:
-        staging = write_staged(args.request)
+        request = args.request
+        staging = request.staging if request.mode == "blocking" else write_staged(request)
         if staging is not None:
             move_into(staging, pathlib.Path(str(directory)))
 
     async def async_save(self, directory: Any, args: MergedSave) -> list:
-        # In a thread, because the nested Orbax save of `params/` runs its own event loop.
-        staging = await asyncio.to_thread(write_staged, args.request)
-        if staging is None:
+        request, directory = args.request, pathlib.Path(str(directory))
+        if request.mode == "async":
+            return _start_in_background(request, directory)
+        if request.staging is None:
             return []
         return [
             future.CommitFutureAwaitingContractedSignals(
-                asyncio.to_thread(move_into, staging, pathlib.Path(str(directory))), name="merged_item"
+                asyncio.to_thread(move_into, request.staging, directory), name="merged_item"
             )
         ]
 
@@ -95,6 +123,36 @@ class MergedSave(ocp.args.CheckpointArgs):
 
 @ocp.args.register_with_handler(MergedItemHandler, for_restore=True)
 class MergedRestore(ocp.args.CheckpointArgs): ...
+
+
+def _start_in_background(request: MergeRequest, directory: pathlib.Path) -> list:
+    """Copies the params to host (the part of the save training waits for) and returns the commit that merges."""
+    import jax
+
+    if jax.process_index() != 0:
+        return []
+    start = time.perf_counter()
+    request.params = host_copy.take(request.params)
+    request.scheduled = True
+    logger.info(
+        "Merging the LoRA adapters of step %d in the background: host copy of the params %.2f GB, taken in %.2fs",
+        request.step,
+        host_copy.nbytes(request.params) / 1e9,
+        time.perf_counter() - start,
+    )
+    return [future.CommitFutureAwaitingContractedSignals(_merge_and_move(request, directory), name="merged_item")]
+
+
+async def _merge_and_move(request: MergeRequest, directory: pathlib.Path) -> None:
+    """The async mode's commit: merge the host copy into a staging directory, then move it into the item."""
+    try:
+        await asyncio.to_thread(request.released.wait)
+        staging = await asyncio.to_thread(write_staged, request)
+        request.params = None  # the host copy goes once merged
+        await asyncio.to_thread(move_into, staging, directory)
+    finally:
+        request.params = None
+        request.done.set()
 
 
 def write_staged(request: MergeRequest) -> pathlib.Path | None:
@@ -209,15 +267,19 @@ def _merge(directory: pathlib.Path, request: MergeRequest) -> dict[str, Any]:
     from openpi_merge_plugin.pipeline import checkpoint_merge
 
     config, opts = request.config, request.config.merge_lora
-    params = request.params.to_pure_dict() if hasattr(request.params, "to_pure_dict") else request.params
+    params = sources.pure_dict(request.params)
+    lora = request.lora or openpi_configs.lora_from_model(config.model, config_name=config.name)
+    merged_from = (
+        "a host copy of the live train state, taken by the save" if request.mode == "async" else "the live train state"
+    )
     plan = checkpoint_merge.plan_merge(
         sources.InMemorySource(params),
-        openpi_configs.lora_from_model(config.model, config_name=config.name),
+        lora,
         opts.merge_options(),
         source_info={
             "step_dir": str(request.step_dir),
             "step": request.step,
-            "params": "the params item of this step (merged from the live train state)",
+            "params": f"the params item of this step (merged from {merged_from})",
             "train_config": config.name,
         },
         save_assets=request.save_assets,
@@ -252,4 +314,9 @@ def _report(request: MergeRequest, manifest: dict[str, Any], seconds: float) -> 
     )
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.log(numbers, step=request.step)
+        if request.mode == "async":
+            # Training has gone on meanwhile, and wandb drops a step older than its last: the numbers join the next
+            # step training logs, with the step they belong to.
+            wandb.log({**numbers, "merge/step": request.step}, commit=False)
+        else:
+            wandb.log(numbers, step=request.step)

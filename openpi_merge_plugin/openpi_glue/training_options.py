@@ -17,6 +17,11 @@ class MergeOnSaveOptions:
 
     # Which saves also write <step>/merged: every save, or only the last step of training.
     when: Literal["every_save", "final"] = "every_save"
+    # How a save waits for the merge. async: the save copies the params to host memory, as Orbax copies openpi's own
+    # `params` item, and the merge and its write run in the background, in Orbax's commit of the step (host memory: a
+    # copy of the params while it runs). blocking: the merge streams from the live params before the save returns,
+    # so training waits for it (host memory: ~0.6 GiB).
+    mode: Literal["async", "blocking"] = "async"
     # dtype of merged weights (float32 keeps the whole adapter contribution; preserve = the base's dtype).
     output_dtype: Literal["float32", "bfloat16", "preserve"] = "float32"
     # Multiplier on the LoRA term (1.0 reproduces training exactly).
@@ -37,7 +42,8 @@ class MergeOnSaveOptions:
     # Tensor dtype of those exports (PyTorch: upstream's converter's rules; LeRobot: also the policy's config dtype).
     export_precision: Literal["float32", "bfloat16"] = "float32"
     # A failed merge stops training (by default it is logged, recorded in <step>/merged/MERGE_FAILED.json,
-    # and training goes on; the LoRA checkpoint is saved either way).
+    # and training goes on; the LoRA checkpoint is saved either way). In async mode the failure is known only after
+    # the save returned: training stops at its next save (before it), or at the end of training.
     fatal: bool = False
 
     def __post_init__(self) -> None:
@@ -58,6 +64,7 @@ class MergeOnSaveOptions:
             self,
             {
                 "when": _options.choice(MergeOnSaveOptions, "when"),
+                "mode": _options.choice(MergeOnSaveOptions, "mode"),
                 "output_dtype": _options.choice(MergeOnSaveOptions, "output_dtype"),
                 "strength": _options.MERGE_OPTION_CHECKS["strength"],
                 "verify": _options.MERGE_OPTION_CHECKS["verify"],

@@ -147,9 +147,7 @@ def _abstract_params_cached(key: _Key) -> tuple[tuple[str, tuple[int, ...]], ...
     from openpi_merge_plugin.checkpoint import sources
 
     _, state = nnx.split(nnx.eval_shape(key.model.create, jax.random.key(0)))
-    # flax >= 0.11 has nnx.to_pure_dict (State.to_pure_dict is deprecated there); openpi's flax 0.10.2 has the method.
-    to_pure_dict = getattr(nnx, "to_pure_dict", None)
-    flat = sources.flatten(to_pure_dict(state) if to_pure_dict is not None else state.to_pure_dict())
+    flat = sources.flatten(sources.pure_dict(state))
     return tuple((p, tuple(int(d) for d in x.shape)) for p, x in flat.items())
 
 

@@ -7,9 +7,11 @@ makes a CPU train step take minutes. The tests shrink it in this process, before
 is edited. The LLM (which is what carries the LoRA adapters) is untouched. It also registers the variants and train
 configs of `user_variants.py`, as a user's launcher would.
 
-For the crash-safety tests, `OPENPI_MERGE_TEST_KILL=<function>:<n>` SIGKILLs this process at the n-th call of one of
-the plugin's functions during training (`merge_slice`: a layer slice of a merge on save; `move_into`: the commit
-that moves a finished merge into its step).
+For the crash-safety tests, `OPENPI_MERGE_TEST_KILL=<function>:<n>[:after]` SIGKILLs this process at the n-th call
+of one of the plugin's functions during training, before it runs (or once it has returned, with `:after`):
+`write_staged` (a merge on save starting: in async mode in the background, once its save has returned),
+`merge_slice` (a layer slice of a merge), `move_into` (the commit that moves a finished merge into its step).
+`OPENPI_MERGE_TEST_AVAILABLE_BYTES=<n>` makes the plugin see a host with n bytes of memory available.
 """
 
 import os
@@ -81,21 +83,30 @@ def _kill_at(spec: str) -> None:
     from openpi_merge_plugin.merge import slice_ops
     from openpi_merge_plugin.openpi_glue import merged_item
 
-    name, n = spec.split(":")
-    module = {"merge_slice": slice_ops, "move_into": merged_item}[name]
+    name, n, *when = spec.split(":")
+    module = {"merge_slice": slice_ops, "move_into": merged_item, "write_staged": merged_item}[name]
     real, calls = getattr(module, name), [0]
 
     def dying(*args, **kwargs):
         calls[0] += 1
-        if calls[0] == int(n):
+        hit = calls[0] == int(n)
+        if hit and when != ["after"]:
             os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args, **kwargs)
+        result = real(*args, **kwargs)
+        if hit:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
 
     setattr(module, name, dying)
 
 
 if os.environ.get("OPENPI_MERGE_TEST_KILL"):
     _kill_at(os.environ["OPENPI_MERGE_TEST_KILL"])
+
+if os.environ.get("OPENPI_MERGE_TEST_AVAILABLE_BYTES"):  # a host with this much memory available
+    from openpi_merge_plugin.openpi_glue import host_copy
+
+    host_copy.available_bytes = lambda: int(os.environ["OPENPI_MERGE_TEST_AVAILABLE_BYTES"])
 
 if __name__ == "__main__":
     script, *argv = sys.argv[1:]

@@ -20,9 +20,10 @@ RUNNER = pathlib.Path(__file__).resolve().parent / "run_openpi_script.py"
 TRAIN_TIMEOUT = float(os.environ.get("OPENPI_MERGE_TEST_TRAIN_TIMEOUT", "480"))
 
 
-def env(devices: int = 1, kill: str = "") -> dict[str, str]:
+def env(devices: int = 1, kill: str = "", **extra: str) -> dict[str, str]:
     return {
         **os.environ,
+        **extra,
         "OPENPI_MERGE_TEST_KILL": kill,
         "XLA_FLAGS": _xla_flags(devices),
         "JAX_PLATFORMS": "cpu",
@@ -56,7 +57,14 @@ def _case() -> str:
 
 
 def train(
-    base: pathlib.Path, config: str, exp: str, *flags: str, devices: int = 1, check: bool = True, kill: str = ""
+    base: pathlib.Path,
+    config: str,
+    exp: str,
+    *flags: str,
+    devices: int = 1,
+    check: bool = True,
+    kill: str = "",
+    extra_env: dict[str, str] | None = None,
 ) -> str | tuple[int, str]:
     """Runs openpi's scripts/train.py on `config` (10 steps, saves at 5 and 9); returns its log (and exit code)."""
     cmd = [sys.executable, str(RUNNER), str(TRAIN_SCRIPT), config, "--exp-name", exp]
@@ -66,7 +74,12 @@ def train(
     log_file = base / f"train-{exp}-{len(list(base.glob('train-*.log')))}.log"
     with open(log_file, "w") as out:
         proc = subprocess.Popen(
-            cmd, env=env(devices, kill), stdout=out, stderr=subprocess.STDOUT, cwd=base, start_new_session=True
+            cmd,
+            env=env(devices, kill, **(extra_env or {})),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=base,
+            start_new_session=True,
         )
         try:
             proc.wait(timeout=TRAIN_TIMEOUT)
