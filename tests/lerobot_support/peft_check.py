@@ -20,12 +20,10 @@ import sys
 import types
 import warnings
 
+import lerobot_check  # beside this script (its folder is first on sys.path)
 import numpy as np
 from safetensors.torch import load_file
 import torch
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import lerobot_check  # noqa: E402
 
 
 def _dataset_meta(config: dict) -> types.SimpleNamespace:
