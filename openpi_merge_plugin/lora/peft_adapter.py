@@ -70,14 +70,16 @@ class LinearAxes:
 
 
 def peft_alpha(scale: float, rank: int) -> float:
-    """The `lora_alpha` with `lora_alpha / rank == scale` in Python floats, as PEFT computes its scaling."""
-    alpha = scale * rank
-    for _ in range(8):  # scale * rank / rank can be one ulp off; step to the float that divides back exactly
-        got = alpha / rank
-        if got == scale:
-            return alpha
-        alpha = math.nextafter(alpha, math.inf if got < scale else -math.inf)
-    raise PeftLayoutError(f"no lora_alpha gives scaling {scale!r} at rank {rank}")
+    """The `lora_alpha` whose `lora_alpha / rank` (Python floats, as PEFT computes its scaling) is closest to `scale`:
+    exactly `scale` wherever a float divides to it (not every float is a quotient by a rank that is not a power of
+    two; then one float64 ulp off, far below float32)."""
+    candidates = [scale * rank]
+    for direction in (math.inf, -math.inf):
+        alpha = candidates[0]
+        for _ in range(4):
+            alpha = math.nextafter(alpha, direction)
+            candidates.append(alpha)
+    return min(candidates, key=lambda alpha: (abs(alpha / rank - scale), abs(alpha - scale * rank)))
 
 
 def linear_axes(labels: str, shape: Sequence[int], ops: Sequence[Op]) -> LinearAxes:

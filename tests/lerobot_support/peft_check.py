@@ -38,6 +38,9 @@ def _dataset_meta(config: dict) -> types.SimpleNamespace:
     return types.SimpleNamespace(features=features, stats=None)
 
 
+_TINY_DIMS = lerobot_check.tiny_dims
+
+
 @contextlib.contextmanager
 def tiny_dims(modeling, config: dict, dims: dict):
     """`lerobot_check.tiny_dims`, and the action expert's (unused) lm_head with the model's vocabulary, as the
@@ -50,7 +53,7 @@ def tiny_dims(modeling, config: dict, dims: dict):
 
     modeling.PiGemmaForCausalLM = expert
     try:
-        with lerobot_check.tiny_dims(modeling, config, dims):
+        with _TINY_DIMS(modeling, config, dims):
             yield
     finally:
         modeling.PiGemmaForCausalLM = original
@@ -58,13 +61,11 @@ def tiny_dims(modeling, config: dict, dims: dict):
 
 def load(kind: str, export: pathlib.Path, dims: dict):
     """`lerobot_check.load` under `tiny_dims`: `<Policy>.from_pretrained(export)` and what it printed."""
-    _, modeling = lerobot_check._policy_class(kind)  # noqa: SLF001
-    original = lerobot_check.tiny_dims
-    lerobot_check.tiny_dims = lambda m, c, d: tiny_dims(m, c, d) if m is modeling else original(m, c, d)
+    lerobot_check.tiny_dims = tiny_dims
     try:
         return lerobot_check.load(kind, export, dims)
     finally:
-        lerobot_check.tiny_dims = original
+        lerobot_check.tiny_dims = _TINY_DIMS
 
 
 def make_peft_policy(kind: str, adapter_dir: pathlib.Path, dims: dict):
