@@ -183,7 +183,26 @@ def main(job_path: pathlib.Path, out: pathlib.Path) -> None:
     if job.get("hot_swap"):
         result["hot_swap"] = hot_swap(kind, job, dims, merged_actions, refs)
     out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1)[-6000:])
+    print(json.dumps(summary(result), indent=1))
+
+
+def summary(result: dict) -> dict:
+    """The numbers, without the key lists."""
+    out = {}
+    for name, entry in result["adapters"].items():
+        state = entry["adapter_state"]
+        out[name] = {
+            "adapter_tensors_loaded": f"{state['loaded_tensors']}/{state['file_tensors']}",
+            "problems": sum(len(v) for k, v in state.items() if isinstance(v, list))
+            + len(entry["loading"]["warnings"]),
+            **entry.get("actions", {}),
+            **{f"merge_{k}": v for k, v in entry.get("merge_and_unload", {}).items() if not isinstance(v, list)},
+        }
+    if "hot_swap" in result:
+        swap = result["hot_swap"]
+        out["hot_swap"] = {k: v for k, v in swap.items() if not isinstance(v, list)}
+        out["hot_swap"]["load_problems"] = len(swap["load_adapter_missing"]) + len(swap["load_adapter_unexpected"])
+    return out
 
 
 def hot_swap(kind: str, job: dict, dims: dict, merged_actions: dict, refs: dict) -> dict:
@@ -193,23 +212,25 @@ def hot_swap(kind: str, job: dict, dims: dict, merged_actions: dict, refs: dict)
     first, second = job["hot_swap"]
     dirs = {item["name"]: pathlib.Path(item["dir"]) for item in job["adapters"]}
     policy, _ = make_peft_policy(kind, dirs[first], dims)
-    load = policy.load_adapter(str(dirs[second]), adapter_name=second)
-    names = {first: "default", second: second}
-    ref = refs[first]  # the same observation and noise for both runs (same model config)
+    # PEFT's load_adapter reports as missing every key of the model that holds the new adapter's name as a substring
+    # (its filter: `adapter_name in key`), so the name must not occur in the model's keys ("b" would: "base_model").
+    names = {first: "default", second: "second_finetune"}
+    load = policy.load_adapter(str(dirs[second]), adapter_name=names[second])
+    ref = refs[first]  # jax_reference's fixed observation and noise: the same for both runs (same model config)
     sequence, runs = [first, second, first, second, first], []
     for name in sequence:
         policy.set_adapter(names[name])
         runs.append(_actions(kind, policy.get_base_model(), ref))
-    scale = float(np.max(np.abs(ref["actions_lora"])))
     out = {"sequence": sequence, "load_adapter_missing": list(load.missing_keys)}
     out["load_adapter_unexpected"] = list(load.unexpected_keys)
     for name in (first, second):
         mine = [a for n, a in zip(sequence, runs, strict=True) if n == name]
+        scale = float(np.max(np.abs(refs[name]["actions_lora"])))  # each run's JAX LoRA actions, as above
         out[name] = {
             "vs_own_merged_export": max(_rel(a, merged_actions[name], scale) for a in mine),
             "repeats_bitwise_equal": all(np.array_equal(mine[0], a) for a in mine[1:]),
         }
-    out["adapters_differ_by"] = _rel(runs[0], runs[1], scale)
+    out["adapters_differ_by"] = _rel(runs[0], runs[1], float(np.max(np.abs(runs[0]))))
     return out
 
 
