@@ -21,8 +21,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 import re
+import struct
 import time
 from typing import Any
 
@@ -37,6 +39,7 @@ from openpi_merge_plugin.checkpoint import pytorch_layout as layout
 from openpi_merge_plugin.checkpoint import safetensors_stream
 from openpi_merge_plugin.errors import CheckpointError
 from openpi_merge_plugin.errors import ConfigError
+from openpi_merge_plugin.lora import equations as eq
 from openpi_merge_plugin.lora import peft_adapter
 from openpi_merge_plugin.pipeline import checkpoint_merge
 from openpi_merge_plugin.pipeline import export_model
@@ -223,24 +226,21 @@ def _compare_with_base(
     progress: pytorch_export.ProgressFn | None,
 ) -> tuple[set[str], dict[str, Any]]:
     """Every tensor of the step's own weights (its adapters' bases unmerged) against BASE's, bitwise: the names of
-    trained ones that differ; refuses a frozen or adapted one that differs."""
-    from safetensors import safe_open
-
+    trained ones that differ; refuses a frozen or adapted one that differs. BASE's bytes are read at its header's
+    offsets (`os.preadv`, one tensor or row block at a time), not memory-mapped."""
     assert base.local is not None
     path = base.local / lerobot_export.MODEL_FILE
     expected = {s.name: s for s in merged.tensors if s.recipe.source is not None}
     adapted = {a.base_path for a in source.merge.adapters} if source.merge is not None else set()
     tree = source.params.tree
     differ, frozen_differ, done = set(), [], 0
-    with safe_open(str(path), framework="numpy") as f:
-        have = set(f.keys())
-        if missing := sorted(set(expected) - have):
+    with _SafetensorsReader(path) as f:
+        if missing := sorted(set(expected) - set(f.entries)):
             raise ConfigError(f"--base {path} lacks tensors of this step's policy: {missing[:5]} ({len(missing)})")
         for spec, rows, array in export_stream.laid_out_tensors(source.params, merged):
             if spec.name not in expected:
                 continue
-            theirs = f.get_slice(spec.name)[rows] if rows is not None else f.get_tensor(spec.name)
-            if not _bitwise_equal(array, theirs):
+            if not f.equals(spec.name, array, rows):
                 trained = spec.recipe.source not in adapted and str(tree[spec.recipe.source].dtype) != "bfloat16"
                 (differ.add if trained else frozen_differ.append)(spec.name)
             if progress is not None and (rows is None or rows.stop == spec.shape[0]):
@@ -263,9 +263,49 @@ def _compare_with_base(
     return differ, check
 
 
-def _bitwise_equal(ours: np.ndarray, theirs: np.ndarray) -> bool:
-    ours, theirs = np.ascontiguousarray(ours), np.ascontiguousarray(theirs)
-    return ours.shape == theirs.shape and ours.dtype == theirs.dtype and ours.tobytes() == theirs.tobytes()
+class _SafetensorsReader:
+    """A safetensors file's tensors compared with arrays, read with `os.preadv` into one reused buffer."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+            header = json.loads(os.pread(self.fd, n, 8))
+        except (OSError, ValueError, struct.error) as e:
+            os.close(self.fd)
+            raise ConfigError(f"--base {path}: not a safetensors file ({e})") from e
+        header.pop("__metadata__", None)
+        self.entries: dict[str, dict[str, Any]] = header
+        self.data_start = 8 + n
+        self.buffer = bytearray()
+
+    def __enter__(self) -> _SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+    def equals(self, name: str, array: np.ndarray, rows: slice | None) -> bool:
+        """Whether the tensor (its `rows` of axis 0) has `array`'s dtype, shape and bytes."""
+        entry = self.entries[name]
+        ours = np.ascontiguousarray(array)
+        shape = list(entry["shape"])
+        begin, end = entry["data_offsets"]
+        if rows is not None:
+            row = (end - begin) // shape[0] if shape and shape[0] else 0
+            begin, end = begin + rows.start * row, begin + rows.stop * row
+            shape[0] = rows.stop - rows.start
+        if _SAFETENSORS_DTYPES.get(entry["dtype"]) != ours.dtype or shape != list(ours.shape):
+            return False
+        if len(self.buffer) < end - begin:
+            self.buffer = bytearray(end - begin)
+        view = memoryview(self.buffer)[: end - begin]
+        safetensors_stream.read_into(self.fd, view, self.data_start + begin)
+        return bool(np.array_equal(np.frombuffer(view, np.uint8), ours.reshape(-1).view(np.uint8)))
+
+
+_SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(layout.ml_dtypes.bfloat16)}
 
 
 def write_lerobot_peft(
@@ -402,9 +442,20 @@ def _write_adapter_file(
 
 
 def _factor_error(t: peft_layout.LoRATarget, a, b, lora_a: np.ndarray, lora_b: np.ndarray) -> float:
-    delta = np.einsum(t.adapter.delta.equation, np.asarray(a, np.float64), np.asarray(b, np.float64))
+    """max |scaling * lora_B @ lora_A - openpi's delta laid out| / max |that delta|, float64 (BLAS)."""
     r = t.weight.recipe
-    recipe = dataclasses.replace(r, source_shape=delta.shape, layer=None, round_bf16=False, dtype="float32")
+    equation = t.adapter.delta.equation
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if r.split is not None:  # only this half of the weight: its label taken out of the factors that carry it
+        a_labels, b_labels, w_labels = eq.split_equation(equation)
+        label = w_labels[0]
+        if label in a_labels:
+            a, a_labels = np.take(a, r.split, axis=a_labels.index(label)), a_labels.replace(label, "")
+        if label in b_labels:
+            b, b_labels = np.take(b, r.split, axis=b_labels.index(label)), b_labels.replace(label, "")
+        equation = f"{a_labels},{b_labels}->{w_labels[1:]}"
+    delta = np.einsum(equation, a, b, optimize=True)
+    recipe = dataclasses.replace(r, source_shape=delta.shape, layer=None, split=None, round_bf16=False, dtype="float32")
     want = layout.apply(recipe, delta * t.adapter.scale)
     got = peft_adapter.LinearLoRA(lora_a, lora_b, t.alpha).delta()
     scale = float(np.max(np.abs(want))) or 1.0
