@@ -271,3 +271,69 @@ def test_modules_covering_takes_whole_modules_outermost_first():
     assert peft_layout.whole_modules(names, {"m.a.x.bias"}) == {"m.a.x.weight", "m.a.x.bias"}
     with pytest.raises(peft_layout.PeftLayoutError, match="also holds tensors that are not saved"):
         peft_layout.modules_covering(names, {"m.a.x.weight"})
+
+
+def _full_size(name: str):
+    """openpi's shipped LoRA model `name` at full size, shapes only (tests/data/openpi-15a9616/trees: `frozen` is
+    openpi's own freeze filter; frozen leaves bfloat16 as train.py saves them), its adapters and merged layout."""
+    from openpi_merge_plugin.checkpoint import lerobot_layout
+    from openpi_merge_plugin.lora.adapters import ShapeDtype
+    from openpi_merge_plugin.merge import engine
+    from openpi_merge_plugin.pipeline import export_model
+
+    params = json.loads((REPO / "tests/data/openpi-15a9616/trees" / f"{name}.json").read_text())["params"]
+    tree = {p: ShapeDtype(tuple(e["shape"]), "bfloat16" if e["frozen"] else "float32") for p, e in params.items()}
+    adapters = engine.plan(tree, checkpoint_merge.resolve_lora(tree, checkpoint_merge.LoRASource()))
+    structure = engine.merged_structure(tree, adapters, engine.MergeOptions())
+    shapes = {p: (sd.shape, sd.dtype) for p, sd in structure.items()}
+    fast = lerobot_layout.detect_kind(shapes) == "pi0_fast"
+    merged = lerobot_layout.build_lerobot_layout(
+        shapes,
+        paligemma=export_model.dims_from_params(structure, ""),
+        action_expert=None if fast else export_model.dims_from_params(structure, "_1"),
+        action_dim=None if fast else structure["action_in_proj/kernel"].shape[0],
+    )
+    return params, tree, adapters, merged
+
+
+@pytest.mark.parametrize("name", ["pi0_lora", "pi05_lora"])
+def test_full_size_adapter_of_openpis_default_lora_variants(name):
+    """Shapes only, at full size: every q/k/v/o/gate/up/down of both experts in every layer is a LoRA target with
+    openpi's rank structure (gemma_2b_lora 16/16, gemma_300m_lora 32/32: scale 1, so alpha = PEFT's rank), and the
+    modules to save are exactly the leaves openpi's freeze filter leaves trainable (the trees' `frozen`)."""
+    params, tree, adapters, merged = _full_size(name)
+    adapter = peft_layout.build_peft_layout(merged, adapters, tree, peft_layout.trained_tensors(merged, tree, adapters))
+    assert len(adapter.targets) == 2 * 18 * 7
+    ranks = {}
+    for t in adapter.targets:
+        expert = "expert" if ".gemma_expert." in t.module else "paligemma"
+        ranks.setdefault((expert, t.module.rsplit(".", 1)[1]), set()).add(t.rank)
+        assert t.alpha == t.rank  # scale 1: alpha 16 / rank 16, alpha 32 / rank 32; the MLP unscaled anyway
+    assert ranks == {
+        **{("paligemma", m): {16} for m in ("k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")},
+        ("paligemma", "q_proj"): {8 * 16},
+        **{("expert", m): {32} for m in ("k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")},
+        ("expert", "q_proj"): {8 * 32},
+    }
+    trainable = {p for p, e in params.items() if not e["frozen"] and "lora" not in p}
+    sources = {s.recipe.source for s in adapter.saved}
+    assert sources == trainable
+    projections = ["action_in_proj", "action_out_proj"]
+    projections += (
+        ["time_mlp_in", "time_mlp_out"] if name == "pi05_lora" else ["action_time_mlp_in", "action_time_mlp_out"]
+    )
+    projections += [] if name == "pi05_lora" else ["state_proj"]
+    paligemma = "model.paligemma_with_expert.paligemma.model."
+    assert sorted(adapter.modules_to_save) == sorted(
+        [f"model.{p}" for p in projections] + [paligemma + "multi_modal_projector", paligemma + "vision_tower"]
+    )
+    config = adapter.lora_config("lerobot/pi0_base")
+    assert len(config["target_modules"]) == len(config["rank_pattern"]) == len(config["alpha_pattern"]) == 252
+
+
+def test_pi0_fast_gets_no_peft_adapter():
+    """pi0-FAST stays refused for LeRobot (its decoding differs, docs/lerobot.md), adapters included."""
+    _, tree, adapters, merged = _full_size("pi0_fast_lora")
+    assert merged.kind == "pi0_fast"
+    with pytest.raises(peft_layout.PeftLayoutError, match="pi0_fast policy is not supported"):
+        peft_layout.build_peft_layout(merged, adapters, tree, set())
