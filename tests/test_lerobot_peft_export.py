@@ -337,3 +337,27 @@ def test_pi0_fast_gets_no_peft_adapter():
     assert merged.kind == "pi0_fast"
     with pytest.raises(peft_layout.PeftLayoutError, match="pi0_fast policy is not supported"):
         peft_layout.build_peft_layout(merged, adapters, tree, set())
+
+
+@pytest.mark.parametrize("bug", ["alpha", "attn_vec_per_head"])
+def test_factors_that_are_not_openpis_are_not_written(exports, tmp_path, monkeypatch, bug):
+    """The writer checks every target and layer against openpi's own two LoRA einsums on random probes: a scale off
+    (the textbook alpha / rank where openpi does not scale), or attn_vec_einsum's lora_b averaged instead of summed
+    over heads, stops it before anything is committed."""
+    from openpi_merge_plugin.errors import CheckpointError
+    from openpi_merge_plugin.lora import peft_adapter
+
+    if bug == "alpha":
+        monkeypatch.setattr(peft_adapter, "peft_alpha", lambda scale, rank: 2.0 * scale * rank)
+    else:
+        monkeypatch.setattr(peft_adapter, "_sum_alone", _mean_alone)
+    with pytest.raises(CheckpointError, match="PEFT factors off openpi's"):
+        peft_export.export_lerobot_peft(exports["step"], base=HUB, output=tmp_path / "out", lora=LORA, **EXPORT)
+    assert not (tmp_path / "out").exists()
+
+
+def _mean_alone(x, labels, keep):
+    alone = tuple(i for i, c in enumerate(labels) if c not in keep)
+    if not alone:
+        return x, labels
+    return x.mean(axis=alone), "".join(c for i, c in enumerate(labels) if i not in alone)

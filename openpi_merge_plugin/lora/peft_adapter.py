@@ -5,7 +5,8 @@ PEFT's `LoraLayer` on a `Linear` of weight `W[out, in]` adds `scaling * lora_B @
 `scale * einsum(delta_equation, lora_a, lora_b)` (`equations.delta_equation`, derived from openpi's own two LoRA
 einsums), and the layout turns `w` (one layer slice, one half of a split axis) into `W` by transposes and reshapes.
 
-`linear_lora` factors that delta, laid out, as PEFT's product, from the equation's structure alone: every label of
+`factoring` (from shapes, before any array is read) and `linear_lora` (the factors of one layer slice) factor that
+delta, laid out, as PEFT's product, from the equation's structure alone: every label of
 `lora_a` and `lora_b` is on the Linear's output side, its input side, or summed. The rank index is every label the
 two share (openpi's rank label, and a head or key-value-head label both carry: `q_einsum`, `kv_einsum`), every
 `lora_a` label on the output side and every `lora_b` label on the input side; where such a label is also a weight

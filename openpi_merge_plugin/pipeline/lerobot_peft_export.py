@@ -53,9 +53,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_MODEL = "adapter_model.safetensors"
 DEFAULT_OUTPUT_NAME = "lerobot_peft"
 FORMAT_VERSION = 1
-# What the factors must reproduce: scaling * lora_B @ lora_A against openpi's delta laid out as the Linear, relative
-# to the delta's largest entry (float32 factors and product; measured ~1e-7 on the bundled example).
+# What the factors must reproduce: PEFT's LoRA term against openpi's (its two LoRA einsums), on random probes,
+# relative to openpi's largest output (float32 factors; measured ~1e-7).
 FACTOR_TOLERANCE = 1e-5
+PROBES = 4  # random inputs per target and layer for that check
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -410,7 +411,7 @@ def _write_adapter_file(
                 a = arrays[a_path] if layer is None else arrays[a_path][layer]
                 b = arrays[b_path] if layer is None else arrays[b_path][layer]
                 lora_a, lora_b = t.factoring.factors(a, b)
-                worst = max(worst, _factor_error(t, a, b, lora_a, lora_b))
+                worst = max(worst, _factor_error(t, a, b, lora_a, lora_b, seed=done))
                 writer.write(t.lora_a_name, lora_a)
                 writer.write(t.lora_b_name, lora_b)
                 done += 2
@@ -435,31 +436,45 @@ def _write_adapter_file(
         "targets": len(adapter.targets),
         "max_rel_err": worst,
         "tolerance": FACTOR_TOLERANCE,
-        "check": "scaling * lora_B @ lora_A (float64) against openpi's delta (the adapter's delta equation, times its "
-        "scale) laid out as the Linear by the merged export's own recipe; max |difference| / max |delta|",
+        "probes": PROBES,
+        "check": "per target and layer, random probes through PEFT's LoRA term (scaling * (x @ lora_A.T) @ lora_B.T) "
+        "and through openpi's two LoRA einsums times its scale (the probe laid out as the layer's input, the output "
+        "as the Linear's), float64; max |difference| / max |openpi's term|",
     }
     return record, {path.name: {"sha256": readback.file_sha256, "bytes": readback.bytes}}, factor_check
 
 
-def _factor_error(t: peft_layout.LoRATarget, a, b, lora_a: np.ndarray, lora_b: np.ndarray) -> float:
-    """max |scaling * lora_B @ lora_A - openpi's delta laid out| / max |that delta|, float64 (BLAS)."""
-    r = t.weight.recipe
-    equation = t.adapter.delta.equation
+def _factor_error(t: peft_layout.LoRATarget, a, b, lora_a: np.ndarray, lora_b: np.ndarray, seed: int) -> float:
+    """Random probes through PEFT's LoRA term (`scaling * (x @ lora_A.T) @ lora_B.T`) and through openpi's own two
+    LoRA einsums (`lora.Einsum` / `FeedForward._dot`, times openpi's scale), the probe laid out as the layer's input
+    and the output as the Linear's; max |difference| / max |openpi's term|, in float64."""
+    f = t.factoring
+    layer_eqn, eqn_a, eqn_b = eq.to_letters(t.adapter.delta.layer_equation, *t.adapter.delta.lora_equations)
+    x_labels, w_labels, out_labels = eq.split_equation(layer_eqn)
+    to_layer = dict(zip(eq.split_equation(t.adapter.delta.equation)[2], w_labels, strict=True))
+    ins, outs = ([to_layer[c] for c in labels] for labels in (f.axes.in_labels, f.axes.out_labels))
+    sizes = {to_layer[c]: n for c, n in f.sizes.items() if c in to_layer}
+    batch = [c for c in x_labels if c not in w_labels]  # the layer's batch and token axes: PROBES probes on the first
+    sizes |= {c: (PROBES if i == 0 else 1) for i, c in enumerate(batch)}
+    x = np.random.default_rng(seed).standard_normal((PROBES, f.in_features))
+    x_layer = _relabel(x.reshape([sizes[c] for c in (batch[0], *ins)]), [batch[0], *ins], x_labels, sizes)
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if r.split is not None:  # only this half of the weight: its label taken out of the factors that carry it
-        a_labels, b_labels, w_labels = eq.split_equation(equation)
-        label = w_labels[0]
-        if label in a_labels:
-            a, a_labels = np.take(a, r.split, axis=a_labels.index(label)), a_labels.replace(label, "")
-        if label in b_labels:
-            b, b_labels = np.take(b, r.split, axis=b_labels.index(label)), b_labels.replace(label, "")
-        equation = f"{a_labels},{b_labels}->{w_labels[1:]}"
-    delta = np.einsum(equation, a, b, optimize=True)
-    recipe = dataclasses.replace(r, source_shape=delta.shape, layer=None, split=None, round_bf16=False, dtype="float32")
-    want = layout.apply(recipe, delta * t.adapter.scale)
-    got = peft_adapter.LinearLoRA(lora_a, lora_b, t.alpha).delta()
-    scale = float(np.max(np.abs(want))) or 1.0
-    return float(np.max(np.abs(got - want))) / scale
+    want = np.einsum(eqn_b, np.einsum(eqn_a, x_layer, a), b) * t.adapter.scale
+    if t.weight.recipe.split is not None:  # the half of the layer's output this Linear computes
+        axis = out_labels.index(w_labels[0])
+        want, out_labels = np.take(want, t.weight.recipe.split, axis=axis), out_labels.replace(w_labels[0], "")
+    want = _relabel(want, list(out_labels), [batch[0], *outs], sizes).reshape(PROBES, f.out_features)
+    peft = peft_adapter.LinearLoRA(lora_a, lora_b, t.alpha)
+    got = (x @ peft.lora_a.astype(np.float64).T) @ peft.lora_b.astype(np.float64).T * peft.scaling
+    return float(np.max(np.abs(got - want)) / (np.max(np.abs(want)) or 1.0))
+
+
+def _relabel(x: np.ndarray, labels: list[str], want: list[str] | str, sizes: dict[str, int]) -> np.ndarray:
+    """`x` (axes `labels`) with axes `want`: transposed, size-1 axes added or dropped."""
+    keep = [c for c in labels if c in want]
+    x = x.reshape([sizes[c] for c in keep]) if len(keep) < len(labels) else x
+    x = x.transpose([keep.index(c) for c in want if c in keep])
+    return x.reshape([sizes[c] for c in want])
 
 
 @dataclasses.dataclass(frozen=True)
