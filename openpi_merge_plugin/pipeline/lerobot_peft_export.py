@@ -163,7 +163,7 @@ def plan_lerobot_peft(
         raise CheckpointError(f"{source.what} is merged already: a PEFT adapter is made of a LoRA step's adapters")
     base_config = _read_base_config(base) if base.local is not None else None
     if precision is None:
-        precision = base_config["dtype"] if base_config is not None else "float32"
+        precision = base_config.get("dtype") if base_config is not None else "float32"
     plan = lerobot_export.plan_lerobot(
         source.structure,
         source.assets,
@@ -197,9 +197,12 @@ def plan_lerobot_peft(
 def _read_base_config(base: BaseRef) -> dict[str, Any]:
     assert base.local is not None
     try:
-        return json.loads((base.local / "config.json").read_text())
+        config = json.loads((base.local / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"--base {base.local}: cannot read its config.json ({e})") from e
+    if not isinstance(config, dict):
+        raise ConfigError(f"--base {base.local}: its config.json is not a LeRobot policy config")
+    return config
 
 
 def _check_base_config(base: BaseRef, config: dict[str, Any], spec: files.PolicySpec) -> None:
