@@ -5,21 +5,23 @@ PEFT's `LoraLayer` on a `Linear` of weight `W[out, in]` adds `scaling * lora_B @
 `scale * einsum(delta_equation, lora_a, lora_b)` (`equations.delta_equation`, derived from openpi's own two LoRA
 einsums), and the layout turns `w` (one layer slice, one half of a split axis) into `W` by transposes and reshapes.
 
-`factoring` (from shapes, before any array is read) and `linear_lora` (the factors of one layer slice) factor that
-delta, laid out, as PEFT's product, from the equation's structure alone: every label of
-`lora_a` and `lora_b` is on the Linear's output side, its input side, or summed. The rank index is every label the
+`factoring` (from shapes, before any array is read) factors that delta, laid out, as PEFT's product, from the
+equation's structure alone: every label of `lora_a` and `lora_b` is on the Linear's output side, its input side, or
+summed. The rank index is every label the
 two share (openpi's rank label, and a head or key-value-head label both carry: `q_einsum`, `kv_einsum`), every
 `lora_a` label on the output side and every `lora_b` label on the input side; where such a label is also a weight
 axis, the other factor gets an identity over it (block structure: `q_einsum`'s `lora_B` is block-diagonal over
 heads, so its PEFT rank is heads x L). A label one factor has alone and the weight does not is summed first
-(`attn_vec_einsum`'s `lora_b` over heads: its PEFT rank stays L). The values are copied (identities) or summed in
-float64, then stored as float32.
+(`attn_vec_einsum`'s `lora_b` over heads: its PEFT rank stays L). Each PEFT factor is made of one openpi factor
+alone: `Factoring.ops` says how, as layout ops on its layer slice (take the split, sum, place on a diagonal or beside
+an identity, transpose, reshape), which an export applies as it applies any tensor's (`formats/tensors.apply`: the
+values copied, or summed in float64, then stored as float32).
 
 `peft_alpha` gives the `lora_alpha` whose `alpha / r` (PEFT, without rsLoRA) is openpi's scale exactly: openpi's
 `alpha / rank`, `alpha / sqrt(rank)` with rsLoRA, or 1 for the feed-forward LoRA (openpi never scales it).
 PEFT's own `use_rslora` (`alpha / sqrt(r)`) cannot express it, since r is not openpi's rank.
 
-Pure numpy: arrays in, arrays out, no I/O.
+Structure only: shapes and labels in, ops out; no arrays, no I/O.
 """
 
 from __future__ import annotations
@@ -27,13 +29,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 import dataclasses
 import math
-import string
+from typing import Literal
 
 import numpy as np
 
 from openpi_merge_plugin.lora import equations as eq
 
-Op = tuple[str, tuple[int, ...]]  # ("transpose", axes) or ("reshape", shape), as `pytorch_layout` spells them
+# A layout op, as `formats/tensors` spells them: ("transpose", axes), ("reshape", shape), and for LoRA factors
+# ("take", (axis, index)), ("sum", axes), ("diagonal", (axis,)): a new last axis, the array on the diagonal of it and
+# `axis`; ("identity", (n,)): two new last axes of size n, the array times the identity on them.
+Op = tuple[str, tuple[int, ...]]
+Factor = Literal["A", "B"]  # PEFT's lora_A (made of openpi's lora_a) or lora_B (of lora_b)
 
 
 class PeftLayoutError(ValueError):
@@ -144,35 +150,47 @@ class Factoring:
     def out_features(self) -> int:
         return math.prod(self.sizes[c] for c in self.axes.out_labels)
 
-    def factors(self, lora_a: np.ndarray, lora_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(lora_A.weight [rank, in], lora_B.weight [out, rank]) of one layer slice, float32."""
-        a_labels, b_labels, _ = eq.split_equation(self.equation)
-        a, b = np.asarray(lora_a, np.float64), np.asarray(lora_b, np.float64)
-        for x, labels in ((a, a_labels), (b, b_labels)):
-            if x.shape != tuple(self.sizes[c] for c in labels):
-                raise PeftLayoutError(f"adapter slice {x.shape} does not fit {self.equation} {self.sizes}")
-        if self.split is not None:
-            label = eq.split_equation(self.equation)[2][0]
-            a, a_labels = _take(a, a_labels, label, self.split)
-            b, b_labels = _take(b, b_labels, label, self.split)
-        a, a_labels = _sum_alone(a, a_labels, self.a_labels)
-        b, b_labels = _sum_alone(b, b_labels, self.b_labels)
-        peft_a = self._factor(a, a_labels, self.axes.in_labels, out_first=False)
-        return peft_a, self._factor(b, b_labels, self.axes.out_labels, out_first=True)
+    def shape(self, factor: Factor) -> tuple[int, int]:
+        """PEFT's `lora_A.weight` [rank, in] or `lora_B.weight` [out, rank]."""
+        return (self.rank, self.in_features) if factor == "A" else (self.out_features, self.rank)
 
-    def _factor(self, x: np.ndarray, x_labels: str, features: str, *, out_first: bool) -> np.ndarray:
-        fresh = iter(c for c in string.ascii_letters if c not in self.sizes)
-        prime = {c: next(fresh) for c in self.rank_labels}
-        ranks = "".join(prime.values())
-        operands, specs = [x], ["".join(prime.get(c, c) for c in x_labels)]
-        for c in self.rank_labels:  # a rank label that is also a feature of this side: an identity ties the two
-            if c in features:
-                operands.append(np.eye(self.sizes[c]))
-                specs.append(prime[c] + c)
-        out = (features + ranks) if out_first else (ranks + features)
-        full = np.einsum(",".join(specs) + "->" + out, *operands)
-        shape = (math.prod(self.sizes[c] for c in features), self.rank)
-        return full.reshape(shape if out_first else shape[::-1]).astype(np.float32)
+    def ops(self, factor: Factor) -> tuple[Op, ...]:
+        """The layout ops that make PEFT's factor from one layer slice of openpi's `lora_a` ("A") or `lora_b` ("B"):
+        the split taken, the labels this factor has alone summed, a rank label that is also a feature of this side
+        (the input for A, the output for B) placed on a diagonal (or beside an identity, where the factor lacks
+        it), then transposed and reshaped to `shape(factor)`."""
+        a_full, b_full, w_full = eq.split_equation(self.equation)
+        labels = list(a_full if factor == "A" else b_full)
+        keep = self.a_labels if factor == "A" else self.b_labels
+        features = self.axes.in_labels if factor == "A" else self.axes.out_labels
+        ops: list[Op] = []
+        if self.split is not None and w_full[0] in labels:
+            ops.append(("take", (labels.index(w_full[0]), self.split)))
+            labels.remove(w_full[0])
+        if alone := tuple(i for i, c in enumerate(labels) if c not in keep):
+            ops.append(("sum", alone))
+            labels = [c for c in labels if c in keep]
+        # Each axis: (label, role); the factor's own rank labels index PEFT's rank.
+        axes = [(c, "rank" if c in self.rank_labels else "feature") for c in labels]
+        for c in self.rank_labels:
+            if c not in features:
+                continue
+            if c in labels:
+                ops.append(("diagonal", (labels.index(c),)))
+                axes.append((c, "feature"))
+            else:
+                ops.append(("identity", (self.sizes[c],)))
+                axes += [(c, "rank"), (c, "feature")]
+        ranks = [(c, "rank") for c in self.rank_labels]
+        feats = [(c, "feature") for c in features]
+        want = (ranks + feats) if factor == "A" else (feats + ranks)
+        if sorted(want) != sorted(axes):
+            raise PeftLayoutError(f"{self.equation}: factor {factor} has axes {axes}, PEFT's factor {want}")
+        order = [axes.index(x) for x in want]
+        if order != list(range(len(order))):
+            ops.append(("transpose", tuple(order)))
+        ops.append(("reshape", self.shape(factor)))
+        return tuple(ops)
 
 
 def factoring(
@@ -206,34 +224,3 @@ def factoring(
     rank_labels = "".join(c for c in a_labels if c in b_labels or c in axes.out_labels)
     rank_labels += "".join(c for c in b_labels if c in axes.in_labels and c not in a_labels)
     return Factoring(delta.equation, split, a_labels, b_labels, axes, rank_labels, sizes)
-
-
-def linear_lora(
-    delta: eq.DeltaEquation,
-    lora_a: np.ndarray,
-    lora_b: np.ndarray,
-    scale: float,
-    *,
-    split: int | None = None,
-    ops: Sequence[Op] = (),
-) -> LinearLoRA:
-    """PEFT's `lora_A`, `lora_B` and `lora_alpha` for one layer slice of an adapter (see `factoring`). `scale` is
-    what openpi multiplies the adapter's term by (`adapters.Adapter.scale`); `scale * lora_B @ lora_A` then equals
-    openpi's delta laid out as the Linear, up to the float32 rounding of summed factors."""
-    f = factoring(delta, np.shape(lora_a), np.shape(lora_b), split=split, ops=ops)
-    peft_a, peft_b = f.factors(lora_a, lora_b)
-    return LinearLoRA(peft_a, peft_b, peft_alpha(scale, f.rank))
-
-
-def _take(x: np.ndarray, labels: str, label: str, index: int) -> tuple[np.ndarray, str]:
-    if label not in labels:
-        return x, labels
-    axis = labels.index(label)
-    return np.take(x, index, axis=axis), labels[:axis] + labels[axis + 1 :]
-
-
-def _sum_alone(x: np.ndarray, labels: str, keep: str) -> tuple[np.ndarray, str]:
-    alone = tuple(i for i, c in enumerate(labels) if c not in keep)
-    if not alone:
-        return x, labels
-    return x.sum(axis=alone), "".join(c for i, c in enumerate(labels) if i not in alone)

@@ -1,11 +1,13 @@
 """What a PEFT LoRA adapter of LeRobot 0.6.1's `PI0Policy` / `PI05Policy` holds for an openpi LoRA step: the names,
-shapes and dtypes of `adapter_model.safetensors` and the `LoraConfig` of `adapter_config.json` (PEFT 0.21.2, as read
-from its code and from what it wrote for LeRobot's policy: tests/data/lerobot-0.6.1/peft/).
+shapes, dtypes and recipes of `adapter_model.safetensors` and the `LoraConfig` of `adapter_config.json` (PEFT
+0.21.2, as read from its code and from what it wrote for LeRobot's policy: tests/data/lerobot-0.6.1-peft/).
 
 Built on the LeRobot export's layout of the merged step (`lerobot_layout`, the one layout table): every Linear whose
 weight an openpi adapter changes becomes a LoRA target (`peft_adapter.factoring` on that entry's layer, split and
-ops); the tensors the fine-tune trained outside the adapters go in `modules_to_save`, as the fewest whole modules
-that hold exactly them. Shapes only; the arrays are the writer's.
+ops), its two factors tensors whose recipes read one layer slice of `lora_a` or `lora_b` (`Factoring.ops`); the
+tensors the fine-tune trained outside the adapters go in `modules_to_save`, as the fewest whole modules that hold
+exactly them, with the merged export's recipes (they are not adapted: the step's leaves as they are). Shapes only;
+the arrays are the export's one pass.
 
 PEFT's names (`get_peft_model_state_dict`, adapter name removed): `base_model.model.<module>.lora_A.weight` and
 `.lora_B.weight` for a target, `base_model.model.<state-dict name>` for a tensor of a module to save. Module names
@@ -21,8 +23,8 @@ import dataclasses
 import re
 from typing import Any
 
-from openpi_merge_plugin.checkpoint import lerobot_layout
-from openpi_merge_plugin.checkpoint import pytorch_layout as layout
+from openpi_merge_plugin.formats import lerobot_layout
+from openpi_merge_plugin.formats import tensors as layout
 from openpi_merge_plugin.lora import peft_adapter
 from openpi_merge_plugin.lora.adapters import Adapter
 
@@ -63,35 +65,41 @@ class LoRATarget:
     def lora_b_name(self) -> str:
         return f"{PEFT_PREFIX}{self.module}.lora_B.weight"
 
-
-@dataclasses.dataclass(frozen=True)
-class AdapterTensor:
-    """One entry of adapter_model.safetensors."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # safetensors dtype
-    target: LoRATarget | None = None  # a LoRA factor of this target
-    factor: str | None = None  # "A" or "B"
-    saved: layout.TensorSpec | None = None  # a tensor of a module to save (LeRobot's name, dtype, recipe)
+    def factor_specs(self, step_tree: Mapping[str, Any]) -> tuple[layout.TensorSpec, layout.TensorSpec]:
+        """lora_A and lora_B as tensors of the file: float32, each made of one layer slice of openpi's lora_a or
+        lora_b by the factoring's ops."""
+        specs = []
+        for factor, name, path in (
+            ("A", self.lora_a_name, self.adapter.a_path),
+            ("B", self.lora_b_name, self.adapter.b_path),
+        ):
+            shape = self.factoring.shape(factor)
+            recipe = layout.Recipe(
+                source=path,
+                source_shape=_shape(step_tree[path]),
+                layer=self.weight.recipe.layer,
+                split=None,  # the factoring's ops take it (the split axis may sit anywhere in lora_a / lora_b)
+                ops=self.factoring.ops(factor),
+                round_bf16=False,
+                dtype="float32",
+                shape=shape,
+            )
+            specs.append(layout.TensorSpec(name, shape, "F32", "float32", recipe))
+        return specs[0], specs[1]
 
 
 @dataclasses.dataclass(frozen=True)
 class PeftLayout:
     merged: lerobot_layout.LeRobotLayout  # the merged export of the same step: BASE + this adapter
     targets: tuple[LoRATarget, ...]
-    saved: tuple[layout.TensorSpec, ...]  # the tensors of `modules_to_save`
+    saved: tuple[layout.TensorSpec, ...]  # the tensors of `modules_to_save` (LeRobot's names)
     modules_to_save: tuple[str, ...]
+    factors: tuple[layout.TensorSpec, ...]  # lora_A, lora_B of each target, in target order
 
     @property
-    def tensors(self) -> tuple[AdapterTensor, ...]:
-        out = []
-        for t in self.targets:
-            f = t.factoring
-            out.append(AdapterTensor(t.lora_a_name, (f.rank, f.in_features), "F32", t, "A"))
-            out.append(AdapterTensor(t.lora_b_name, (f.out_features, f.rank), "F32", t, "B"))
-        out += [AdapterTensor(PEFT_PREFIX + s.name, s.shape, s.dtype, saved=s) for s in self.saved]
-        return tuple(out)
+    def tensors(self) -> tuple[layout.TensorSpec, ...]:
+        """The entries of adapter_model.safetensors: the factors, then the modules to save under PEFT's names."""
+        return (*self.factors, *(dataclasses.replace(s, name=PEFT_PREFIX + s.name) for s in self.saved))
 
     def lora_config(self, base_model_name_or_path: str, revision: str | None = None) -> dict[str, Any]:
         """adapter_config.json: PEFT's `LoraConfig` with every field that changes what the adapter computes set
@@ -184,7 +192,9 @@ def build_peft_layout(
         raise PeftLayoutError(f"adapters of {missing} have no Linear in LeRobot's policy")
     modules = modules_covering(names, save)
     saved = tuple(s for s in merged.tensors if s.name in save)
-    return PeftLayout(merged, tuple(sorted(targets, key=lambda t: t.module)), saved, modules)
+    targets.sort(key=lambda t: t.module)
+    factors = tuple(spec for t in targets for spec in t.factor_specs(step_tree))
+    return PeftLayout(merged, tuple(targets), saved, modules, factors)
 
 
 def _target(spec: layout.TensorSpec, adapter: Adapter, step_tree: Mapping[str, Any]) -> LoRATarget:
