@@ -72,8 +72,12 @@ BAD = {
     "base": [
         (["--format", "lerobot-peft", "--base", ""], "{flag} must be a non-empty string"),
         (["--format", "lerobot", "--base", "lerobot/pi0_base"], "{flag} is for --format lerobot-peft"),
+        (["--base", "lerobot/pi0_base"], "{flag} is for --format lerobot-peft"),  # the default format, pytorch
     ],
-    "base_revision": [(["--format", "lerobot-peft", "--base-revision", ""], "{flag} must be a non-empty string")],
+    "base_revision": [
+        (["--format", "lerobot-peft", "--base-revision", ""], "{flag} must be a non-empty string"),
+        (["--format", "lerobot", "--base-revision", "main"], "{flag} is for --format lerobot-peft"),
+    ],
 }
 # Positional sources: a path that is not there.
 POSITIONAL = {"step_dir", "merged_dir", "path", "src"}

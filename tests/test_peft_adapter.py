@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from openpi_merge_plugin.checkpoint import lerobot_layout
-from openpi_merge_plugin.checkpoint import pytorch_layout as layout
+from openpi_merge_plugin.formats import lerobot_layout
+from openpi_merge_plugin.formats import tensors as layout
+from openpi_merge_plugin.formats.base import ExportOptions
 from openpi_merge_plugin.lora import configs
 from openpi_merge_plugin.lora import equations as eq
 from openpi_merge_plugin.lora import peft_adapter
@@ -26,8 +27,7 @@ from openpi_merge_plugin.lora.adapters import ShapeDtype
 from openpi_merge_plugin.lora.spec import LoRASpec
 from openpi_merge_plugin.merge import engine
 from openpi_merge_plugin.pipeline import checkpoint_merge
-from openpi_merge_plugin.pipeline import export_model
-from openpi_merge_plugin.pipeline import lerobot_export
+from openpi_merge_plugin.pipeline import export
 
 MODEL = json.loads((FIXTURE / "model_config.json").read_text())
 
@@ -40,8 +40,8 @@ def example(fixture_params):
     structure = engine.merged_structure(tree, adapters, engine.MergeOptions())
     merged = lerobot_layout.build_lerobot_layout(
         {p: (sd.shape, sd.dtype) for p, sd in structure.items()},
-        paligemma=export_model.dims_from_params(structure, ""),
-        action_expert=export_model.dims_from_params(structure, "_1"),
+        paligemma=layout.dims_from_params(structure, ""),
+        action_expert=layout.dims_from_params(structure, "_1"),
         action_dim=MODEL["pi0_config"]["action_dim"],
         allow_nonstandard_dims=True,
     )
@@ -50,10 +50,26 @@ def example(fixture_params):
     return {"adapters": adapters, "linears": linears, "layout": merged}
 
 
+def linear_lora(delta, a, b, scale, *, split=None, ops=()) -> peft_adapter.LinearLoRA:
+    """PEFT's factors of one layer slice of an adapter as the export makes them: the factoring's ops on `a` and `b`,
+    applied by `tensors.apply`; alpha by `peft_alpha`."""
+    f = peft_adapter.factoring(delta, np.shape(a), np.shape(b), split=split, ops=ops)
+    made = [
+        layout.apply(
+            layout.Recipe(
+                "lora", np.shape(x), None, None, f.ops(k), round_bf16=False, dtype="float32", shape=f.shape(k)
+            ),
+            x,
+        )
+        for k, x in (("A", a), ("B", b))
+    ]
+    return peft_adapter.LinearLoRA(made[0], made[1], peft_adapter.peft_alpha(scale, f.rank))
+
+
 def _lora_of(spec, adapter, params) -> peft_adapter.LinearLoRA:
     layer = spec.recipe.layer
     a, b = params[adapter.a_path][layer], params[adapter.b_path][layer]
-    return peft_adapter.linear_lora(adapter.delta, a, b, adapter.scale, split=spec.recipe.split, ops=spec.recipe.ops)
+    return linear_lora(adapter.delta, a, b, adapter.scale, split=spec.recipe.split, ops=spec.recipe.ops)
 
 
 def test_every_adapted_linear_gets_openpi_rank_structure_and_scale(example, fixture_params):
@@ -91,13 +107,15 @@ def test_q_einsum_lora_b_is_block_diagonal_over_heads(example, fixture_params):
 def test_peft_delta_is_what_our_merge_changed_in_the_lerobot_export(tmp_path, step_dir, example, fixture_params):
     """For every adapted Linear (42): `scaling * lora_B @ lora_A` equals the merged LeRobot export (float32) minus the
     step's own weight laid out by the same recipe, to the float32 rounding of the merged weight."""
-    result = lerobot_export.export_lerobot(
+    options = ExportOptions(
+        precision="float32", action_horizon=MODEL["pi0_config"]["action_horizon"], allow_nonstandard_dims=True
+    )
+    result = export.export(
         step_dir,
+        "lerobot",
+        options=options,
         output=tmp_path / "merged_lerobot",
-        precision="float32",
-        model=lerobot_export.LeRobotModel(MODEL["pi0_config"]["action_horizon"]),
         lora=checkpoint_merge.LoRASource(lora_config=FIXTURE_LORA_CONFIG),
-        allow_nonstandard_dims=True,
     )
     exported = load_file(result.output / "model.safetensors")
     worst = 0.0
@@ -213,7 +231,7 @@ def test_qkv_einsum_and_rslora_beyond_the_example(rslora):
     a, b = rng.standard_normal((3, n, d, spec.rank)), rng.standard_normal((3, n, spec.rank, h))
     ops = (("transpose", (0, 2, 1)), ("reshape", (n * h, d)))
     for split in range(3):
-        lora = peft_adapter.linear_lora(delta_eq, a, b, spec.scaling_value, split=split, ops=ops)
+        lora = linear_lora(delta_eq, a, b, spec.scaling_value, split=split, ops=ops)
         assert lora.rank == n * spec.rank
         assert lora.scaling == spec.scaling_value == (5.0 / math.sqrt(3) if rslora else 5.0 / 3)
         want = _laid_out_delta(delta_eq, a, b, spec.scaling_value, split, ops, (n * h, d))
@@ -226,7 +244,7 @@ def test_attn_vec_layout_keeps_rank_l_and_sums_lora_b_over_heads():
     n, h, d, rank = 4, 8, 16, 2
     a, b = rng.standard_normal((n, h, rank)), rng.standard_normal((n, rank, d))
     ops = (("reshape", (n * h, d)), ("transpose", (1, 0)))
-    lora = peft_adapter.linear_lora(delta_eq, a, b, 0.5, ops=ops)
+    lora = linear_lora(delta_eq, a, b, 0.5, ops=ops)
     assert lora.rank == rank
     np.testing.assert_allclose(lora.lora_b, b.sum(axis=0).T.astype(np.float32), rtol=1e-6)
     want = _laid_out_delta(delta_eq, a, b, 0.5, None, ops, (d, n * h))
@@ -244,3 +262,43 @@ def test_layouts_that_are_not_one_linear_are_refused():
     # a size-1 axis (one kv head) rides with the axes after it: it changes no index
     axes = peft_adapter.linear_axes("KDH", (1, 6, 8), (("transpose", (0, 2, 1)), ("reshape", (8, 6))))
     assert (axes.out_labels, axes.in_labels) == ("KH", "D")
+
+
+def test_a_rank_label_a_factor_lacks_is_an_identity_beside_it():
+    """An equation beyond openpi's modules: an attn_vec-like adapter whose lora_a has no head axis but whose lora_b
+    does (`HL,NLD->NHD`). The head is then part of PEFT's rank, and lora_A holds lora_a beside an identity over heads
+    (the `identity` op); the product is the delta laid out."""
+    delta_eq = eq.DeltaEquation("HL,NLD->NHD", "BTNH,NHD->BTD", ("", ""))
+    rng = np.random.default_rng(4)
+    n, h, d, rank = 3, 4, 5, 2
+    a, b = rng.standard_normal((h, rank)), rng.standard_normal((n, rank, d))
+    ops = (("reshape", (n * h, d)), ("transpose", (1, 0)))
+    f = peft_adapter.factoring(delta_eq, a.shape, b.shape, ops=ops)
+    assert (f.rank, f.rank_labels) == (n * rank, "LN")
+    assert ("identity", (n,)) in f.ops("A")
+    lora = linear_lora(delta_eq, a, b, 0.5, ops=ops)
+    want = _laid_out_delta(delta_eq, a, b, 0.5, None, ops, (d, n * h))
+    np.testing.assert_allclose(lora.delta(), want, rtol=0, atol=1e-6 * np.max(np.abs(want)))
+
+
+def test_lora_ops_copy_exactly_and_sum_in_float64():
+    """The LoRA ops of `tensors.apply`: `diagonal` and `identity` copy the values (the rest +0.0, whatever the array
+    holds: -0.0, NaN), `take` picks, `sum` adds in float64 before the float32 rounding."""
+    x = np.array([[1.0, -0.0], [np.nan, 2.5]], np.float32)
+
+    def run(ops, shape, array=x):
+        return layout.apply(
+            layout.Recipe("x", array.shape, None, None, ops, round_bf16=False, dtype="float32", shape=shape), array
+        )
+
+    diag = run((("diagonal", (0,)),), (2, 2, 2))
+    for i in range(2):
+        np.testing.assert_array_equal(diag[i, :, i], x[i])
+        assert not np.signbit(diag[i, :, 1 - i]).any()
+        assert (diag[i, :, 1 - i] == 0).all()
+    eye = run((("identity", (3,)),), (2, 2, 3, 3))
+    np.testing.assert_array_equal(eye[..., 1, 1], x)
+    assert (eye[..., 0, 1] == 0).all()
+    np.testing.assert_array_equal(run((("take", (1, 0)),), (2,)), x[:, 0])
+    big = np.array([2**24, 1.0, -(2**24)], np.float32)  # float32 sums to 0 in this order; float64 to 1
+    assert run((("sum", (0,)),), (), big) == np.float32(1.0)
