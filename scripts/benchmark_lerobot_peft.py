@@ -9,11 +9,12 @@ measures `--step`, then, each in a child process under `/usr/bin/time -v`:
 - `export --format lerobot` of the step (float32, merged on the way): the merged export;
 - the adapter on a hub BASE (`lerobot/pi0_base`): LoRA factors and every module openpi's freeze filter left
   trainable (SigLIP, projector, action projections: fp32 in the step);
-- BASE made locally (the step's own weights laid out as `export --format lerobot` lays them out, without the
-  adapters: what a strength-0 merge exports, bitwise, see tests/test_lerobot_peft_export.py; written directly to save
-  the merged checkpoint's disk space), then the adapter on it: BASE read whole and compared tensor by tensor; only what
-  differs is saved (nothing: BASE is this step's own weights). `--base-precision bfloat16` (LeRobot's bfloat16
-  policy: half the disk) makes the adapter's precision bfloat16 too.
+- BASE made locally from the step's own weights, as a user makes it: `openpi-merge-lora STEP --strength 0` then
+  `export --format lerobot` of that (the strength-0 merge deleted after), then the adapter on it: BASE read whole and
+  compared tensor by tensor; only what differs is saved (nothing: BASE is this step's own weights).
+  `--base-precision bfloat16` (LeRobot's bfloat16 policy: half the disk) makes the adapter's precision bfloat16 too.
+
+Every export runs `openpi-merge-lora export` (in-process `cli.main`), as a user would.
 
 Prints a markdown table: wall time, peak RSS and the size of each file (adapter_model.safetensors vs
 model.safetensors). The norm stats are tests/data/lerobot-0.6.1/norm_stats.json (the random step has none).
@@ -52,7 +53,7 @@ class Run:
 
 @dataclasses.dataclass
 class Child:
-    """Child process: one export. `what`: merged | adapter | base."""
+    """Child process: one export, by the command line. `what`: merged | adapter | base."""
 
     what: tyro.conf.Positional[str]
     step: tyro.conf.Positional[pathlib.Path]
@@ -62,27 +63,22 @@ class Child:
 
 
 def child(args: Child) -> None:
-    from openpi_merge_plugin.checkpoint import lerobot_files
-    from openpi_merge_plugin.pipeline import lerobot_export
-    from openpi_merge_plugin.pipeline import lerobot_peft_export
-    from openpi_merge_plugin.pipeline import pytorch_export
+    from openpi_merge_plugin.cli import app as cli
 
-    model = lerobot_export.LeRobotModel(HORIZON)
-    naming = lerobot_export.Naming(norm_stats=NORM_STATS, device="cpu")
+    def main(*argv) -> None:
+        if cli.main([str(a) for a in argv]) != 0:
+            raise SystemExit(1)
+
+    lerobot = ["--action-horizon", HORIZON, "--norm-stats", NORM_STATS, "--device", "cpu", "--no-progress"]
     if args.what == "merged":
-        lerobot_export.export_lerobot(args.step, output=args.output, precision="float32", model=model, naming=naming)
+        main("export", args.step, "--format", "lerobot", "--precision", "float32", "--output", args.output, *lerobot)
     elif args.what == "adapter":
-        base = lerobot_peft_export.BaseRef.parse(args.base)
-        lerobot_peft_export.export_lerobot_peft(args.step, base=base, output=args.output, model=model, naming=naming)
-    elif args.what == "base":
-        source = pytorch_export.lora_step_source(args.step, None)
-        plan = lerobot_export.plan_lerobot(
-            source.structure, source.assets, args.precision, model, naming, allow_nonstandard_dims=False, what="BASE"
-        )
-        own_weights = dataclasses.replace(source, merge=None)  # laid out as they are: the adapters left out
-        args.output.mkdir()
-        pytorch_export.write_model_file(args.output / "model.safetensors", plan.layout, None, own_weights, None)
-        lerobot_files.write_all(args.output, plan.spec, plan.stats)
+        main("export", args.step, "--format", "lerobot-peft", "--base", args.base, "--output", args.output, *lerobot)
+    elif args.what == "base":  # the step's own weights: merged at strength 0, then exported (the user's two commands)
+        own = args.output.parent / f"{args.output.name}_strength0"
+        main(args.step, "--strength", "0", "--output", own, "--no-progress")
+        main("export", own, "--format", "lerobot", "--precision", args.precision, "--output", args.output, *lerobot)
+        shutil.rmtree(own)
     else:
         raise SystemExit(f"unknown child {args.what!r}")
 

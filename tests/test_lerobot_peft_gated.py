@@ -2,13 +2,14 @@
 library checks the merge.
 
 Needs LeRobot's Python (3.12, `lerobot[pi,peft]==0.6.1`) named by OPENPI_MERGE_LEROBOT_PYTHON; skipped without it,
-never run by CI (marker `lerobot`). Not openpi: the bundled step (tests/data/openpi-15a9616/lora-tiny) is exported here
-three ways: its merge (`export --format lerobot`, float32), BASE (the same step merged at strength 0, then exported:
-the step's own frozen and trained weights, no adapters; issue 31 will export a base checkpoint directly), and two
-adapters on BASE: with BASE local (only what differs from it is saved: nothing) and with the trained tensors read off
-the step's structure (SigLIP, projector and action projections in `modules_to_save`), which is what an adapter on a
-hub BASE holds. `lerobot_support/peft_check.py`, in LeRobot's Python, loads each with `make_policy` (`use_peft`)
-at the example's dimensions (4 heads: LeRobot cannot run it forward, only load and merge it; the actions are
+never run by CI (marker `lerobot`). Not openpi: the bundled step (tests/data/openpi-15a9616/lora-tiny) is exported
+here by the command line, three ways: its merge (`export --format lerobot`, float32), BASE (the same step merged at
+strength 0, then `export --format lerobot`: the step's own frozen and trained weights, no adapters), and two adapters
+(`export --format lerobot-peft`): `--base BASE` local (only what differs from it is saved: nothing) and `--base
+lerobot/pi0_base`, a hub id (the trained tensors read off the step's structure: SigLIP, projector and action
+projections in `modules_to_save`), its adapter_config.json then pointed at the local BASE so that LeRobot loads it
+offline. `lerobot_support/peft_check.py`, in LeRobot's Python, loads each with `make_policy` (`use_peft`) at the
+example's dimensions (4 heads: LeRobot cannot run it forward, only load and merge it; the actions are
 `test_lerobot_peft_runs_gated.py`'s) and compares PEFT's `merge_and_unload()` with the merged export.
 
     OPENPI_MERGE_LEROBOT_PYTHON=/work/lerobot-venv/bin/python .venv/bin/python -m pytest -m lerobot \
@@ -24,12 +25,10 @@ import subprocess
 from helpers import FIXTURE
 from helpers import FIXTURE_LORA_CONFIG
 from helpers import FIXTURE_STEP
+from helpers import on_local_base
 import pytest
 
-from openpi_merge_plugin.options import MergeOptions
-from openpi_merge_plugin.pipeline import checkpoint_merge
-from openpi_merge_plugin.pipeline import lerobot_export
-from openpi_merge_plugin.pipeline import lerobot_peft_export
+from openpi_merge_plugin.cli import app as cli
 
 LEROBOT_PYTHON = os.environ.get("OPENPI_MERGE_LEROBOT_PYTHON", "")
 if not pathlib.Path(LEROBOT_PYTHON).is_file():
@@ -38,9 +37,15 @@ if not pathlib.Path(LEROBOT_PYTHON).is_file():
 pytestmark = pytest.mark.lerobot
 CHECK = pathlib.Path(__file__).resolve().parent / "lerobot_support" / "peft_check.py"
 MODEL = json.loads((FIXTURE / "model_config.json").read_text())
-LORA = checkpoint_merge.LoRASource(lora_config=FIXTURE_LORA_CONFIG)
-HORIZON = lerobot_export.LeRobotModel(MODEL["pi0_config"]["action_horizon"])
-CPU = lerobot_export.Naming(device="cpu")
+LORA = ["--lora-config", str(FIXTURE_LORA_CONFIG)]
+
+
+def _export(src: pathlib.Path, output: pathlib.Path, *flags: str) -> dict:
+    """`openpi-merge-lora export SRC --output OUTPUT FLAGS` at the example's dims, float32, for the CPU; its manifest."""
+    horizon = str(MODEL["pi0_config"]["action_horizon"])
+    argv = ["export", str(src), "--output", str(output), "--action-horizon", horizon, "--precision", "float32"]
+    assert cli.main([*argv, "--device", "cpu", "--allow-nonstandard-dims", "--no-progress", *flags]) == 0
+    return json.loads((output / "manifest.json").read_text())
 
 
 def _dims() -> dict:
@@ -62,25 +67,21 @@ def checked(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("peft")
     step = tmp / "checkpoint" / "2"
     shutil.copytree(FIXTURE_STEP, step)
-    export = {"precision": "float32", "model": HORIZON, "naming": CPU, "allow_nonstandard_dims": True}
-    merged = lerobot_export.export_lerobot(step, output=tmp / "merged_lerobot", lora=LORA, **export).output
-    base_merged = checkpoint_merge.merge_checkpoint(
-        step, output=tmp / "base_merged", lora=LORA, options=MergeOptions(strength=0.0)
-    ).output
-    base = lerobot_export.export_lerobot(base_merged, output=tmp / "base_lerobot", **export).output
-    local = lerobot_peft_export.export_lerobot_peft(
-        step, base=lerobot_peft_export.BaseRef.parse(base), output=tmp / "adapter_local", lora=LORA, **export
-    )
-    # The structure rule (what an adapter on a hub BASE holds), pointing at the local BASE so that LeRobot loads it.
-    structural = lerobot_peft_export.export_lerobot_peft(
-        step, base=lerobot_peft_export.BaseRef(str(base), None), output=tmp / "adapter_trained", lora=LORA, **export
-    )
+    merged = tmp / "merged_lerobot"
+    _export(step, merged, "--format", "lerobot", *LORA)
+    base_merged, base = tmp / "base_merged", tmp / "base_lerobot"
+    assert cli.main([str(step), *LORA, "--strength", "0", "--output", str(base_merged), "--no-progress"]) == 0
+    _export(base_merged, base, "--format", "lerobot")
+    manifests = {"local": _export(step, tmp / "adapter_local", "--format", "lerobot-peft", "--base", str(base), *LORA)}
+    hub = tmp / "adapter_hub"
+    manifests["trained"] = _export(step, hub, "--format", "lerobot-peft", "--base", "lerobot/pi0_base", *LORA)
+    dirs = {"local": tmp / "adapter_local", "trained": on_local_base(hub, base, tmp / "adapter_trained")}
     job = {
         "kind": "pi0",
         "dims": _dims(),
         "adapters": [
-            {"name": name, "dir": str(result.output), "merged_export": str(merged), "reference_dir": None}
-            for name, result in (("local", local), ("trained", structural))
+            {"name": name, "dir": str(out), "merged_export": str(merged), "reference_dir": None}
+            for name, out in dirs.items()
         ],
     }
     (tmp / "job.json").write_text(json.dumps(job))
@@ -91,7 +92,7 @@ def checked(tmp_path_factory) -> dict:
     print(proc.stdout)
     return {
         "lerobot": json.loads((tmp / "out.json").read_text()),
-        "manifests": {"local": local.manifest, "trained": structural.manifest},
+        "manifests": manifests,
     }
 
 

@@ -5,14 +5,15 @@ Needs upstream openpi here (train.py runs, exports, JAX references) and LeRobot'
 named by OPENPI_MERGE_LEROBOT_PYTHON; skipped without either, never run by CI (markers `openpi`, `lerobot`).
 
 Two fine-tunes each, from the same frozen weights, 10 train.py steps each (`CASES`): pi0 `debug_lora`, pi0.5
-`my_pi05_lora` (its PaliGemma has no LoRA and trains in full; its action expert has LoRA). BASE is the first run's step merged at strength 0 and exported with `export
---format lerobot` (its frozen weights, and its trained ones as they are; until issue 31 exports a base checkpoint
-directly). Every step is exported merged (`export --format lerobot`) and as an adapter on BASE; each first run also
-as an adapter of what the step trained (the structure rule a hub BASE gets). `lerobot_support/
-peft_check.py`, in LeRobot's Python, loads each adapter with `make_policy` (`use_peft`), compares its actions with
-`jax_reference.py`'s (openpi's JAX LoRA model, same observation and noise) and with the merged export's, checks
-`merge_and_unload()` against the merged export, and loads both fine-tunes' adapters on one base and switches between
-them.
+`my_pi05_lora` (its PaliGemma has no LoRA and trains in full; its action expert has LoRA). Everything is made by the
+command line: BASE is the first run's step merged at strength 0 (`openpi-merge-lora STEP --strength 0`) and exported
+with `export --format lerobot` (its frozen weights, and its trained ones as they are). Every step is exported merged
+(`export --format lerobot`) and as an adapter on BASE (`export --format lerobot-peft --base BASE`); each first run
+also with `--base lerobot/pi0_base`, a hub id (the trained tensors by the step's structure), its adapter_config.json
+then pointed at the local BASE so that LeRobot loads it offline. `lerobot_support/peft_check.py`, in LeRobot's
+Python, loads each adapter with `make_policy` (`use_peft`), compares its actions with `jax_reference.py`'s (openpi's
+JAX LoRA model, same observation and noise) and with the merged export's, checks `merge_and_unload()` against the
+merged export, and loads both fine-tunes' adapters on one base and switches between them.
 
     OPENPI_MERGE_LEROBOT_PYTHON=/work/lerobot-venv/bin/python PYTHONPATH=. \
         OPENPI_VENV/bin/python -m pytest -m lerobot tests/test_lerobot_peft_runs_gated.py -s
@@ -33,14 +34,12 @@ LEROBOT_PYTHON = os.environ.get("OPENPI_MERGE_LEROBOT_PYTHON", "")
 if not pathlib.Path(LEROBOT_PYTHON).is_file():
     pytest.skip("LeRobot's Python is not given (OPENPI_MERGE_LEROBOT_PYTHON)", allow_module_level=True)
 openpi_config = gate.require_openpi()
+from helpers import on_local_base  # noqa: E402
 from lerobot_support import jax_reference  # noqa: E402
 from openpi.shared import normalize  # noqa: E402
 import training  # noqa: E402
 
-from openpi_merge_plugin.options import MergeOptions  # noqa: E402
-from openpi_merge_plugin.pipeline import checkpoint_merge  # noqa: E402
-from openpi_merge_plugin.pipeline import lerobot_export  # noqa: E402
-from openpi_merge_plugin.pipeline import lerobot_peft_export as peft_export  # noqa: E402
+from openpi_merge_plugin.cli import app as cli  # noqa: E402
 
 pytestmark = [pytest.mark.openpi, pytest.mark.lerobot]
 CHECK = pathlib.Path(__file__).resolve().parent / "lerobot_support" / "peft_check.py"
@@ -56,7 +55,13 @@ CASES = {
 }
 STEP = 9
 ACTION_FLOOR = 2.8e-5  # what the merged LeRobot export meets against the JAX LoRA model (docs/lerobot.md)
-EXPORT = {"precision": "float32", "naming": lerobot_export.Naming(device="cpu"), "allow_nonstandard_dims": True}
+EXPORT = ["--precision", "float32", "--device", "cpu", "--allow-nonstandard-dims", "--no-progress"]
+
+
+def _export(src: pathlib.Path, output: pathlib.Path, *flags: str) -> dict:
+    """`openpi-merge-lora export SRC --output OUTPUT FLAGS`, float32, for the CPU; its manifest."""
+    assert cli.main(["export", str(src), "--output", str(output), *EXPORT, *flags]) == 0
+    return json.loads((output / "manifest.json").read_text())
 
 
 def _known_norm_stats(step: pathlib.Path, config) -> pathlib.Path:
@@ -93,28 +98,29 @@ def compared(request, tmp_path_factory) -> dict:
     name, runs = CASES[kind]
     tmp = tmp_path_factory.mktemp(kind)
     lora_cfg, serving = openpi_config.get_config(name), openpi_config.get_config(f"{name}_merged")
-    source = checkpoint_merge.LoRASource(config=name)
+    source = ["--config", name]
     steps = {run: _run(kind, run, flags, tmp) for run, flags in runs}
     first = next(iter(steps))
-    base_merged = checkpoint_merge.merge_checkpoint(
-        steps[first], output=tmp / "base_merged", lora=source, options=MergeOptions(strength=0.0)
-    ).output
+    base_merged, base = tmp / "base_merged", tmp / "base_lerobot"
+    assert cli.main([str(steps[first]), *source, "--strength", "0", "--output", str(base_merged), "--no-progress"]) == 0
     stats_dirs = {run: _known_norm_stats(step, lora_cfg) for run, step in steps.items()}
     _known_norm_stats(base_merged, lora_cfg)
-    base = lerobot_export.export_lerobot(base_merged, output=tmp / "base_lerobot", **EXPORT).output
+    _export(base_merged, base, "--format", "lerobot")
     adapters, manifests = [], {}
     for run, step in steps.items():
-        merged = lerobot_export.export_lerobot(step, output=tmp / f"{run}_merged", lora=source, **EXPORT).output
+        merged = tmp / f"{run}_merged"
+        _export(step, merged, "--format", "lerobot", *source)
         refs = tmp / f"{run}_reference"
         refs.mkdir()
         jax_reference.write(refs, lora_cfg, serving, step / "params", stats_dirs[run])
-        bases = {run: peft_export.BaseRef.parse(base)}
+        bases = {run: str(base)}
         if run == first:  # what the step trained, as an adapter on a hub BASE holds it (loaded on the local BASE)
-            bases[f"{run}_trained"] = peft_export.BaseRef(str(base), None)
-        for label, ref in bases.items():
+            bases[f"{run}_trained"] = "lerobot/pi0_base"
+        for label, given in bases.items():
             out = tmp / f"{label}_adapter"
-            result = peft_export.export_lerobot_peft(step, base=ref, output=out, lora=source, **EXPORT)
-            manifests[label] = result.manifest
+            manifests[label] = _export(step, out, "--format", "lerobot-peft", "--base", given, *source)
+            if given != str(base):
+                out = on_local_base(out, base, tmp / f"{label}_adapter_on_base")
             adapters.append({"name": label, "dir": str(out), "merged_export": str(merged), "reference_dir": str(refs)})
     meta = json.loads((tmp / f"{first}_reference" / "reference.json").read_text())
     job = {

@@ -1,6 +1,6 @@
-"""LeRobot's side of the PEFT adapter checks (issue 32): loads adapters written by `lerobot_peft_export` through
-LeRobot's own factory (`make_policy` with `use_peft`), and measures them. Runs in LeRobot's Python (lerobot 0.6.1,
-peft 0.21.2), offline:
+"""LeRobot's side of the PEFT adapter checks (issue 32): loads adapters written by `export --format lerobot-peft`
+through LeRobot's own factory (`make_policy` with `use_peft`), and measures them. Runs in LeRobot's Python
+(lerobot 0.6.1, peft 0.21.2), offline:
 
     HF_HUB_OFFLINE=1 LEROBOT_PYTHON tests/lerobot_support/peft_check.py JOB.json OUT.json
 

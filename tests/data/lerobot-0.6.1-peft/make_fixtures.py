@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 /work/lerobot-venv/bin/python tests/data/lerobot-0.6.1-peft/make_fixtures.py SCRATCH ADAPTER_DIR
 
-ADAPTER_DIR: the adapter `lerobot_peft_export` writes for the bundled example on the hub BASE `lerobot/pi0_base`
+ADAPTER_DIR: the adapter `openpi-merge-lora export --format lerobot-peft` writes for the bundled example on the hub BASE `lerobot/pi0_base`
 (PROVENANCE.md says how). A `PI0Policy` is built at the bundled example's dimensions (random weights, float32, CPU;
 no network: tokenizers stand in as in ../lerobot-0.6.1/make_fixtures.py), then:
 - `lerobot_default/`: LeRobot's own PEFT adapter of it (`PreTrainedPolicy.wrap_with_peft()` with PI0's default
