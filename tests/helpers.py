@@ -45,6 +45,19 @@ def merge_argv(step: pathlib.Path | str, *flags: str) -> list[str]:
     return [str(step), "--lora-config", str(FIXTURE_LORA_CONFIG), *flags]
 
 
+def on_local_base(adapter: pathlib.Path, base: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    """A copy of `adapter`, written for a hub BASE, whose adapter_config.json names the local `base` instead, so that
+    LeRobot loads it offline: what an adapter on a hub BASE holds (the trained tensors by the step's structure, every
+    factor as the export wrote it), on the gated tests' BASE."""
+    shutil.copytree(adapter, out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    hub_id = config["base_model_name_or_path"]
+    assert "/" in hub_id, hub_id
+    assert not pathlib.Path(hub_id).exists(), hub_id
+    (out / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}, indent=2))
+    return out
+
+
 def read_leaves(params_dir: pathlib.Path) -> dict[str, np.ndarray]:
     """Every leaf of an Orbax params checkpoint, flat."""
     src = sources.OrbaxSource(params_dir)

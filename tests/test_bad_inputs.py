@@ -517,7 +517,7 @@ def test_an_output_the_filesystem_has_no_room_for_is_refused_before_any_work(ste
 def test_an_error_inside_the_staging_directory_names_the_output(step_dir, tmp_path, capsys, monkeypatch):
     from openpi_merge_plugin.pipeline import export_stream
 
-    def stats_do_not_read_back(directory, plan, written):
+    def stats_do_not_read_back(directory, plan, written, source):
         raise CheckpointError(f"{directory / 'x.safetensors'}: the stats do not read back as written")
 
     monkeypatch.setattr(export_stream, "read_back", stats_do_not_read_back)

@@ -229,6 +229,7 @@ def test_a_plain_step_takes_its_export_only_in_its_own_slot_for_the_format(plain
     refused = {
         "merged_pytorch": ("pytorch", f"(or {step / 'pytorch'})"),  # a LoRA step's slot, not this step's
         "lerobot": ("pytorch", f"(or {step / 'pytorch'})"),  # the slot of the other format
+        "lerobot_peft": ("pytorch", f"(or {step / 'pytorch'})"),  # a LoRA step's adapter slot
         "params/x": ("pytorch", "lies inside"),
         "../1/pytorch": ("pytorch", "is the slot of step"),  # a sibling step's slot
         "../1/notes": ("lerobot", "lies inside"),

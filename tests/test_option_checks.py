@@ -69,6 +69,15 @@ BAD = {
     "device": [
         (["--format", "lerobot", "--device", v], "{flag} must be a torch device such as cuda") for v in ("", "banana")
     ],
+    "base": [
+        (["--format", "lerobot-peft", "--base", ""], "{flag} must be a non-empty string"),
+        (["--format", "lerobot", "--base", "lerobot/pi0_base"], "{flag} is for --format lerobot-peft"),
+        (["--base", "lerobot/pi0_base"], "{flag} is for --format lerobot-peft"),  # the default format, pytorch
+    ],
+    "base_revision": [
+        (["--format", "lerobot-peft", "--base-revision", ""], "{flag} must be a non-empty string"),
+        (["--format", "lerobot", "--base-revision", "main"], "{flag} is for --format lerobot-peft"),
+    ],
 }
 # Positional sources: a path that is not there.
 POSITIONAL = {"step_dir", "merged_dir", "path", "src"}
@@ -152,8 +161,10 @@ def _merge_on_save_bad_values():
         hint = hints[field.name]
         if hint is bool:
             continue
-        if typing.get_origin(hint) is typing.Literal:
-            yield field.name, "no-such-value"
+        if typing.Literal in (typing.get_origin(hint), *map(typing.get_origin, typing.get_args(hint))):
+            yield field.name, "no-such-value"  # a Literal, or an optional one
+        elif field.name in ("export_base", "export_base_revision"):
+            yield field.name, ""
         elif field.name == "host_buffer_mib":
             yield from ((field.name, v) for v in (-1, 1.5))
         elif field.name in NUMBERS:
@@ -170,6 +181,15 @@ def test_merge_on_save_options_fail_when_the_config_is_built(field, value):
     assert raised.value.option == f"merge_lora.{field}"
     flag = f"--merge-lora.{field.replace('_', '-')}"
     assert raised.value.as_flag().startswith(f"{flag} must be")
+
+
+def test_the_peft_adapter_on_save_needs_its_base():
+    with pytest.raises(options.OptionError) as raised:
+        MergeOnSaveOptions(export_lerobot_peft=True)
+    assert raised.value.as_flag() == (
+        "--merge-lora.export-base is needed by export_lerobot_peft: the base policy the adapter loads on"
+    )
+    assert MergeOnSaveOptions(export_lerobot_peft=True, export_base="lerobot/pi0_base").export_base
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--strength", "nan"), ("--tolerance", "0"), ("--host-buffer-mib", "-1")])

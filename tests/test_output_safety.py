@@ -24,6 +24,7 @@ from openpi_merge_plugin.errors import MergeError
 
 LORA = ["--lora-config", str(FIXTURE_LORA_CONFIG)]
 EXPORT = ["--action-horizon", "50", "--allow-nonstandard-dims"]
+PEFT = ["--format", "lerobot-peft", "--base", "lerobot/pi0_base"]
 
 
 @pytest.fixture(scope="module")
@@ -483,6 +484,19 @@ SIBLING_AND_SLOT_REFUSED = [
     ),
     (["export", "run/2/merged", *EXPORT, "--output", "run/2/merged_lerobot"], "for its LeRobot export, not for a Py"),
     (["run/2", *LORA, "--output", "run/2/merged_pytorch"], "for its PyTorch export, not for a merged Orbax checkpoint"),
+    # The adapter's slot (issue 32): the LoRA step's own adapter only.
+    (["run/2", *LORA, "--output", "run/2/lerobot_peft"], "for its LeRobot PEFT adapter, not for a merged Orbax"),
+    (
+        ["export", "run/2", *LORA, *EXPORT, "--format", "lerobot", "--output", "run/2/lerobot_peft"],
+        "for its LeRobot PEFT adapter, not for a LeRobot export: choose {world}/run/2/merged_lerobot",
+    ),
+    (
+        ["export", "run/2", *LORA, *EXPORT, *PEFT, "--output", "run/2/merged_lerobot"],
+        "for its LeRobot export, not for a LeRobot PEFT adapter: choose {world}/run/2/lerobot_peft",
+    ),
+    (["export", "run/2", *LORA, *EXPORT, *PEFT, "--output", "run/1/lerobot_peft"], "is the slot of step {world}/run/1"),
+    (["export", "run/2", *LORA, *EXPORT, *PEFT, "--output", "run/2/params/x"], "lies inside the LoRA step"),
+    (["export", "run/2/merged", *EXPORT, "--output", "run/2/lerobot_peft"], "for its LeRobot PEFT adapter, not for"),
 ]
 
 

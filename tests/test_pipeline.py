@@ -52,6 +52,14 @@ def test_export_of_a_lora_step_runs_the_pipeline(step_dir, calls):
     assert calls == ["plan_merge", "laid_out_tensors"]  # one pass: no merged checkpoint written first
 
 
+def test_a_peft_adapter_is_the_same_one_pass_without_a_merge(step_dir, calls):
+    """The adapter of a LoRA step: no merge planned or done, the one pass reads the adapters and what is saved."""
+    lora = checkpoint_merge.LoRASource(lora_config=FIXTURE_LORA_CONFIG)
+    options = ExportOptions(allow_nonstandard_dims=True, base="lerobot/pi0_base")
+    export.export(step_dir, "lerobot-peft", options=options, lora=lora, output=step_dir.parent / "peft")
+    assert calls == ["plan_merge", "laid_out_tensors"]  # plan_merge pairs the adapters; nothing merges
+
+
 def test_merge_on_save_runs_the_pipeline(tmp_path, fixture_params, fixture_lora, calls, monkeypatch):
     monkeypatch.setattr(openpi_configs, "lora_from_model", lambda model, config_name=None: fixture_lora)
     config = types.SimpleNamespace(name="fixture", model=None, merge_lora=MergeOnSaveOptions())
@@ -104,13 +112,15 @@ def _stages_entered(run) -> list[str]:
     return entered
 
 
-@pytest.mark.parametrize("to", ["pytorch", "lerobot"])
-@pytest.mark.parametrize("kind", ["lora_step", "merged"])
+@pytest.mark.parametrize(
+    ("kind", "to"),
+    [(k, f) for k in ("lora_step", "merged") for f in ("pytorch", "lerobot")] + [("lora_step", "lerobot-peft")],
+)
 def test_an_export_enters_each_stage_once_in_order(step_dir, fixture_lora, kind, to):
     src, lora = step_dir, checkpoint_merge.LoRASource(lora_config=FIXTURE_LORA_CONFIG)
     if kind == "merged":
         src, lora = checkpoint_merge.merge_checkpoint(step_dir, lora=fixture_lora).output, None
-    options = ExportOptions(allow_nonstandard_dims=True)
+    options = ExportOptions(allow_nonstandard_dims=True, base="lerobot/pi0_base" if to == "lerobot-peft" else None)
     out = step_dir.parent / f"{kind}-{to}"
     stages = _stages_entered(lambda: export.export(src, to, options=options, lora=lora, output=out))
     assert stages == list(STAGES.values())

@@ -3,8 +3,9 @@
 1. never the source, a directory around it, or anything inside it;
 2. never inside any checkpoint (`checkpoint_dirs`: an openpi step, an Orbax checkpoint, an output of this tool),
    judged on the path as written and as resolved (symlinks followed), except a step's own reserved slot:
-   `<step>/merged`, `<step>/merged_pytorch`, `<step>/merged_lerobot`, each for its kind of output and for the step
-   the command reads (step 1's slot never holds step 2's weights; the Orbax slot never a PyTorch export);
+   `<step>/merged`, `<step>/merged_pytorch`, `<step>/merged_lerobot`, `<step>/lerobot_peft`, each for its kind of
+   output and for the step the command reads (step 1's slot never holds step 2's weights; the Orbax slot never a
+   PyTorch export);
 3. a path this tool can write: UTF-8, a name short enough for its staging directory, a parent directory;
 4. `--overwrite` replaces only an empty directory or what this tool can prove it wrote (`ownership`).
 """
@@ -28,16 +29,19 @@ MANIFEST = checkpoint_dirs.MANIFEST
 PLUGIN = checkpoint_dirs.PLUGIN
 FAILURE_MARKER = ownership.FAILURE_MARKER
 # A step's reserved slots, each for one kind of output: the merge of a LoRA step and its exports (offline or on
-# save) in `merged`, `merged_<format>`; the export of a step without adapters (a full fine-tune) in `<format>`.
+# save) in `merged`, `merged_<format>`, the LoRA step's own adapters as a LeRobot PEFT adapter in `lerobot_peft`;
+# the export of a step without adapters (a full fine-tune) in `<format>`.
 MERGED_NAME = "merged"
 PYTORCH_NAME = "merged_pytorch"
 LEROBOT_NAME = "merged_lerobot"
-OutputKind = Literal["merged", "pytorch", "lerobot"]
-LORA_STEP_SLOTS = (MERGED_NAME, PYTORCH_NAME, LEROBOT_NAME)
+PEFT_NAME = "lerobot_peft"
+OutputKind = Literal["merged", "pytorch", "lerobot", "lerobot-peft"]
+LORA_STEP_SLOTS = (MERGED_NAME, PYTORCH_NAME, LEROBOT_NAME, PEFT_NAME)
 SLOT_KIND: dict[str, OutputKind] = {
     MERGED_NAME: "merged",
     PYTORCH_NAME: "pytorch",
     LEROBOT_NAME: "lerobot",
+    PEFT_NAME: "lerobot-peft",
     "pytorch": "pytorch",
     "lerobot": "lerobot",
 }
@@ -46,7 +50,13 @@ KIND_DESCRIPTION: dict[OutputKind, str] = {
     "merged": "merged Orbax checkpoint",
     "pytorch": "PyTorch export",
     "lerobot": "LeRobot export",
+    "lerobot-peft": "LeRobot PEFT adapter",
 }
+
+
+def lora_step_slot(kind: OutputKind) -> str:
+    """The slot of a LoRA step for this kind of output (`merged_pytorch` for a PyTorch export, ...)."""
+    return next((name for name in LORA_STEP_SLOTS if SLOT_KIND[name] == kind), f"{MERGED_NAME}_{kind}")
 
 
 @dataclasses.dataclass(frozen=True)

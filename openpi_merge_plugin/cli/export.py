@@ -1,6 +1,6 @@
-"""`openpi-merge-lora export SRC --format pytorch|lerobot`: openpi's PyTorch checkpoint, or LeRobot 0.6.1's policy
-directory, of any openpi checkpoint: a LoRA step (merged on the way), a merged checkpoint, a non-LoRA train step or a
-released checkpoint (or its params/)."""
+"""`openpi-merge-lora export SRC --format pytorch|lerobot|lerobot-peft`: openpi's PyTorch checkpoint, or LeRobot
+0.6.1's policy directory, of any openpi checkpoint: a LoRA step (merged on the way), a merged checkpoint, a non-LoRA
+train step or a released checkpoint (or its params/); or a LoRA step's adapters as a LeRobot PEFT adapter."""
 
 from __future__ import annotations
 
@@ -34,10 +34,11 @@ class Args:
     src: tyro.conf.Positional[pathlib.Path]
     # Output format. pytorch: openpi's PI0Pytorch state dict (pi0 and pi0.5; pi0-FAST has no PyTorch model).
     # lerobot: LeRobot 0.6.1's PI0Policy / PI05Policy directory (weights, config, processors); pi0-FAST is refused
-    # (LeRobot's PI0FastPolicy decodes after an extra BOS token: docs/lerobot.md).
+    # (LeRobot's PI0FastPolicy decodes after an extra BOS token: docs/lerobot.md). lerobot-peft: a LoRA step's
+    # adapters as a PEFT adapter LeRobot loads on --base (pi0, pi0.5; docs/lerobot-peft.md).
     format: FormatName = "pytorch"
-    # Output directory (default: <step>/merged_<format> for a LoRA step, <merged>_<format> beside a merged
-    # checkpoint, <checkpoint>/<format> inside any other).
+    # Output directory (default: <step>/merged_<format> for a LoRA step, <step>/lerobot_peft for its adapter,
+    # <merged>_<format> beside a merged checkpoint, <checkpoint>/<format> inside any other).
     output: pathlib.Path | None = None
     # --config: a registered openpi TrainConfig (needs openpi): what the params cannot tell (action horizon, token
     # length, dtype, asset_id; read, never built), and for a LoRA step its LoRA config. Default: the openpi config a
@@ -70,12 +71,16 @@ class Args:
         except lerobot_files.LeRobotFilesError as e:
             raise ConfigError(f"--camera: {e}") from None
         chosen = formats.FORMATS[self.format]
-        others = {o: f.name for f in formats.FORMATS.values() for o in f.options if o not in chosen.options}
+        others: dict[str, list[str]] = {}
+        for f in formats.FORMATS.values():
+            for o in sorted(f.options - chosen.options):
+                others.setdefault(o, []).append(f.name)
         defaults = ExportOptions()
         wrong = sorted(o for o in others if getattr(self.export, o) != getattr(defaults, o))
         if wrong:
             flags = "/".join(f"--{o.replace('_', '-')}" for o in wrong)
-            raise ConfigError(f"{flags} {'is' if len(wrong) == 1 else 'are'} for --format {others[wrong[0]]}")
+            which = " or ".join(others[wrong[0]])
+            raise ConfigError(f"{flags} {'is' if len(wrong) == 1 else 'are'} for --format {which}")
 
 
 def run(args: Args) -> int:

@@ -4,7 +4,8 @@
 """
 
 from openpi_merge_plugin.formats import lerobot
+from openpi_merge_plugin.formats import lerobot_peft
 from openpi_merge_plugin.formats import pytorch
 from openpi_merge_plugin.formats.base import Format
 
-FORMATS: dict[str, Format] = {f.name: f for f in (pytorch.FORMAT, lerobot.FORMAT)}
+FORMATS: dict[str, Format] = {f.name: f for f in (pytorch.FORMAT, lerobot.FORMAT, lerobot_peft.FORMAT)}

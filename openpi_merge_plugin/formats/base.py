@@ -3,19 +3,20 @@
 A format is a `Format`: a name (`--format NAME`, and the output's name) and a `plan` that turns a `PlanInput` (the
 structure of the params the export's one pass yields, what the model is beyond them, the options, the checkpoint's
 assets) into a `FormatPlan`: each tensor of one safetensors file (name, dtype, shape, and the `Recipe` that makes it
-from one source leaf or layer slice), the files beside it (bytes, or directories copied as they are) and what the
-manifest says of them. `plan` reads shapes and small files only; whatever it refuses, it refuses before the pass.
-The pipeline (`pipeline/export.py`) does the rest, the same for every format: the merge on the way (or none), the
-streamed write, the read back and the manifest.
+from one source leaf or layer slice), the files beside it (bytes, or directories copied as they are), what the
+manifest says of them, and a check of its own to run on the file once it is written. `plan` reads shapes and small
+files; whatever it refuses, it refuses before the pass. The pipeline (`pipeline/export.py`) does the rest, the same
+for every format: the merge on the way (or none), the streamed write, the read back and the manifest.
 
 A format that writes LoRA adapters rather than merged weights (a PEFT adapter) sets `merged=False`: its plan then
 gets the checkpoint's own leaves (adapters included) and the adapters paired with their base weights and configs,
-and its recipes read the `lora_a` / `lora_b` leaves.
+and its recipes read the `lora_a` / `lora_b` leaves. A plan that must compare values before it decides (the PEFT
+adapter's local BASE) reads them through `PlanInput.values`, the pass's own reader.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import dataclasses
 import pathlib
 from typing import Any
@@ -34,11 +35,11 @@ class ExportOptions:
     """How to export. What the params cannot tell comes from --config (or the openpi config a merge records) when
     there is one, else from these options, else from openpi's defaults (named below)."""
 
-    # Tensor dtype. pytorch, as upstream's converter: bfloat16 rounds every tensor; float32 keeps exact values for
-    # the parameters PI0Pytorch holds in float32 (all of them when the model dtype is float32). lerobot: also the
-    # policy's config dtype; bfloat16 keeps the vision tower, projector, norms and the action/state/time projections
-    # float32, as LeRobot does.
-    precision: Precision = "float32"
+    # Tensor dtype (default float32; lerobot-peft: a local --base's dtype). pytorch, as upstream's converter:
+    # bfloat16 rounds every tensor; float32 keeps exact values for the parameters PI0Pytorch holds in float32 (all of
+    # them when the model dtype is float32). lerobot, lerobot-peft: also the policy's config dtype; bfloat16 keeps
+    # the vision tower, projector, norms and the action/state/time projections float32, as LeRobot does.
+    precision: Precision | None = None
     # The model's action horizon (openpi's action_horizon; default: the openpi config's, else openpi's default,
     # 50 for pi0 and pi0.5, 32 for pi0-FAST).
     action_horizon: int | None = None
@@ -62,6 +63,11 @@ class ExportOptions:
     # lerobot: the device in config.json and the processors. LeRobot's entry points replace it with the policy's
     # device, and the policy falls back to an available one; a direct make_pre_post_processors needs it present.
     device: str = "cuda"
+    # lerobot-peft: the base policy the adapter loads on, its base_model_name_or_path: a LeRobot policy directory
+    # (checked tensor by tensor against the step's frozen weights) or a hub id (owner/name).
+    base: str | None = None
+    # lerobot-peft: the hub revision of a hub --base.
+    base_revision: str | None = None
     # Write a model whose dimensions differ from those the runtime hard-codes (PI0Pytorch: SigLIP, vocabulary,
     # projector; LeRobot also the gemma_2b / gemma_300m experts); it then loads only into a model built with them,
     # and the manifest lists them.
@@ -70,6 +76,10 @@ class ExportOptions:
     def __post_init__(self) -> None:
         _options.validate(self, EXPORT_OPTION_CHECKS)
         self.cameras()  # each NAME=FEATURE well formed (the LeRobot format checks the names)
+
+    def precision_or(self, default: Precision = "float32") -> Precision:
+        """--precision, or the format's default where it was not given."""
+        return self.precision if self.precision is not None else default
 
     def cameras(self) -> dict[str, str]:
         """--camera NAME=FEATURE pairs as a dict."""
@@ -90,7 +100,7 @@ class ExportOptions:
 # The options that say what the model is: an openpi config says all of them, so they are its alternatives.
 MODEL_OPTIONS = ("action_horizon", "max_token_len", "model_dtype")
 EXPORT_OPTION_CHECKS: dict[str, _options.Check] = {
-    "precision": _options.one_of(Precision),
+    "precision": _options.optional(_options.one_of(Precision)),
     "action_horizon": _options.optional(_options.sequence_length),
     "max_token_len": _options.optional(_options.sequence_length),
     "model_dtype": _options.optional(_options.one_of(Precision)),
@@ -99,6 +109,8 @@ EXPORT_OPTION_CHECKS: dict[str, _options.Check] = {
     "camera": _options.ANY,  # checked by `cameras`: NAME=FEATURE
     "n_action_steps": _options.optional(_options.positive_int),
     "device": _options.torch_device,
+    "base": _options.optional(_options.text),
+    "base_revision": _options.optional(_options.text),
     "allow_nonstandard_dims": _options.flag,
 }
 
@@ -136,6 +148,10 @@ class PlanInput:
     adapters: Sequence[Adapter] = ()  # a LoRA step's adapters; merged already in `structure` unless not `merged`
     lora: ResolvedLoRA | None = None  # their configs
     what: str = ""  # the source, for messages
+    # The source's values laid out as the tensors of a plan-like object (`.tensors`), the pass's own reader without
+    # a merge: (spec, rows or None, array) in the source's order. For a plan that must compare values before it
+    # decides (lerobot-peft's local BASE); None where the caller offers none.
+    values: Callable[[Any], Iterator[tuple[TensorSpec, slice | None, Any]]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,14 +164,22 @@ class FormatPlan:
     copies: Mapping[str, pathlib.Path] = dataclasses.field(default_factory=dict)  # directories copied as they are
     manifest: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the format's part of the manifest
     model_file: str = "model.safetensors"
+    precision: Precision = "float32"  # what the format wrote (the manifest's `precision`)
+    # Run on the output directory once the file and side files read back as written, with the source's reader: the
+    # format's own check of what it wrote (a PEFT adapter's factors against openpi's LoRA einsums); returns the
+    # manifest's `verification` entries, raises to stop the commit.
+    check: Callable[[pathlib.Path, Any], Mapping[str, Any]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Format:
     """One output format of `export`."""
 
-    name: str  # --format NAME; the output is <step>/merged_<name>, <merged>_<name> or <checkpoint>/<name>
+    name: str  # --format NAME (the step slot of its kind: `output_guard.SLOT_KIND`)
     plan: Callable[[PlanInput], FormatPlan]
     merged: bool = True  # lays out merged weights (a LoRA step is merged on the way); False: the leaves as they are
     options: frozenset[str] = frozenset()  # the ExportOptions only this format reads (others refuse them)
     describe: Callable[[Mapping[str, Any]], list[str]] = lambda manifest: []  # lines the command prints after it
+    # Directories the format reads besides the source, given the options (lerobot-peft's local --base), each with
+    # what to call it: the output is never one of them, around one or inside one.
+    reads: Callable[[ExportOptions], Sequence[tuple[pathlib.Path, str]]] = lambda options: ()

@@ -45,6 +45,7 @@ def plan(given: base.PlanInput) -> base.FormatPlan:
     facts, options = given.facts, given.options
     lerobot = plan_lerobot(given.structure, facts, options, what=given.what)
     return base.FormatPlan(
+        precision=lerobot.spec.dtype,
         tensors=lerobot.layout.tensors,
         files=files.all_files(lerobot.spec, lerobot.stats),
         manifest={
@@ -61,7 +62,7 @@ def plan(given: base.PlanInput) -> base.FormatPlan:
             },
             "precision_rules": (
                 "LeRobot's to_bfloat16_for_selected_params under config dtype "
-                f"{options.precision!r}: bfloat16 tensors are bf16(x), float32 ones exactly x"
+                f"{lerobot.spec.dtype!r}: bfloat16 tensors are bf16(x), float32 ones exactly x"
             ),
             # Written with --allow-nonstandard-dims: loads only into a LeRobot patched to these dimensions.
             "nonstandard_dims": {
@@ -83,6 +84,7 @@ def plan_lerobot(
     structure: Mapping[str, Any], facts: base.ModelFacts, options: base.ExportOptions, *, what: Any
 ) -> Plan:
     """The file layout, the policy spec and the normalizer stats; reads only shapes and the norm stats."""
+    precision = options.precision_or()
     tree = {p: (tuple(sd.shape), str(sd.dtype)) for p, sd in structure.items()}
     if any(is_lora_path(p) for p in tree):
         raise CheckpointError(f"{what} still holds LoRA leaves: not a merged checkpoint")
@@ -98,7 +100,7 @@ def plan_lerobot(
             paligemma=paligemma,
             action_expert=expert,
             action_dim=params_action_dim,
-            precision=options.precision,
+            precision=precision,
             allow_nonstandard_dims=options.allow_nonstandard_dims,
         )
         cameras = files.camera_names(options.cameras())
@@ -127,7 +129,7 @@ def plan_lerobot(
         kind=kind,
         paligemma_variant=lay.paligemma_variant,
         action_expert_variant=lay.action_expert_variant,
-        dtype=options.precision,
+        dtype=precision,
         chunk_size=facts.action_horizon,
         n_action_steps=n_steps,
         max_dim=max_dim,

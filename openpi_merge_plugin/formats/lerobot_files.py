@@ -129,6 +129,7 @@ class PolicySpec:
     state_dim: int
     action_dim: int
     device: str = "cuda"
+    use_peft: bool = False  # the directory is a PEFT adapter: make_policy loads the base, then the adapter
 
     @property
     def norm_mode(self) -> str:
@@ -167,6 +168,7 @@ def config_json(spec: PolicySpec) -> str:
         "input_features": spec.input_features(),
         "output_features": spec.output_features(),
         "device": spec.device,
+        "use_peft": spec.use_peft,
         "paligemma_variant": spec.paligemma_variant,
         "action_expert_variant": spec.action_expert_variant,
         "dtype": spec.dtype,

@@ -167,7 +167,7 @@ def config_json(
 
 def plan(given: base.PlanInput) -> base.FormatPlan:
     """The file of `given.structure` (merged params: pi0 or pi0.5), config.json and assets/; reads only shapes."""
-    structure, facts, precision = given.structure, given.facts, given.options.precision
+    structure, facts, precision = given.structure, given.facts, given.options.precision_or()
     tree = {p: (tuple(sd.shape), str(sd.dtype)) for p, sd in structure.items()}
     if any(is_lora_path(p) for p in tree):
         raise CheckpointError(f"{given.what} still holds LoRA leaves: not a merged checkpoint")
@@ -220,6 +220,7 @@ def plan(given: base.PlanInput) -> base.FormatPlan:
             "nonstandard_dims": {k: {"model": m, "pi0pytorch": t} for k, (m, t) in layout.nonstandard_dims.items()},
             "tied": layout.metadata,
         },
+        precision=precision,
     )
 
 

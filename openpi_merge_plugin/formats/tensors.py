@@ -76,8 +76,12 @@ OPENPI_VARIANTS = {
 }
 
 
-Op = tuple[str, tuple[int, ...]]  # ("transpose", axes) or ("reshape", shape)
+Op = tuple[str, tuple[int, ...]]  # ("transpose", axes) or ("reshape", shape); a LoRA factor's also LORA_OPS
 T: Op = ("transpose", (1, 0))
+# The ops that make a PEFT LoRA factor of one openpi factor (`lora/peft_adapter.Factoring.ops`): ("take", (axis,
+# index)); ("sum", axes); ("diagonal", (axis,)): a new last axis, the array on the diagonal of it and `axis`;
+# ("identity", (n,)): two new last axes of size n, the array times the identity on them. Applied in float64.
+LORA_OPS = frozenset({"take", "sum", "diagonal", "identity"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,6 +360,8 @@ def apply(recipe: Recipe, array: Any = None) -> np.ndarray:
         raise LayoutError(f"{recipe.source}: dtype {a.dtype} is not one of {SOURCE_DTYPES}")
     if recipe.split is not None:
         a = a[recipe.split]
+    if any(op in LORA_OPS for op, _ in recipe.ops):
+        return _lora_factor(a, recipe)
     bf16_source = a.dtype == ml_dtypes.bfloat16
     if not bf16_source:
         a = a.astype(np.float32, copy=False)  # upstream restores with dtype="float32"
@@ -377,6 +383,40 @@ def apply(recipe: Recipe, array: Any = None) -> np.ndarray:
             bits = bits.copy()
             bits[nan] = bits[nan].view(ml_dtypes.bfloat16).astype(np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
     return bits.view(ml_dtypes.bfloat16)
+
+
+def _lora_factor(a: np.ndarray, recipe: Recipe) -> np.ndarray:
+    """A tensor with LoRA ops (a PEFT factor: small): every op on float64 values (a sum exact to float64), then
+    rounded and cast as any tensor is."""
+    x = np.asarray(a, np.float64)
+    for op, arg in recipe.ops:
+        if op == "transpose":
+            x = x.transpose(arg)
+        elif op == "reshape":
+            x = x.reshape(arg)
+        elif op == "take":
+            x = np.take(x, arg[1], axis=arg[0])
+        elif op == "sum":
+            x = x.sum(axis=arg)
+        elif op == "diagonal":
+            n, index = x.shape[arg[0]], np.arange(x.shape[arg[0]])
+            moved = np.moveaxis(x, arg[0], -1)
+            out = np.zeros((*moved.shape, n))
+            out[..., index, index] = moved  # copied: off the diagonal +0.0, whatever the array holds
+            x = np.moveaxis(out, -2, arg[0])
+        elif op == "identity":
+            index = np.arange(arg[0])
+            out = np.zeros((*x.shape, arg[0], arg[0]))
+            out[..., index, index] = x[..., None]
+            x = out
+        else:
+            raise LayoutError(f"{recipe.source}: unknown layout op {op!r}")
+    if x.shape != recipe.shape:
+        raise LayoutError(f"{recipe.source}: the ops give shape {x.shape}, expected {recipe.shape}")
+    out = x.astype(np.float32)
+    if recipe.round_bf16 or recipe.dtype == "bfloat16":
+        out = out.astype(ml_dtypes.bfloat16)
+    return np.ascontiguousarray(out.astype(_NP_DTYPES[recipe.dtype], copy=False))
 
 
 TILE = 256  # rows and columns of one block of a transposing copy

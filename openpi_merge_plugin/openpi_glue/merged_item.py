@@ -53,8 +53,9 @@ FAILURE_MARKER = _output.FAILURE_MARKER
 ITEM = "merged"  # the item name, and so the directory name in each step
 PYTORCH_ITEM = "merged_pytorch"  # written next to it, with merge_lora.export_pytorch
 LEROBOT_ITEM = "merged_lerobot"  # and with merge_lora.export_lerobot
+PEFT_ITEM = "lerobot_peft"  # and with merge_lora.export_lerobot_peft (the step's adapters, not its merge)
 # Exports sit inside the staging directory under these names until the step is committed.
-_STAGED_EXPORTS = {".pytorch": PYTORCH_ITEM, ".lerobot": LEROBOT_ITEM}
+_STAGED_EXPORTS = {".pytorch": PYTORCH_ITEM, ".lerobot": LEROBOT_ITEM, ".lerobot_peft": PEFT_ITEM}
 
 
 @dataclasses.dataclass
@@ -193,6 +194,8 @@ def write_staged(request: MergeRequest) -> pathlib.Path | None:
         _export(directory, request, ".pytorch", "PyTorch", _write_pytorch)
     if options.export_lerobot:
         _export(directory, request, ".lerobot", "LeRobot", _write_lerobot)
+    if options.export_lerobot_peft:
+        _export(directory, request, ".lerobot_peft", "LeRobot PEFT", _write_lerobot_peft)
     return directory
 
 
@@ -218,6 +221,26 @@ def _write_export(
         ExportOptions(precision=request.config.merge_lora.export_precision),
         request.step_dir / item,
         source_info={"merged": str(request.step_dir / ITEM), "merged_on_the_way": False},
+    )
+
+
+def _write_lerobot_peft(target: pathlib.Path, directory: pathlib.Path, request: MergeRequest) -> dict[str, Any]:
+    """The step's own adapters (the params the merge just read), as a PEFT adapter on merge_lora.export_base."""
+    from openpi_merge_plugin.checkpoint import sources
+    from openpi_merge_plugin.formats.base import ExportOptions
+    from openpi_merge_plugin.pipeline import export
+
+    opts = request.config.merge_lora
+    params = sources.pure_dict(request.params)
+    return export.write_beside_merge(
+        target,
+        directory,
+        "lerobot-peft",
+        request.config,
+        ExportOptions(precision=opts.export_precision, base=opts.export_base, base_revision=opts.export_base_revision),
+        request.step_dir / PEFT_ITEM,
+        source_info={"lora_step": str(request.step_dir), "params": "the params item of this step"},
+        params=sources.InMemorySource(params),
     )
 
 

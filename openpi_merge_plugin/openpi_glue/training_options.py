@@ -39,8 +39,17 @@ class MergeOnSaveOptions:
     # Also write LeRobot 0.6.1's policy directory (weights, config.json, pre/post-processors with the run's norm
     # stats) to <step>/merged_lerobot, on the same saves (pi0, pi0.5, pi0-FAST; gemma_2b / gemma_300m dims only).
     export_lerobot: bool = False
-    # Tensor dtype of those exports (PyTorch: upstream's converter's rules; LeRobot: also the policy's config dtype).
-    export_precision: Literal["float32", "bfloat16"] = "float32"
+    # Also write the LoRA step's adapters as a LeRobot PEFT adapter on export_base to <step>/lerobot_peft, on the same
+    # saves (pi0, pi0.5): a small file per save that LeRobot loads on one base policy.
+    export_lerobot_peft: bool = False
+    # The base policy of that adapter: a LeRobot policy directory of the run's base weights (compared with the
+    # step's frozen weights at every save: it reads all of BASE) or a hub id. Needed by export_lerobot_peft.
+    export_base: str | None = None
+    # The hub revision of a hub export_base.
+    export_base_revision: str | None = None
+    # Tensor dtype of those exports (default float32; the PEFT adapter: a local export_base's dtype). PyTorch:
+    # upstream's converter's rules; LeRobot: also the policy's config dtype.
+    export_precision: Literal["float32", "bfloat16"] | None = None
     # A failed merge stops training (by default it is logged, recorded in <step>/merged/MERGE_FAILED.json,
     # and training goes on; the LoRA checkpoint is saved either way). In async mode the failure is known only after
     # the save returned: training stops at its next save (before it), or at the end of training.
@@ -52,6 +61,10 @@ class MergeOnSaveOptions:
             self._validate()
         except _options.OptionError as e:
             raise _options.OptionError(f"merge_lora.{e.option}", e.problem) from None
+        if self.export_lerobot_peft and self.export_base is None:
+            raise _options.OptionError(
+                "merge_lora.export_base", "is needed by export_lerobot_peft: the base policy the adapter loads on"
+            )
 
     def merge_options(self) -> _options.MergeOptions:
         """The merge options these stand for (the same fields, checked by the same rules)."""
@@ -72,7 +85,10 @@ class MergeOnSaveOptions:
                 "host_buffer_mib": _options.non_negative_int,
                 "export_pytorch": _options.flag,
                 "export_lerobot": _options.flag,
-                "export_precision": _options.choice(MergeOnSaveOptions, "export_precision"),
+                "export_lerobot_peft": _options.flag,
+                "export_base": _options.optional(_options.text),
+                "export_base_revision": _options.optional(_options.text),
+                "export_precision": _options.optional(_options.one_of(("float32", "bfloat16"))),
                 "fatal": _options.flag,
             },
         )

@@ -1,14 +1,17 @@
 """The one export pipeline: source → merge or identity → format → streamed write → read back → manifest.
 
 `export(src, to)` takes any openpi checkpoint and writes one format's directory (`formats/`: openpi's PyTorch
-checkpoint, LeRobot's policy), each stage one module, entered once, in this order:
+checkpoint, LeRobot's policy, a LeRobot PEFT adapter of a LoRA step), each stage one module, entered once, in this
+order:
 1. `export_source`: what SRC is (a LoRA step, a merged checkpoint, a plain checkpoint or its `params/`), its
    structure, the merge on the way (a LoRA step's) or the identity, and where the output may go;
 2. `model_facts`: what the params cannot tell (action horizon, token length, dtype, norm stats), from a config, the
    options or openpi's defaults;
-3. the format's `plan`: every tensor (name, dtype, shape, recipe) and the files beside them;
+3. the format's `plan`: every tensor (name, dtype, shape, recipe) and the files beside them (a plan that must
+   compare values first, a PEFT adapter's local BASE, reads them with the pass's own reader, `PlanInput.values`);
 4. `export_stream.write`: one pass over the params, each leaf read once (merged per layer slice), laid out and
-   written at its offset, hashed; `export_stream.read_back`: everything read back against those hashes;
+   written at its offset, hashed; `export_stream.read_back`: everything read back against those hashes, then the
+   format's own check of what it wrote;
 5. `checkpoint/output`: the manifest, last, and the atomic commit.
 Everything that can be refused is refused in 1-3, before the pass. The source is never modified.
 """
@@ -16,6 +19,7 @@ Everything that can be refused is refused in 1-3, before the pass. The source is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import pathlib
 import time
@@ -69,14 +73,20 @@ def export(
     if lora is None and isinstance(config, str):
         lora = LoRASource(config=config)
     source = export_source.open_source(
-        src, name=fmt.name, merged=fmt.merged, output=output, overwrite=overwrite, lora=lora
+        src,
+        name=fmt.name,
+        merged=fmt.merged,
+        output=output,
+        overwrite=overwrite,
+        lora=lora,
+        reads=functools.partial(fmt.reads, options),
     )
     facts = model_facts.resolve(source.structure, source.record, source.assets, config=config, options=options)
     plan = fmt.plan(_plan_input(source, facts, options, what=str(src)))
     needed = export_stream.disk_needed(plan, source.output)
     with _output.staged_directory(source.output, overwrite=overwrite, needed_bytes=needed, what="the export") as tmp:
         manifest = _write(tmp, source, facts, plan, fmt, options, progress)
-    logger.info("exported %s as %s to %s (%s)", src, fmt.name, source.output, options.precision)
+    logger.info("exported %s as %s to %s (%s)", src, fmt.name, source.output, plan.precision)
     return ExportResult(source.output, manifest)
 
 
@@ -89,12 +99,18 @@ def write_beside_merge(
     output_path: pathlib.Path,
     *,
     source_info: dict[str, Any] | None = None,
+    params: Any = None,
 ) -> dict[str, Any]:
     """Merge on save's export: writes the files (format `to`) of the merge just staged in `merged_dir` into `directory`
     (staged and committed by the caller, whose final place is `output_path`), the model facts from the run's own
-    TrainConfig. The same stages as `export`, from a merged checkpoint."""
+    TrainConfig. The same stages as `export`, from a merged checkpoint; for a format that writes the adapters
+    themselves (`merged=False`), from the step's `params` the merge read (a `sources.ParamSource`), its adapters
+    paired as the merge recorded them."""
     fmt = _formats.FORMATS[to] if isinstance(to, str) else to
-    source = export_source.merged_source(merged_dir, output_path, source_info)
+    if fmt.merged:
+        source = export_source.merged_source(merged_dir, output_path, source_info)
+    else:
+        source = export_source.step_params_source(params, merged_dir, output_path, source_info or {})
     facts = model_facts.resolve(source.structure, source.record, source.assets, config=train_config, options=options)
     plan = fmt.plan(_plan_input(source, facts, options, what=str(source.info.get("merged", merged_dir))))
     return _write(directory, source, facts, plan, fmt, options, None)
@@ -103,7 +119,8 @@ def write_beside_merge(
 def _plan_input(
     source: export_source.ExportSource, facts: ModelFacts, options: ExportOptions, *, what: str
 ) -> base.PlanInput:
-    return base.PlanInput(source.structure, facts, options, source.assets, source.adapters, source.lora, what)
+    values = functools.partial(export_stream.laid_out_tensors, source.params)
+    return base.PlanInput(source.structure, facts, options, source.assets, source.adapters, source.lora, what, values)
 
 
 def _write(
@@ -118,9 +135,10 @@ def _write(
     """The pass, the read back and, last, the manifest, into `directory`."""
     start = time.perf_counter()
     written = export_stream.write(directory, plan, source.params, source.merge, progress)
-    readback, known = export_stream.read_back(directory, plan, written)
+    readback, known, checked = export_stream.read_back(directory, plan, written, source.params)
     merged = written.merge if written.merge is not None else _merge_record(source)
-    manifest = _manifest(source, facts, plan, fmt, options, merged, readback, time.perf_counter() - start)
+    verification = {"merge": merged, "file": readback, **checked}
+    manifest = _manifest(source, facts, plan, fmt, options, verification, time.perf_counter() - start)
     return _output.write_manifest(directory, manifest, known=known)
 
 
@@ -130,8 +148,7 @@ def _manifest(
     plan: base.FormatPlan,
     fmt: base.Format,
     options: ExportOptions,
-    merged: dict[str, Any],
-    readback: dict[str, Any],
+    verification: dict[str, Any],
     seconds: float,
 ) -> dict[str, Any]:
     """What was exported, from what, how, and the checks; the format adds its own part (`plan.manifest`)."""
@@ -149,10 +166,10 @@ def _manifest(
         "lora_config": source.record.get("lora_config"),
         "model_facts": {k: v for k, v in facts.origin.items() if k not in MODEL_OPTIONS or _reads(fmt, k)},
         **own,
-        "precision": options.precision,
+        "precision": plan.precision,
         "tensors": len(plan.tensors),
         "files_written": [plan.model_file, *plan.files, *plan.copies],
-        "verification": {"merge": merged, "file": readback, **checks},
+        "verification": {**verification, **checks},
         "seconds": round(seconds, 3),
     }
 
@@ -178,5 +195,6 @@ def _merge_record(source: export_source.ExportSource) -> dict[str, Any]:
     """Without a merge on the way: the merged directory's verification, or that nothing was merged."""
     if source.kind == "merged":
         return {k: source.record.get(k) for k in ("verified", "max_rel_err") if k in source.record}
-    what = f"{len(source.adapters)} LoRA adapters written as they are" if source.adapters else "no LoRA adapters"
-    return {"merged": False, "identity": f"{what}: the leaves are exported as they are"}
+    if source.adapters:
+        return {"merged": False, "identity": f"the format lays out the {len(source.adapters)} LoRA adapters themselves"}
+    return {"merged": False, "identity": "no LoRA adapters: the leaves are exported as they are"}

@@ -2,19 +2,21 @@
 
 - a merged checkpoint (`params/` and our `manifest.json`): read as it is;
 - a LoRA step (a directory whose `params/` holds `lora_*` leaves): merged on the way, in the export's one pass, one
-  layer slice at a time and verified as `merged/` is (or, for a format that writes the adapters themselves, read as
-  it is, with its adapters paired);
+  layer slice at a time and verified as `merged/` is (or, for a format that writes the adapters themselves, a PEFT
+  adapter, read as it is, with its adapters paired: the only source such a format takes);
 - any other openpi checkpoint (a non-LoRA train step, EMA or not: `save_state` writes the EMA params as `params`; a
   released checkpoint as openpi downloads it, `<name>/params` + `<name>/assets`): read as it is, the identity;
 - the `params/` item of either, given itself: its checkpoint is the directory holding it.
 
-The default output is `<step>/merged_<format>` for a LoRA step merged on the way, `<merged>_<format>` beside a merged
-checkpoint and `<checkpoint>/<format>` inside any other; an output is never the source, around it or inside it but
-for that name (`checkpoint/output_guard`).
+The default output is the LoRA step's slot for the format (`<step>/merged_<format>` for a LoRA step merged on the
+way, `<step>/lerobot_peft` for its adapter), `<merged>_<format>` beside a merged checkpoint and `<checkpoint>/<format>`
+inside any other; an output is never the source, around it or inside it but for that name, nor a directory the
+format reads (`reads`: a local BASE), around it or inside it (`checkpoint/output_guard`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
 import json
 import pathlib
@@ -25,11 +27,13 @@ from openpi_merge_plugin.checkpoint import output_guard
 from openpi_merge_plugin.checkpoint import sources
 from openpi_merge_plugin.errors import CheckpointError
 from openpi_merge_plugin.errors import ConfigError
+from openpi_merge_plugin.lora import config_schema
 from openpi_merge_plugin.lora.adapters import Adapter
 from openpi_merge_plugin.lora.adapters import ShapeDtype
 from openpi_merge_plugin.lora.adapters import is_lora_path
 from openpi_merge_plugin.lora.configs import LoRASource
 from openpi_merge_plugin.lora.spec import ResolvedLoRA
+from openpi_merge_plugin.merge import engine
 from openpi_merge_plugin.options import MergeOptions
 from openpi_merge_plugin.pipeline import checkpoint_merge
 from openpi_merge_plugin.pipeline import export_stream
@@ -61,18 +65,25 @@ def open_source(
     output: pathlib.Path | str | None = None,
     overwrite: bool = False,
     lora: LoRASource | None = None,
+    reads: Callable[[], Sequence[tuple[pathlib.Path, str]]] = tuple,
 ) -> ExportSource:
     """Reads `src`'s structure (no arrays), plans its merge (a LoRA step, when `merged`) or the identity, and checks
-    the output (`name`: the format's), all before any work."""
+    the output (`name`: the format's; `reads()`: the directories the format reads, and what to call them), all
+    before any work."""
     src = pathlib.Path(src).resolve()
     if not src.exists():
         raise CheckpointError(f"{src} does not exist")
+    read = [output_guard.Protected(path, what) for path, what in reads()]
     if (src / _output.MANIFEST).is_file() and (src / "params").is_dir():
+        if not merged:
+            raise ConfigError(
+                f"{src} is a merged checkpoint: --format {name} writes a LoRA step's adapters; give the step"
+            )
         if lora is not None and lora.given and lora.config is None:
             raise ConfigError(f"{src} is a merged checkpoint: --lora-config/--alpha are for a LoRA step")
         default = src.parent / f"{src.name}_{name}"
         out = output_guard.check_output(
-            _or(output, default), overwrite=overwrite, protected=protected_for_merged(src), kind=name
+            _or(output, default), overwrite=overwrite, protected=[*protected_for_merged(src), *read], kind=name
         )
         return merged_source(src, out)
     if _is_params_item(src):
@@ -83,16 +94,17 @@ def open_source(
     assets = directory / "assets"
     info = {"params": str(params_dir), "step": int(directory.name) if directory.name.isdigit() else None}
     if not any(is_lora_path(p) for p in params.tree):
+        if not merged:
+            raise ConfigError(f"{src} has no LoRA adapters: --format {name} writes a LoRA step's adapters")
         if lora is not None and lora.given and lora.config is None:
             raise ConfigError(f"{src} has no LoRA adapters: --lora-config/--alpha/--rslora are for a LoRA step")
         default = directory / name
-        protected = [output_guard.Protected(directory, "the checkpoint", (name,))]
+        protected = [output_guard.Protected(directory, "the checkpoint", (name,)), *read]
         out = output_guard.check_output(_or(output, default), overwrite=overwrite, protected=protected, kind=name)
         info = {"kind": "checkpoint", "checkpoint": str(directory), **info, "merged_on_the_way": False}
         return ExportSource("checkpoint", params, dict(params.tree), assets, {}, info, out)
-    default = directory / (f"{output_guard.MERGED_NAME}_{name}" if merged else name)
-    step = checkpoint_merge.protect_step(directory)
-    protected = [dataclasses.replace(step, own_children=(*step.own_children, default.name))]
+    default = directory / output_guard.lora_step_slot(name)
+    protected = [checkpoint_merge.protect_step(directory), *read]
     out = output_guard.check_output(_or(output, default), overwrite=overwrite, protected=protected, kind=name)
     planned = checkpoint_merge.plan_merge(
         params, lora, MergeOptions(), source_info={"step_dir": str(directory), **info}
@@ -127,6 +139,24 @@ def merged_source(
     params = sources.OrbaxSource(merged_dir / "params")
     assets = merged_dir / "assets"
     return ExportSource("merged", params, dict(params.tree), assets, manifest, info, output)
+
+
+def step_params_source(
+    params: sources.ParamSource, merged_dir: pathlib.Path, output: pathlib.Path, source_info: dict[str, Any]
+) -> ExportSource:
+    """Merge on save's source for a format that writes the adapters themselves: the step's params as the merge just
+    read them (the live train state, or its host copy), their adapters paired under the LoRA config that merge
+    recorded in `merged_dir`, and the norm stats it saved there."""
+    manifest = json.loads((merged_dir / _output.MANIFEST).read_text())
+    resolved = config_schema.read_recorded(manifest["lora_config"])
+    adapters = engine.plan(params.tree, resolved)
+    record = {k: manifest.get(k) for k in ("lora_config", "serving_config", "serving_config_reason")}
+    info = {"kind": "lora_step", **source_info, "step": manifest.get("source", {}).get("step")}
+    info["merged_on_the_way"] = False
+    assets = merged_dir / "assets"
+    return ExportSource(
+        "lora_step", params, dict(params.tree), assets, record, info, output, None, tuple(adapters), resolved
+    )
 
 
 def protected_for_merged(merged_dir: pathlib.Path) -> list[output_guard.Protected]:

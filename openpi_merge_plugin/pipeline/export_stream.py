@@ -188,9 +188,12 @@ def write(
     return Written(writer.header, dict(writer.digests), files, checked)
 
 
-def read_back(directory: pathlib.Path, plan: Any, written: Written) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The model file read back once against its hashes (`safetensors_stream.read_back`), and each side file.
-    Returns the manifest's record and the model file's checksum entry (not hashed again)."""
+def read_back(
+    directory: pathlib.Path, plan: Any, written: Written, source: sources.ParamSource
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The model file read back once against its hashes (`safetensors_stream.read_back`), and each side file; then
+    the format's own check of what it wrote (`plan.check`, with the source's reader). Returns the manifest's record,
+    the model file's checksum entry (not hashed again) and the format's check's verification entries."""
     path = directory / plan.model_file
     readback = safetensors_stream.read_back(path, written.digests, written.header)
     for name, digest in written.files.items():
@@ -207,4 +210,5 @@ def read_back(directory: pathlib.Path, plan: Any, written: Written) -> tuple[dic
         ),
         "files_checked": sorted(written.files),
     }
-    return record, {path.name: {"sha256": readback.file_sha256, "bytes": readback.bytes}}
+    checked = dict(plan.check(directory, source)) if plan.check is not None else {}
+    return record, {path.name: {"sha256": readback.file_sha256, "bytes": readback.bytes}}, checked
