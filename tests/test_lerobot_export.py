@@ -204,6 +204,32 @@ def test_pi0_fast_is_planned_from_its_own_tree_and_refused_by_the_one_switch(tmp
     assert _plan("pi05", tmp_path).spec.kind == "pi05"  # the switch is pi0-FAST's only
 
 
+def test_norm_stats_chosen_under_another_id_are_said_only_once_a_format_uses_them(tmp_path, caplog):
+    """The config's asset_id has no stats, the assets' only ones are taken: said as the LeRobot plan reads them, so a
+    refusal of the model before that (pi0-FAST) is one error line with no warning in front of it."""
+    (tmp_path / "assets" / "robot").mkdir(parents=True)
+    shutil.copy(NORM_STATS, tmp_path / "assets" / "robot" / "norm_stats.json")
+    options = ExportOptions(precision="bfloat16", action_horizon=10)
+    for tree_name, refused in (("pi0_fast", True), ("pi05", False)):
+        params = json.loads((TREES / f"{tree_name}.json").read_text())["params"]
+        tree = {p: ShapeDtype(tuple(v["shape"]), v["dtype"]) for p, v in params.items()}
+        facts = dataclasses.replace(model_facts.resolve(tree, {}, None, config=None, options=options), asset_id="fake")
+        caplog.clear()
+        facts = model_facts.with_norm_stats(facts, tmp_path / "assets", options)
+        assert facts.norm_stats == tmp_path / "assets" / "robot" / "norm_stats.json"
+        if refused:
+            with pytest.raises(MergeError, match="pi0-FAST is not exported for LeRobot"):
+                lerobot_export.plan_lerobot(tree, facts, options, what="t")
+            assert caplog.records == []
+        else:
+            lerobot_export.plan_lerobot(tree, facts, options, what="t")
+            [record] = caplog.records
+            assert record.getMessage() == (
+                f"the config's asset_id 'fake' has no norm stats in {tmp_path / 'assets'}; taking the only ones there, "
+                "robot"
+            )
+
+
 def test_full_size_pi05_plan(tmp_path):
     plan = _plan("pi05", tmp_path)
     assert isinstance(plan.layout, lerobot_layout.LeRobotLayout)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 import dataclasses
+import logging
 import pathlib
 from typing import Any
 
@@ -28,6 +29,8 @@ from openpi_merge_plugin.formats.tensors import TensorSpec
 from openpi_merge_plugin.lora.adapters import Adapter
 from openpi_merge_plugin.lora.adapters import ShapeDtype
 from openpi_merge_plugin.lora.spec import ResolvedLoRA
+
+logger = logging.getLogger("openpi_merge_plugin")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,11 +132,14 @@ class ModelFacts:
     asset_id: str | None = None  # its data config's asset_id (where openpi's serving looks for the norm stats)
     norm_stats: pathlib.Path | None = None  # openpi's norm_stats.json of the model, if there is one
     norm_stats_missing: str = ""  # why there is none: the error of a format that needs them, naming the option
+    norm_stats_note: str = ""  # how they were chosen, when the user should hear it: said once a format uses them
     origin: Mapping[str, str] = dataclasses.field(default_factory=dict)  # fact -> where it came from
 
     def require_norm_stats(self) -> pathlib.Path:
         if self.norm_stats is None:
             raise ConfigError(self.norm_stats_missing)
+        if self.norm_stats_note:  # not before: a refusal of the model comes as one error line, with no warning first
+            logger.warning("%s", self.norm_stats_note)
         return self.norm_stats
 
 

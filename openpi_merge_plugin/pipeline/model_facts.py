@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 import dataclasses
-import logging
 import pathlib
 from typing import Any, TypeVar
 
@@ -29,7 +28,6 @@ from openpi_merge_plugin.formats.base import ExportOptions
 from openpi_merge_plugin.formats.base import ModelFacts
 from openpi_merge_plugin.lora import openpi_configs
 
-logger = logging.getLogger("openpi_merge_plugin")
 T = TypeVar("T")
 
 # openpi 15a9616's model config defaults: Pi0Config (pi0, pi0.5: max_token_len 200 if pi05 else 48) and
@@ -64,7 +62,7 @@ def resolve(
     else:
         facts = from_options(kind, record, structure, given)
     _check_model(facts, kind, structure)
-    return _with_norm_stats(facts, assets, options)
+    return with_norm_stats(facts, assets, options)
 
 
 def _kind(structure: Mapping[str, Any]) -> tensors.Kind:
@@ -180,9 +178,16 @@ def _check_model(facts: ModelFacts, kind: tensors.Kind, structure: Mapping[str, 
 _NAMES = {"pi0": "pi0", "pi05": "pi0.5", "pi0_fast": "pi0-FAST"}
 
 
-def _with_norm_stats(facts: ModelFacts, assets: pathlib.Path | None, options: ExportOptions) -> ModelFacts:
+def with_norm_stats(facts: ModelFacts, assets: pathlib.Path | None, options: ExportOptions) -> ModelFacts:
     path, missing = find_norm_stats(assets, options, facts.asset_id)
-    return dataclasses.replace(facts, norm_stats=path, norm_stats_missing=missing)
+    chosen = options.norm_stats is None and options.asset_id is None and path is not None
+    note = ""
+    if chosen and facts.asset_id is not None and path.parent.name != facts.asset_id:
+        note = (
+            f"the config's asset_id {facts.asset_id!r} has no norm stats in {assets}; taking the only ones there, "
+            f"{path.parent.name}"
+        )
+    return dataclasses.replace(facts, norm_stats=path, norm_stats_missing=missing, norm_stats_note=note)
 
 
 def find_norm_stats(
@@ -201,14 +206,7 @@ def find_norm_stats(
     if config_asset_id in by_id:
         return by_id[config_asset_id], ""
     if len(found) == 1:
-        if config_asset_id is not None:
-            logger.warning(
-                "the config's asset_id %r has no norm stats in %s; taking the only ones there, %s",
-                config_asset_id,
-                assets,
-                found[0].parent.name,
-            )
-        return found[0], ""
+        return found[0], ""  # under another id than the config's: with_norm_stats notes it
     if assets is None or not assets.is_dir():
         where = "the checkpoint has no assets/" if assets is None else f"{assets} does not exist"
         return None, f"the export needs the model's norm stats, and {where}: pass --norm-stats FILE"
