@@ -23,11 +23,13 @@ import pathlib
 from typing import Any
 
 from openpi_merge_plugin import options as _options
+from openpi_merge_plugin.errors import CheckpointError
 from openpi_merge_plugin.errors import ConfigError
 from openpi_merge_plugin.formats.tensors import Precision
 from openpi_merge_plugin.formats.tensors import TensorSpec
 from openpi_merge_plugin.lora.adapters import Adapter
 from openpi_merge_plugin.lora.adapters import ShapeDtype
+from openpi_merge_plugin.lora.adapters import is_lora_path
 from openpi_merge_plugin.lora.spec import ResolvedLoRA
 
 logger = logging.getLogger("openpi_merge_plugin")
@@ -141,6 +143,19 @@ class ModelFacts:
         if self.norm_stats_note:  # not before: a refusal of the model comes as one error line, with no warning first
             logger.warning("%s", self.norm_stats_note)
         return self.norm_stats
+
+
+def shape_table(structure: Mapping[str, ShapeDtype]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each leaf's (shape, dtype name), as the layout builders take them."""
+    return {p: (tuple(sd.shape), str(sd.dtype)) for p, sd in structure.items()}
+
+
+def merged_shape_table(structure: Mapping[str, ShapeDtype], what: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """`shape_table` of params a runtime loads as they are: refused while they hold LoRA leaves."""
+    tree = shape_table(structure)
+    if any(is_lora_path(p) for p in tree):
+        raise CheckpointError(f"{what} still holds LoRA leaves: not a merged checkpoint")
+    return tree
 
 
 @dataclasses.dataclass(frozen=True)

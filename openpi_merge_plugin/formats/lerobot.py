@@ -14,13 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from openpi_merge_plugin.errors import CheckpointError
 from openpi_merge_plugin.errors import ConfigError
 from openpi_merge_plugin.formats import base
 from openpi_merge_plugin.formats import lerobot_files as files
 from openpi_merge_plugin.formats import lerobot_layout
 from openpi_merge_plugin.formats import tensors as layout
-from openpi_merge_plugin.lora.adapters import is_lora_path
 
 LEROBOT_VERSION = "0.6.1"
 # The one switch for pi0-FAST: None exports it; a reason (what LeRobot's PI0FastPolicy computes differently from
@@ -85,9 +83,7 @@ def plan_lerobot(
 ) -> Plan:
     """The file layout, the policy spec and the normalizer stats; reads only shapes and the norm stats."""
     precision = options.precision_or()
-    tree = {p: (tuple(sd.shape), str(sd.dtype)) for p, sd in structure.items()}
-    if any(is_lora_path(p) for p in tree):
-        raise CheckpointError(f"{what} still holds LoRA leaves: not a merged checkpoint")
+    tree = base.merged_shape_table(structure, what)
     kind = lerobot_layout.detect_kind(tree)
     if kind == "pi0_fast" and PI0_FAST_REFUSED:
         raise ConfigError(f"pi0-FAST is not exported for LeRobot: {PI0_FAST_REFUSED}")

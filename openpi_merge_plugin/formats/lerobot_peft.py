@@ -110,7 +110,7 @@ def plan(given: base.PlanInput) -> base.FormatPlan:
     ref = BaseRef.parse(options.base, options.base_revision)
     base_config = _read_base_config(ref) if ref.local is not None else None
     precision = options.precision_or(base_config.get("dtype", "float32") if base_config is not None else "float32")
-    step_tree = {p: (tuple(sd.shape), str(sd.dtype)) for p, sd in given.structure.items()}
+    step_tree = base.shape_table(given.structure)
     weights = {p: sd for p, sd in given.structure.items() if not is_lora_path(p)}  # the merged export's structure
     merged = lerobot.plan_lerobot(
         weights, given.facts, dataclasses.replace(options, precision=precision), what=given.what

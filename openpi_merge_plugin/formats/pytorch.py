@@ -25,7 +25,6 @@ import dataclasses
 import json
 from typing import Any
 
-from openpi_merge_plugin.errors import CheckpointError
 from openpi_merge_plugin.errors import ConfigError
 from openpi_merge_plugin.formats import base
 from openpi_merge_plugin.formats.tensors import EMBED_TOKENS
@@ -45,7 +44,6 @@ from openpi_merge_plugin.formats.tensors import model_dims
 from openpi_merge_plugin.formats.tensors import nonstandard_dims
 from openpi_merge_plugin.formats.tensors import pytorch_tensors
 from openpi_merge_plugin.formats.tensors import tensor_shapes
-from openpi_merge_plugin.lora.adapters import is_lora_path
 
 CONFIG_FILE = "config.json"
 # to_bfloat16_for_selected_params: parameters (names relative to paligemma_with_expert) kept in float32.
@@ -168,9 +166,7 @@ def config_json(
 def plan(given: base.PlanInput) -> base.FormatPlan:
     """The file of `given.structure` (merged params: pi0 or pi0.5), config.json and assets/; reads only shapes."""
     structure, facts, precision = given.structure, given.facts, given.options.precision_or()
-    tree = {p: (tuple(sd.shape), str(sd.dtype)) for p, sd in structure.items()}
-    if any(is_lora_path(p) for p in tree):
-        raise CheckpointError(f"{given.what} still holds LoRA leaves: not a merged checkpoint")
+    tree = base.merged_shape_table(structure, given.what)
     try:
         paligemma, expert = dims_from_params(structure, ""), dims_from_params(structure, "_1")
         action_dim = int(tree["action_in_proj/kernel"][0][0])
