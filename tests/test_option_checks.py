@@ -217,9 +217,24 @@ def test_every_merge_on_save_option_has_a_check():
         ({"rslora": "yes"}, "experts[0].attn.rslora must be true or false, got 'yes'"),
         ({"axes": [-2]}, "experts[0].attn.axes must be two integer axes, got (-2,)"),
         ({"label": ""}, "experts[0].attn.label must be a non-empty string, got ''"),
-        ({"scale": 2.0}, "experts[0].attn has unknown key 'scale' (known: rank, alpha, rslora, axes, label, "),
-        ({"scaling_value": 0.25}, "experts[0].attn.scaling_value 0.25 contradicts rank 4, alpha 8 and rslora false "),
-        ({"scaling_value": 2.0, "rslora": True}, "experts[0].attn.scaling_value 2.0 contradicts rank 4, alpha 8 and "),
+        (
+            {"scale": 2.0},
+            "experts[0].attn has unknown key 'scale' (known: rank, alpha, rslora, axes, label, scaling_value)",
+        ),
+        (
+            {"scaling_value": 0.25},
+            (
+                "experts[0].attn.scaling_value 0.25 contradicts rank 4, alpha 8 and rslora false (alpha / rank = 2): fix one "
+                "of them"
+            ),
+        ),
+        (
+            {"scaling_value": 2.0, "rslora": True},
+            (
+                "experts[0].attn.scaling_value 2.0 contradicts rank 4, alpha 8 and rslora true (alpha / sqrt(rank) = 4): fix "
+                "one of them"
+            ),
+        ),
     ],
 )
 def test_a_lora_config_file_with_a_bad_value_names_it(tmp_path, edit, message):
@@ -229,7 +244,7 @@ def test_a_lora_config_file_with_a_bad_value_names_it(tmp_path, edit, message):
     path.write_text(json.dumps(data))
     with pytest.raises(ConfigError) as raised:
         lora_configs.from_file(path)
-    assert str(raised.value).startswith(f"LoRA config file {path}: {message}")
+    assert str(raised.value) == f"LoRA config file {path}: {message}"
 
 
 def _without_alpha(data):
